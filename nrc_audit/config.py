@@ -1,0 +1,113 @@
+"""Resolved settings of one audit: a frozen dataclass, validated once, no I/O."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from nrc_audit.errors import OptionsError
+
+
+@dataclass(frozen=True)
+class Thresholds:
+    """Per-condition thresholds (SPEC §4). A layer is collapsed when all four hold."""
+
+    nrc1_max: float = 0.25  # noise fraction Σ_{j>k}λ_j/Σλ_j ≤ nrc1_max
+    nrc2_min: float = 0.6  # linear CKA(H, Y) ≥ nrc2_min
+    nrc3_min: float = 0.7  # mean cosine of principal angles ≥ nrc3_min
+    nrc4_ratio_max: float = 2.0  # layer probe MSE / model MSE ≤ nrc4_ratio_max
+
+    def validate(self) -> "Thresholds":
+        for name in ("nrc1_max", "nrc2_min", "nrc3_min"):
+            value = getattr(self, name)
+            if not 0.0 <= value <= 1.0:
+                raise OptionsError(
+                    f"Threshold {name}={value} is outside [0, 1]; it compares a fraction or a cosine. "
+                    f"Pass a value between 0 and 1 (default {getattr(Thresholds, name)})."
+                )
+        if not self.nrc4_ratio_max > 0:
+            raise OptionsError(
+                f"Threshold nrc4_ratio_max={self.nrc4_ratio_max} must be positive (default 2.0)."
+            )
+        return self
+
+    def to_dict(self) -> dict[str, float]:
+        return dataclasses.asdict(self)
+
+
+@dataclass(frozen=True)
+class DataOptions:
+    """How to read the HDF5 dataset (SPEC §1)."""
+
+    x_key: str = "X"
+    y_key: str = "Y"
+    channels_last: bool = False
+    scale_uint8: bool = False
+    limit: int | None = None
+
+
+@dataclass(frozen=True)
+class ModelOptions:
+    """How to turn the checkpoint into an ``nn.Module`` (SPEC §1)."""
+
+    model_def: str | None = None
+    model_kwargs: dict | None = None
+    activation: str | None = None  # None: from metadata, else 'relu' recorded as an assumption
+
+
+@dataclass(frozen=True)
+class AnalysisOptions:
+    """Everything that turns statistics into metrics and verdicts; shared by live runs and re-analysis."""
+
+    rank: int | str | None = None  # None → t, "auto" → target.rank_estimate, int → user
+    pinv_rtol: float = 1e-3
+    rank_energy: float = 0.99
+    require_collapsed: int = 1
+    thresholds: Thresholds = field(default_factory=Thresholds)
+
+    def validate(self) -> "AnalysisOptions":
+        self.thresholds.validate()
+        if isinstance(self.rank, int) and self.rank < 1:
+            raise OptionsError(f"--rank {self.rank} is not a positive integer; pass an integer ≥ 1 or 'auto'.")
+        if isinstance(self.rank, str) and self.rank != "auto":
+            raise OptionsError(f"--rank {self.rank!r} is not understood; pass an integer ≥ 1 or 'auto'.")
+        if not 0.0 < self.pinv_rtol < 1.0:
+            raise OptionsError(f"--pinv-rtol {self.pinv_rtol} must lie in (0, 1) (default 1e-3).")
+        if not 0.0 < self.rank_energy <= 1.0:
+            raise OptionsError(f"--rank-energy {self.rank_energy} must lie in (0, 1] (default 0.99).")
+        if self.require_collapsed < 0:
+            raise OptionsError(
+                f"--require-collapsed {self.require_collapsed} is negative; pass 0 to disable the gate."
+            )
+        return self
+
+
+@dataclass(frozen=True)
+class AuditConfig:
+    """A whole audit run: inputs, outputs and options."""
+
+    model_path: Path
+    data_path: Path
+    data: DataOptions = field(default_factory=DataOptions)
+    model: ModelOptions = field(default_factory=ModelOptions)
+    analysis: AnalysisOptions = field(default_factory=AnalysisOptions)
+    layers: tuple[str, ...] = ()  # glob patterns to include (empty: all)
+    exclude: tuple[str, ...] = ("*downsample*",)
+    device: str = "auto"
+    batch_size: int = 1024
+    features_path: Path | None = None  # None: no feature store
+    features_compression: str | None = None
+    progress: bool = True
+
+    def validate(self) -> "AuditConfig":
+        self.analysis.validate()
+        if self.batch_size < 1:
+            raise OptionsError(f"--batch-size {self.batch_size} must be ≥ 1.")
+        if self.data.limit is not None and self.data.limit < 1:
+            raise OptionsError(f"--limit {self.data.limit} must be ≥ 1.")
+        if self.features_compression not in (None, "gzip", "lzf"):
+            raise OptionsError(
+                f"--features-compression {self.features_compression!r} is unknown; use gzip or lzf."
+            )
+        return self

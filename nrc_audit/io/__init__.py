@@ -1,0 +1,1 @@
+"""Readers at the boundary: checkpoints and datasets, validated once."""

@@ -1,0 +1,166 @@
+"""Checkpoint files → a flat state dict plus string metadata (SPEC §1), and the public ``save_checkpoint``.
+
+Formats: ``.safetensors`` (metadata read first through ``safe_open``) and ``.pt``/``.pth`` state dicts
+read with ``torch.load(weights_only=True)`` only — a pickle that needs code execution is refused.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import pickle
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import safetensors
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from nrc_audit.errors import CheckpointError
+
+_SafetensorError = getattr(safetensors, "SafetensorError", OSError)
+
+ARCH_KEY = "nrc_audit.arch"  # safetensors metadata key holding the JSON architecture spec
+KWARGS_KEY = "nrc_audit.model_kwargs"  # JSON kwargs for --model-def callables
+CONTAINER_KEYS = ("state_dict", "model_state_dict", "model", "net")  # unwrapped in this order
+WRAPPER_PREFIXES = ("module.", "_orig_mod.")  # added by DDP and torch.compile
+FORMATS = {".safetensors": "safetensors", ".pt": "pt", ".pth": "pt", ".bin": "pt"}
+
+
+@dataclass
+class Checkpoint:
+    """A loaded checkpoint: tensors on the CPU, metadata strings, and where it came from."""
+
+    path: Path
+    format: str  # "safetensors" | "pt"
+    state_dict: dict[str, torch.Tensor]
+    metadata: dict[str, str] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)  # what loading did (unwrapped containers, prefixes)
+
+    @property
+    def arch(self) -> dict[str, Any] | None:
+        """The ``nrc_audit.arch`` JSON spec from the metadata, if any."""
+        raw = self.metadata.get(ARCH_KEY)
+        if raw is None:
+            return None
+        try:
+            spec = json.loads(raw)
+        except json.JSONDecodeError as exc:
+            raise CheckpointError(f"{self.path}: metadata {ARCH_KEY!r} is not valid JSON ({exc}).") from None
+        if not isinstance(spec, dict) or "family" not in spec:
+            raise CheckpointError(f"{self.path}: metadata {ARCH_KEY!r} must be a JSON object with a 'family'.")
+        return spec
+
+
+def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
+    """Hex SHA-256 of a file, read in 1 MiB chunks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def load_checkpoint(path: Path) -> Checkpoint:
+    """Read a ``.safetensors`` or ``.pt``/``.pth`` state dict.
+
+    Raises:
+        CheckpointError: missing file, unknown extension, corrupt file, or a pickle needing code execution.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint not found: {path}. Pass a .safetensors or .pt/.pth state dict.")
+    fmt = FORMATS.get(path.suffix.lower())
+    if fmt is None:
+        raise CheckpointError(
+            f"{path}: unknown checkpoint extension {path.suffix!r}; expected .safetensors, .pt or .pth."
+        )
+    ckpt = _load_safetensors(path) if fmt == "safetensors" else _load_pt(path)
+    if not ckpt.state_dict:
+        raise CheckpointError(f"{path}: the checkpoint holds no tensors.")
+    return ckpt
+
+
+def _load_safetensors(path: Path) -> Checkpoint:
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as fh:
+            metadata = dict(fh.metadata() or {})
+            tensors = {key: fh.get_tensor(key) for key in fh.keys()}
+    except (_SafetensorError, OSError, ValueError, RuntimeError) as exc:
+        raise CheckpointError(
+            f"{path} is not a valid safetensors file ({exc}). Re-save it with safetensors.torch.save_file "
+            "or nrc_audit.save_checkpoint."
+        ) from None
+    return Checkpoint(path, "safetensors", tensors, metadata)
+
+
+def _load_pt(path: Path) -> Checkpoint:
+    try:
+        obj = torch.load(str(path), map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        raise CheckpointError(
+            f"{path}: refused to load — the pickle needs code execution ({str(exc).splitlines()[0]}). "
+            "nrc-audit only reads plain state dicts (torch.load(weights_only=True)). Save "
+            "model.state_dict() instead, or convert to .safetensors."
+        ) from None
+    except Exception as exc:  # torch raises RuntimeError/EOFError/… for corrupt zips and truncated files
+        raise CheckpointError(f"{path} is not a readable PyTorch checkpoint ({type(exc).__name__}: {exc}).") from None
+    notes: list[str] = []
+    while isinstance(obj, dict):
+        inner = next((k for k in CONTAINER_KEYS if k in obj and isinstance(obj[k], dict)), None)
+        if inner is None:
+            break
+        notes.append(f"state dict taken from the checkpoint's {inner!r} entry")
+        obj = obj[inner]
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise CheckpointError(
+            f"{path}: expected a state dict (name → tensor), possibly inside one of {list(CONTAINER_KEYS)}; "
+            f"found {type(obj).__name__}. Save model.state_dict()."
+        )
+    return Checkpoint(path, "pt", _strip_wrappers(obj, notes), {}, notes)
+
+
+def _strip_wrappers(sd: dict[str, torch.Tensor], notes: list[str]) -> dict[str, torch.Tensor]:
+    """Drop the ``module.`` (DDP) and ``_orig_mod.`` (torch.compile) prefixes when every key has them."""
+    changed = True
+    while changed:
+        changed = False
+        for prefix in WRAPPER_PREFIXES:
+            if sd and all(k.startswith(prefix) for k in sd):
+                sd = {k[len(prefix):]: v for k, v in sd.items()}
+                notes.append(f"removed the {prefix!r} key prefix")
+                changed = True
+    return sd
+
+
+def save_checkpoint(
+    model: torch.nn.Module,
+    path: str | Path,
+    arch: dict[str, Any] | None = None,
+    metadata: dict[str, str] | None = None,
+) -> Path:
+    """Save ``model.state_dict()`` as safetensors with its architecture spec in the metadata.
+
+    Args:
+        model: any ``nn.Module``.
+        path: destination ``.safetensors`` file.
+        arch: JSON-serialisable spec, e.g. ``{"family": "mlp", "activation": "relu"}``; stored under
+            ``nrc_audit.arch`` so that ``nrc-audit`` rebuilds the model without guessing.
+        metadata: extra string → string metadata.
+
+    Example:
+        >>> net = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
+        >>> save_checkpoint(net, "mlp.safetensors", arch={"family": "mlp", "activation": "relu"})  # doctest: +SKIP
+        PosixPath('mlp.safetensors')
+    """
+    path = Path(path)
+    meta = dict(metadata or {})
+    if arch is not None:
+        if "family" not in arch:
+            raise ValueError("arch must name a 'family' (e.g. 'mlp' or 'resnet')")
+        meta[ARCH_KEY] = json.dumps(arch, sort_keys=True)
+    tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    save_file(tensors, str(path), metadata=meta)
+    return path

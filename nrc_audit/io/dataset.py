@@ -1,0 +1,189 @@
+"""HDF5 dataset reader: validate once, then yield (x, y) batches in file order, never the whole array.
+
+Layout (SPEC §1): an input array X — (N, d) features, (N, C, H, W) images (``channels_last``: (N, H, W, C))
+or (N, T) integer token ids — and a target array Y, (N,) or (N, t). Keys may be group paths (``train/X``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import h5py
+import numpy as np
+import torch
+
+from nrc_audit.config import DataOptions
+from nrc_audit.errors import DatasetError
+
+
+@dataclass(frozen=True)
+class DatasetInfo:
+    """What the reader found, after validation and ``limit``."""
+
+    path: Path
+    x_key: str
+    y_key: str
+    num_samples: int
+    input_shape: tuple[int, ...]  # per sample, as the model sees it (channels first)
+    target_dim: int
+    x_kind: str  # "float" | "uint8" | "tokens"
+
+
+def _dataset(fh: h5py.File, key: str, role: str, path: Path) -> h5py.Dataset:
+    """Resolve ``key`` to a dataset inside this file; refuse external links and virtual datasets."""
+    link = fh.get(key, getlink=True)
+    if link is None:
+        names: list[str] = []
+        fh.visititems(lambda name, obj: names.append(name) if isinstance(obj, h5py.Dataset) else None)
+        raise DatasetError(
+            f"{path}: no array {key!r} for {role}; the file holds {names or 'no arrays'}. "
+            f"Pass the right key with --{role.lower()}-key (group paths like 'train/{role}' work)."
+        )
+    if isinstance(link, h5py.ExternalLink):
+        raise DatasetError(
+            f"{path}: {role} array {key!r} is an external link to {link.filename!r}; nrc-audit reads only "
+            "data stored inside the given file. Copy the array into the file (h5py: f[key] = src[...])."
+        )
+    obj = fh[key]
+    if not isinstance(obj, h5py.Dataset):
+        raise DatasetError(f"{path}: {key!r} is an HDF5 group, not an array; pass the array's full path.")
+    if obj.is_virtual:
+        raise DatasetError(
+            f"{path}: {role} array {key!r} is a virtual dataset that reads from other files; nrc-audit "
+            "reads only data stored inside the given file. Materialise it first."
+        )
+    return obj
+
+
+def _x_kind(dtype: np.dtype, path: Path, key: str) -> str:
+    if dtype.kind == "f":
+        return "float"
+    if dtype == np.uint8:
+        return "uint8"
+    if dtype.kind in "iu":
+        return "tokens"
+    raise DatasetError(
+        f"{path}: input array {key!r} has dtype {dtype}; expected float, uint8 images or integer token ids."
+    )
+
+
+class HDF5Dataset:
+    """An open, validated dataset. Use as a context manager; iterate with :meth:`batches`.
+
+    Example:
+        >>> with HDF5Dataset(Path("data.h5"), DataOptions()) as ds:   # doctest: +SKIP
+        ...     for start, x, y in ds.batches(1024):
+        ...         pass
+    """
+
+    def __init__(self, path: Path, opts: DataOptions) -> None:
+        self.path, self.opts = Path(path), opts
+        if not self.path.is_file():
+            raise DatasetError(f"data file not found: {self.path}. Pass the path of an HDF5 file with X and Y.")
+        try:
+            self._fh = h5py.File(self.path, "r")
+        except OSError as exc:
+            raise DatasetError(
+                f"{self.path} is not a readable HDF5 file ({exc}). nrc-audit reads HDF5 with input and target "
+                "arrays (default keys X and Y); convert your data with h5py."
+            ) from None
+        try:
+            self.info = self._validate()
+        except BaseException:
+            self._fh.close()
+            raise
+
+    def _validate(self) -> DatasetInfo:
+        path, o = self.path, self.opts
+        try:
+            self._x = _dataset(self._fh, o.x_key, "X", path)
+            self._y = _dataset(self._fh, o.y_key, "Y", path)
+        except (OSError, KeyError) as exc:
+            raise DatasetError(f"{path}: the HDF5 file is corrupt or truncated ({exc}).") from None
+        xs, ys = self._x.shape, self._y.shape
+        kind = _x_kind(self._x.dtype, path, o.x_key)
+        if len(xs) not in (2, 4):
+            raise DatasetError(
+                f"{path}: X {o.x_key!r} has shape {xs}; expected (N, d), (N, T) token ids or (N, C, H, W) images."
+            )
+        if o.channels_last and len(xs) != 4:
+            raise DatasetError(f"{path}: --channels-last needs 4-D images (N, H, W, C); X has shape {xs}.")
+        if self._y.dtype.kind not in "fiub" or len(ys) not in (1, 2):
+            raise DatasetError(
+                f"{path}: Y {o.y_key!r} has shape {ys} and dtype {self._y.dtype}; expected numbers of shape (N,) or (N, t)."
+            )
+        if xs[0] != ys[0]:
+            raise DatasetError(
+                f"{path}: X has {xs[0]} rows but Y has {ys[0]}; they must have one row per sample. "
+                "Check --x-key/--y-key or re-export the data."
+            )
+        n = xs[0] if o.limit is None else min(o.limit, xs[0])
+        t = 1 if len(ys) == 1 else ys[1]
+        if t < 1:
+            raise DatasetError(f"{path}: Y has shape {ys}: no target columns.")
+        if n < t + 1:
+            raise DatasetError(
+                f"{path}: {n} samples for {t} target dims; the audit needs at least t+1 = {t + 1} samples."
+            )
+        shape = tuple(xs[1:])
+        if o.channels_last:
+            shape = (shape[2], shape[0], shape[1])
+        return DatasetInfo(path, o.x_key, o.y_key, int(n), tuple(int(s) for s in shape), int(t), kind)
+
+    def batches(self, batch_size: int, start: int = 0, stop: int | None = None
+                ) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:  # fmt: skip
+        """Yield ``(first_row, x, y)`` over rows [start, stop) in file order.
+
+        x: (B, …) float32/float64 (uint8 images cast, /255 with ``scale_uint8``) or int64 token ids;
+        y: (B, t) float64. Raises :class:`DatasetError` naming the first row with NaN/Inf.
+        """
+        stop = self.info.num_samples if stop is None else stop
+        for a in range(start, stop, batch_size):
+            b = min(a + batch_size, stop)
+            try:
+                x_np, y_np = self._x[a:b], self._y[a:b]
+            except OSError as exc:
+                raise DatasetError(f"{self.path}: rows {a}:{b} cannot be read; the file is corrupt ({exc}).") from None
+            yield a, self._to_x(x_np, a), self._to_y(y_np, a)
+
+    def _to_x(self, x: np.ndarray, first_row: int) -> torch.Tensor:
+        kind = self.info.x_kind
+        if kind == "tokens":
+            return torch.from_numpy(x.astype(np.int64, copy=False))
+        if kind == "float":
+            _check_finite(x, "X", self.opts.x_key, first_row, self.path)
+        out = torch.from_numpy(np.ascontiguousarray(x))
+        if out.dtype != torch.float64:  # float64 data stays exact for float64 models
+            out = out.to(torch.float32)
+        if kind == "uint8" and self.opts.scale_uint8:
+            out = out / 255.0
+        if self.opts.channels_last:
+            out = out.permute(0, 3, 1, 2).contiguous()  # (B, H, W, C) → (B, C, H, W)
+        return out
+
+    def _to_y(self, y: np.ndarray, first_row: int) -> torch.Tensor:
+        y = y.astype(np.float64, copy=False).reshape(len(y), -1)  # (B, t)
+        _check_finite(y, "Y", self.opts.y_key, first_row, self.path)
+        return torch.from_numpy(y)
+
+    def close(self) -> None:
+        self._fh.close()
+
+    def __enter__(self) -> "HDF5Dataset":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _check_finite(a: np.ndarray, role: str, key: str, first_row: int, path: Path) -> None:
+    flat = a.reshape(len(a), -1)
+    finite = np.isfinite(flat).all(axis=1)
+    if not finite.all():
+        row = first_row + int(np.argmin(finite))
+        raise DatasetError(
+            f"{path}: {role} {key!r} has NaN or Inf at row {row} (first bad row). "
+            "Remove or impute those rows before auditing."
+        )

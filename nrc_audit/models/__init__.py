@@ -1,0 +1,1 @@
+"""In-package architectures rebuilt from state dicts (no torchvision dependency)."""

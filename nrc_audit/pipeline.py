@@ -1,0 +1,245 @@
+"""``run_audit(config) -> Report``: the one module that wires io, extract, store, stats and conditions.
+
+One pass over the data: read a batch → forward with hooks → per-layer float64 statistics (on the model's
+device) → queue the features to the store writer → next batch. The report is built from the statistics
+alone, so a saved store re-analyses to the same report (:func:`reanalyze`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from nrc_audit import __version__
+from nrc_audit.conditions import collapse_onset, gate, layer_metrics, target_summary
+from nrc_audit.config import AnalysisOptions, AuditConfig
+from nrc_audit.errors import ModelDataMismatchError, NrcAuditError, OptionsError
+from nrc_audit.extract import FeatureExtractor, LayerInfo, candidate_layers
+from nrc_audit.io.architecture import resolve_model
+from nrc_audit.io.checkpoint import load_checkpoint, sha256_file
+from nrc_audit.io.dataset import HDF5Dataset
+from nrc_audit.report import Gate, LayerReport, Report, Summary
+from nrc_audit.stats import Accumulator, JointAccumulator
+from nrc_audit.store import FeatureStore, FeatureStoreWriter
+
+ProgressHook = Callable[[int, int], None]  # (rows done, rows total)
+POOLING_NOTE = "Conv2d inputs averaged over H×W and Linear inputs over extra dims (pooled: true)"
+
+
+@dataclass
+class PassStatistics:
+    """Everything one pass accumulates: per-layer joint moments, target moments and the model's SSE."""
+
+    layers: list[LayerInfo] = field(default_factory=list)
+    joint: list[JointAccumulator] = field(default_factory=list)
+    targets: Accumulator = field(default_factory=Accumulator)
+    sse: float = 0.0
+    n: int = 0
+
+    def update(self, layers: list[LayerInfo], outputs: torch.Tensor, y: torch.Tensor, feats: list[torch.Tensor]) -> None:
+        """Add one batch: outputs (B, t), y (B, t), feats [(B, h_ℓ)] — all on the same device."""
+        if not self.joint:
+            self.layers = layers
+            self.joint = [JointAccumulator(layer.in_dim) for layer in layers]
+        y64 = y.to(device=outputs.device, dtype=torch.float64)
+        for acc, f in zip(self.joint, feats):
+            acc.update_pair(f, y64)
+        self.targets.update(y64)
+        self.sse += float(((outputs.to(torch.float64) - y64) ** 2).sum())
+        self.n += int(y.shape[0])
+
+
+def resolve_device(name: str) -> torch.device:
+    """'auto' → cuda when available, else cpu; 'cpu'; 'cuda' / 'cuda:i' (checked)."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise OptionsError(f"--device {name!r} is not a device; use auto, cpu, cuda or cuda:INDEX.") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise OptionsError(f"--device {name}: CUDA is not available here; use --device cpu (or auto).")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise OptionsError(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s) present.")
+    elif device.type != "cpu":
+        raise OptionsError(f"--device {name!r} is not supported; use auto, cpu, cuda or cuda:INDEX.")
+    return device
+
+
+def _check_input_width(model: torch.nn.Module, input_shape: tuple[int, ...]) -> None:
+    """Fail early, with a clear message, when the first layer cannot take the data's samples."""
+    first = next((m for m in model.modules() if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d))), None)
+    if isinstance(first, torch.nn.Linear) and len(input_shape) == 1 and input_shape[0] != first.in_features:
+        raise ModelDataMismatchError(
+            f"the data's samples have {input_shape[0]} features but the model's first Linear layer takes "
+            f"{first.in_features}. Check --x-key, or that the checkpoint belongs to this dataset."
+        )
+    if isinstance(first, torch.nn.Conv2d) and len(input_shape) == 3 and input_shape[0] != first.in_channels:
+        raise ModelDataMismatchError(
+            f"the images have {input_shape[0]} channels (shape {input_shape}) but the first Conv2d takes "
+            f"{first.in_channels}. For (N, H, W, C) data pass --channels-last."
+        )
+
+
+def _check_output(out: torch.Tensor, t: int) -> torch.Tensor:
+    """Model output must be (B, t), or (B,) when t = 1; returns (B, t)."""
+    if out.ndim == 1 and t == 1:
+        return out.unsqueeze(1)
+    if out.ndim != 2 or out.shape[1] != t:
+        raise ModelDataMismatchError(
+            f"the model's output has shape {tuple(out.shape)} per batch, but the targets have {t} columns; "
+            f"expected (B, {t}). Is this a regression model for these targets (check --y-key)?"
+        )
+    return out
+
+
+def run_audit(config: AuditConfig, progress: ProgressHook | None = None) -> Report:
+    """Run the whole audit described by ``config`` and return its report (no output files but the store)."""
+    config.validate()
+    device = resolve_device(config.device)
+    ckpt = load_checkpoint(config.model_path)
+    resolved = resolve_model(ckpt, config.model)
+    model = resolved.module.to(device)
+    with HDF5Dataset(config.data_path, config.data) as ds:
+        info = ds.info
+        _check_input_width(model, info.input_shape)
+        modules = candidate_layers(model, config.layers, config.exclude)
+        context = {
+            "model": {"path": str(config.model_path), "sha256": sha256_file(config.model_path), "format": ckpt.format,
+                      "architecture": resolved.architecture, "num_parameters": resolved.num_parameters,
+                      "assumptions": list(resolved.assumptions)},
+            "data": {"path": str(config.data_path), "sha256": sha256_file(config.data_path), "x_key": info.x_key,
+                     "y_key": info.y_key, "num_samples": info.num_samples, "input_shape": list(info.input_shape),
+                     "target_dim": info.target_dim},
+            "device": str(device), "batch_size": config.batch_size,
+        }  # fmt: skip
+        stats = _extract(config, ds, model, modules, device, context, progress)
+    if any(layer.pooled for layer in stats.layers):
+        context["model"]["assumptions"].append(POOLING_NOTE)
+    return build_report(stats, config.analysis, context)
+
+
+def _model_dtype(model: torch.nn.Module) -> torch.dtype:
+    return next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+
+
+def _extract(config: AuditConfig, ds: HDF5Dataset, model: torch.nn.Module, modules: dict, device: torch.device,
+             context: dict[str, Any], progress: ProgressHook | None) -> PassStatistics:  # fmt: skip
+    stats, writer = PassStatistics(), None
+    info, dtype = ds.info, _model_dtype(model)
+    try:
+        with FeatureExtractor(model, modules) as extractor:
+            for start, x, y in ds.batches(config.batch_size):
+                x = x.to(device, dtype=dtype if x.is_floating_point() else None, non_blocking=True)
+                y = y.to(device, non_blocking=True)
+                out, feats = _forward(extractor, x, start, info.input_shape)
+                out = _check_output(out, info.target_dim)
+                if writer is None and config.features_path is not None:
+                    writer = FeatureStoreWriter(
+                        config.features_path, info.num_samples, extractor.layers or [],
+                        {"model_sha256": context["model"]["sha256"], "data_sha256": context["data"]["sha256"],
+                         "context": context}, config.features_compression,
+                    )  # fmt: skip
+                stats.update(extractor.layers or [], out, y, feats)
+                if writer is not None:
+                    writer.write(start, out, y.cpu(), feats)
+                if progress is not None:
+                    progress(start + len(y), info.num_samples)
+    except NrcAuditError:
+        if writer is not None:  # unusable input: leave no partial output behind
+            writer.close(complete=False)
+            Path(writer.path).unlink(missing_ok=True)
+        raise
+    except BaseException:
+        if writer is not None:  # interrupted: keep the store, marked incomplete
+            writer.close(complete=False)
+        raise
+    if writer is not None:
+        writer.close(complete=True)
+    return stats
+
+
+def _forward(extractor: FeatureExtractor, x: torch.Tensor, start: int, shape: tuple[int, ...]
+             ) -> tuple[torch.Tensor, list[torch.Tensor]]:  # fmt: skip
+    try:
+        return extractor.run(x)
+    except NrcAuditError:
+        raise
+    except (RuntimeError, ValueError, IndexError, TypeError) as exc:
+        first_line = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise ModelDataMismatchError(
+            f"the model failed on the batch starting at row {start} (per-sample input shape {shape}): "
+            f"{first_line}. Check that the data are in the model's input space and the checkpoint matches."
+        ) from None
+
+
+def reanalyze(store_path: Path, analysis: AnalysisOptions, batch_size: int = 4096,
+              progress: ProgressHook | None = None) -> Report:  # fmt: skip
+    """Recompute the report from a complete feature store alone, without the model or the data file."""
+    analysis.validate()
+    stats = PassStatistics()
+    with FeatureStore(store_path) as store:
+        context = dict(store.context)
+        for start, out, y, feats in store.batches(batch_size):
+            stats.update(store.layers, out, y, feats)
+            if progress is not None:
+                progress(start + len(y), store.n)
+    if any(layer.pooled for layer in stats.layers):
+        context["model"]["assumptions"].append(POOLING_NOTE)
+    return build_report(stats, analysis, context)
+
+
+def build_report(stats: PassStatistics, analysis: AnalysisOptions, context: dict[str, Any]) -> Report:
+    """Statistics + options → the typed report (conditions per layer, target block, summary, gate)."""
+    tm = stats.targets.moments
+    if tm is None:
+        raise OptionsError("no samples were audited")
+    n, _, s_yy = tm.to_numpy()
+    t = s_yy.shape[0]
+    target = target_summary(s_yy, n, analysis.rank_energy)
+    if target.rank_estimate == 0:
+        raise NrcAuditError(
+            f"the targets are constant over the {n} audited samples (zero variance); there is nothing to regress. "
+            "Check --y-key and --limit."
+        )
+    if analysis.rank is None:
+        k, source = t, "target_dim"
+    elif analysis.rank == "auto":
+        k, source = target.rank_estimate, "auto"
+    else:
+        k, source = int(analysis.rank), "user"
+    if analysis.require_collapsed > len(stats.layers):
+        raise OptionsError(
+            f"--require-collapsed {analysis.require_collapsed} exceeds the {len(stats.layers)} audited layers; "
+            f"pass a number between 0 and {len(stats.layers)}."
+        )
+    model_mse = stats.sse / (n * t)
+    rows = []
+    for layer, acc in zip(stats.layers, stats.joint):
+        m = layer_metrics(acc.finalize(), layer.weight.numpy(), k, model_mse, analysis.pinv_rtol, analysis.thresholds)
+        rows.append(LayerReport.from_metrics(layer.index, layer.name, layer.kind, layer.in_dim, layer.out_dim,
+                                             layer.pooled, m))  # fmt: skip
+    collapsed = [r.collapsed for r in rows]
+    passed, failing = gate(collapsed, analysis.require_collapsed)
+    summary = Summary(
+        num_layers=len(rows),
+        collapsed_layers=[r.index for r in rows if r.collapsed],
+        not_collapsed_layers=[r.index for r in rows if not r.collapsed],
+        collapse_onset=collapse_onset(collapsed),
+        gate=Gate(analysis.require_collapsed, passed, failing),
+    )
+    settings = {
+        "rank": k, "rank_source": source, "device": context.get("device", "cpu"),
+        "batch_size": context.get("batch_size", 0), "pinv_rtol": analysis.pinv_rtol,
+        "rank_energy": analysis.rank_energy, "require_collapsed": analysis.require_collapsed,
+        "thresholds": analysis.thresholds.to_dict(),
+    }  # fmt: skip
+    return Report(
+        tool={"name": "nrc-audit", "version": __version__},
+        model=context["model"], data=context["data"], settings=settings, target=target,
+        model_mse=model_mse, layers=rows, summary=summary,
+    )  # fmt: skip

@@ -1,0 +1,88 @@
+"""Presentation only: the Rich table and summary. Never computes a metric."""
+
+from __future__ import annotations
+
+from rich.console import Console, Group
+from rich.panel import Panel
+from rich.table import Table
+from rich.text import Text
+
+from nrc_audit.report import LayerReport, Report
+
+FAIL, PASS, WARN = "bold red", "green", "yellow"
+
+
+def _num(value: float | None, spec: str = ".3f") -> str:
+    return "—" if value is None else format(value, spec)
+
+
+def _cell(value: float | None, ok: bool, spec: str = ".3f") -> Text:
+    return Text(_num(value, spec), style=PASS if ok else FAIL)
+
+
+def _bound(layer: LayerReport) -> Text:
+    b = layer.bound
+    if b.get("lhs") is None:
+        return Text("—", style="dim")
+    text = f"{b['lhs']:.3f} ≤ {b['rhs']:.3f}" if b["holds"] else f"{b['lhs']:.3f} > {b['rhs']:.3f}"
+    return Text(text, style="" if b["holds"] else WARN)
+
+
+def layer_table(report: Report) -> Table:
+    """One row per layer: the four conditions (failing values in red), the bound and the verdict."""
+    th = report.settings["thresholds"]
+    table = Table(
+        title=f"Deep NRC audit · {report.model['architecture']}",
+        caption=f"collapsed when NRC1 ≤ {th['nrc1_max']}, NRC2 ≥ {th['nrc2_min']}, NRC3 ≥ {th['nrc3_min']}, "
+        f"NRC4/MSE ≤ {th['nrc4_ratio_max']}",
+    )
+    for header, justify in [("#", "right"), ("layer", "left"), ("kind", "left"), ("h", "right"),
+                            ("NRC1 noise", "right"), ("NRC2 CKA", "right"), ("NRC3 align", "right"),
+                            ("NRC4 mse (×model)", "right"), ("bound lhs ≤ rhs", "right"), ("verdict", "left")]:  # fmt: skip
+        table.add_column(header, justify=justify)  # type: ignore[arg-type]
+    onset = report.summary.collapse_onset
+    for layer in report.layers:
+        p = layer.passed
+        nrc4 = Text(f"{_num(layer.nrc4, '.3g')} ({_num(layer.nrc4_ratio, '.2f')}×)", style=PASS if p["nrc4"] else FAIL)
+        verdict = Text("collapsed", style=PASS) if layer.collapsed else Text("not collapsed", style=FAIL)
+        if onset is not None and layer.index == onset:
+            verdict.append(" ← onset", style="bold")
+        if layer.warnings:
+            verdict.append(" ⚠", style=WARN)
+        table.add_row(str(layer.index), layer.name, layer.kind + ("*" if layer.pooled else ""), str(layer.in_dim),
+                      _cell(layer.nrc1, p["nrc1"]), _cell(layer.nrc2, p["nrc2"]), _cell(layer.nrc3, p["nrc3"]),
+                      nrc4, _bound(layer), verdict)  # fmt: skip
+    return table
+
+
+def summary_panel(report: Report) -> Panel:
+    s, st, d = report.summary, report.settings, report.data
+    onset = s.collapse_onset
+    onset_text = "none (the last layer is not collapsed)" if onset is None else \
+        f"layer {onset} ({report.layers[onset].name}): the top {s.num_layers - onset} of {s.num_layers} layers collapsed"
+    g = s.gate
+    if g.require_collapsed == 0:
+        gate_text = Text("disabled (--require-collapsed 0)", style="dim")
+    elif g.passed:
+        gate_text = Text(f"PASSED: the last {g.require_collapsed} layer(s) are collapsed", style="bold green")
+    else:
+        gate_text = Text(f"FAILED: layer(s) {g.failing_layers} of the last {g.require_collapsed} not collapsed",
+                         style="bold red")  # fmt: skip
+    lines = [
+        Text(f"samples N = {d['num_samples']}   target dim t = {report.target.dim}   rank k = {st['rank']} "
+             f"({st['rank_source']}; target rank estimate {report.target.rank_estimate})"),
+        Text(f"model MSE = {_num(report.model_mse, '.4g')}   device = {st['device']}"),
+        Text(f"collapse onset: {onset_text}"),
+        Text.assemble("gate: ", gate_text),
+    ]
+    for assumption in report.model.get("assumptions", []):
+        lines.append(Text(f"note: {assumption}", style="dim"))
+    for layer in report.layers:
+        for w in layer.warnings:
+            lines.append(Text(f"warning: layer {layer.index} ({layer.name}): {w}", style=WARN))
+    return Panel(Group(*lines), title="summary", expand=False)
+
+
+def print_report(report: Report, console: Console) -> None:
+    console.print(layer_table(report))
+    console.print(summary_panel(report))
