@@ -124,7 +124,14 @@ def load_strict(module: nn.Module, sd: dict[str, torch.Tensor], path: Path) -> N
             f"{path}: the state dict does not fit the model: {', '.join(parts)}. Check that the checkpoint "
             "and the architecture (--model-def, or the nrc_audit.arch metadata) belong together."
         )
+    module.to(_compute_dtype(sd))
     module.load_state_dict(sd, strict=True)
+
+
+def _compute_dtype(sd: dict[str, torch.Tensor]) -> torch.dtype:
+    """float64 checkpoints run in float64 (exact features); everything else in float32."""
+    dtypes = {v.dtype for v in sd.values() if v.is_floating_point()}
+    return torch.float64 if dtypes == {torch.float64} else torch.float32
 
 
 def _from_model_def(ckpt: Checkpoint, opts: ModelOptions) -> ResolvedModel:
