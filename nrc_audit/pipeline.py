@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 
 import torch
 
@@ -117,7 +117,18 @@ def run_audit(config: AuditConfig, progress: ProgressHook | None = None) -> Repo
                      "target_dim": info.target_dim},
             "device": str(device), "batch_size": config.batch_size,
         }  # fmt: skip
-        stats = _extract(config, ds, model, modules, device, context, progress)
+        writer_factory = None
+        if config.features_path is not None:
+            store_attrs = {"model_sha256": context["model"]["sha256"], "data_sha256": context["data"]["sha256"],
+                           "context": context}  # fmt: skip
+
+            def writer_factory(layers: list[LayerInfo]) -> FeatureStoreWriter:
+                return FeatureStoreWriter(config.features_path, info.num_samples, layers, store_attrs,
+                                          config.features_compression)  # fmt: skip
+
+        stats = extraction_pass(model, modules, ds.batches(config.batch_size), device=device,
+                                target_dim=info.target_dim, input_shape=info.input_shape,
+                                num_rows=info.num_samples, writer_factory=writer_factory, progress=progress)  # fmt: skip
     if any(layer.pooled for layer in stats.layers):
         context["model"]["assumptions"].append(POOLING_NOTE)
     return build_report(stats, config.analysis, context)
@@ -127,28 +138,37 @@ def _model_dtype(model: torch.nn.Module) -> torch.dtype:
     return next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
 
 
-def _extract(config: AuditConfig, ds: HDF5Dataset, model: torch.nn.Module, modules: dict, device: torch.device,
-             context: dict[str, Any], progress: ProgressHook | None) -> PassStatistics:  # fmt: skip
+def extraction_pass(
+    model: torch.nn.Module,
+    modules: dict[str, torch.nn.Module],
+    batches: Iterable[tuple[int, torch.Tensor, torch.Tensor]],
+    *,
+    device: torch.device,
+    target_dim: int,
+    input_shape: tuple[int, ...],
+    num_rows: int | None = None,
+    writer_factory: Callable[[list[LayerInfo]], FeatureStoreWriter] | None = None,
+    progress: ProgressHook | None = None,
+) -> PassStatistics:
+    """The one pass: forward each ``(first_row, x (B, …), y (B, t))`` batch with hooks, accumulate the
+    float64 statistics of every layer, and hand the features to the store writer (if any)."""
     stats, writer = PassStatistics(), None
-    info, dtype = ds.info, _model_dtype(model)
+    dtype = _model_dtype(model)
     try:
         with FeatureExtractor(model, modules) as extractor:
-            for start, x, y in ds.batches(config.batch_size):
+            for start, x, y in batches:
                 x = x.to(device, dtype=dtype if x.is_floating_point() else None, non_blocking=True)
-                y = y.to(device, non_blocking=True)
-                out, feats = _forward(extractor, x, start, info.input_shape)
-                out = _check_output(out, info.target_dim)
-                if writer is None and config.features_path is not None:
-                    writer = FeatureStoreWriter(
-                        config.features_path, info.num_samples, extractor.layers or [],
-                        {"model_sha256": context["model"]["sha256"], "data_sha256": context["data"]["sha256"],
-                         "context": context}, config.features_compression,
-                    )  # fmt: skip
-                stats.update(extractor.layers or [], out, y, feats)
+                y = y.to(device, dtype=torch.float64, non_blocking=True).reshape(len(y), -1)  # (B, t)
+                out, feats = _forward(extractor, x, start, input_shape)
+                out = _check_output(out, target_dim)
+                layers = extractor.layers or []
+                if writer is None and writer_factory is not None:
+                    writer = writer_factory(layers)
+                stats.update(layers, out, y, feats)
                 if writer is not None:
                     writer.write(start, out, y.cpu(), feats)
                 if progress is not None:
-                    progress(start + len(y), info.num_samples)
+                    progress(start + len(y), num_rows or 0)
     except NrcAuditError:
         if writer is not None:  # unusable input: leave no partial output behind
             writer.close(complete=False)
