@@ -129,8 +129,6 @@ def run_audit(config: AuditConfig, progress: ProgressHook | None = None) -> Repo
         stats = extraction_pass(model, modules, ds.batches(config.batch_size), device=device,
                                 target_dim=info.target_dim, input_shape=info.input_shape,
                                 num_rows=info.num_samples, writer_factory=writer_factory, progress=progress)  # fmt: skip
-    if any(layer.pooled for layer in stats.layers):
-        context["model"]["assumptions"].append(POOLING_NOTE)
     return build_report(stats, config.analysis, context)
 
 
@@ -208,8 +206,6 @@ def reanalyze(store_path: Path, analysis: AnalysisOptions, batch_size: int = 409
             stats.update(store.layers, out, y, feats)
             if progress is not None:
                 progress(start + len(y), store.n)
-    if any(layer.pooled for layer in stats.layers):
-        context["model"]["assumptions"].append(POOLING_NOTE)
     return build_report(stats, analysis, context)
 
 
@@ -238,6 +234,9 @@ def build_report(stats: PassStatistics, analysis: AnalysisOptions, context: dict
             f"pass a number between 0 and {len(stats.layers)}."
         )
     model_mse = stats.sse / (n * t)
+    model_info = dict(context["model"], assumptions=list(context["model"].get("assumptions", [])))
+    if any(layer.pooled for layer in stats.layers) and POOLING_NOTE not in model_info["assumptions"]:
+        model_info["assumptions"].append(POOLING_NOTE)
     rows = []
     for layer, acc in zip(stats.layers, stats.joint):
         m = layer_metrics(acc.finalize(), layer.weight.numpy(), k, model_mse, analysis.pinv_rtol, analysis.thresholds)
@@ -260,6 +259,6 @@ def build_report(stats: PassStatistics, analysis: AnalysisOptions, context: dict
     }  # fmt: skip
     return Report(
         tool={"name": "nrc-audit", "version": __version__},
-        model=context["model"], data=context["data"], settings=settings, target=target,
+        model=model_info, data=context["data"], settings=settings, target=target,
         model_mse=model_mse, layers=rows, summary=summary,
     )  # fmt: skip

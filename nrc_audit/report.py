@@ -88,6 +88,7 @@ class Report:
     layers: list[LayerReport]
     summary: Summary
     schema: str = SCHEMA_ID
+    extensions: dict[str, Any] = field(default_factory=dict)  # optional blocks (e.g. "baseline"), never renames
 
     def to_dict(self) -> dict[str, Any]:
         doc = {
@@ -100,6 +101,7 @@ class Report:
             "model_mse": self.model_mse,
             "layers": [asdict(layer) for layer in self.layers],
             "summary": asdict(self.summary),
+            **self.extensions,
         }
         return _finite_or_null(doc)
 
@@ -116,6 +118,15 @@ class Report:
                           s["collapse_onset"], Gate(**s["gate"]))  # fmt: skip
         return cls(doc["tool"], doc["model"], doc["data"], doc["settings"], TargetSummary(**doc["target"]),
                    doc["model_mse"], layers, summary, doc.get("schema", SCHEMA_ID))  # fmt: skip
+
+    def to_table(self) -> Any:
+        """The per-layer Rich table, e.g. ``rich.print(report.to_table())`` in a notebook."""
+        from nrc_audit.render import layer_table  # presentation lives in render (imported lazily: one-way flow)
+
+        return layer_table(self)
+
+    def __rich__(self) -> Any:
+        return self.to_table()
 
     @property
     def exit_code(self) -> ExitCode:
@@ -150,3 +161,4 @@ def write_atomic(path: Path, text: str) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+

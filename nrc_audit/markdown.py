@@ -1,0 +1,125 @@
+"""Model-card outputs: a GitHub-flavoured markdown section and a Hugging Face ``model-index`` fragment.
+
+Presentation only: everything comes from the report; nothing is computed here but formatting.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from nrc_audit.report import LayerReport, Report
+
+HOW_TO_READ = (
+    "How to read this: each row is a Linear/Conv2d layer and its *input* features H on the audited data. "
+    "NRC1 is the share of feature variance outside the top-k principal subspace (small is collapsed); NRC2 is "
+    "linear CKA between H and the targets (large is collapsed); NRC3 is the mean cosine of the principal angles "
+    "between that subspace and the layer weight's top-k input subspace (near 1 is collapsed); NRC4 is the MSE "
+    "of the best linear probe from H to the targets, shown as a multiple of the model's own MSE (near 1× is "
+    "collapsed). A layer is collapsed when all four pass; the collapse onset is the first layer of the run of "
+    "collapsed layers that ends at the output (Rangamani & Unal, *Deep Neural Regression Collapse*, 2026). "
+    "The bound column checks the paper's Proposition 1 (‖(I−P_Y)H‖/‖H‖ ≤ √NRC1 + √(1−NRC2)); a failure there is "
+    "a finding about anisotropic spectra, not an error."
+)
+
+
+def _fmt(value: float | None, spec: str = ".3f") -> str:
+    return "—" if value is None else format(value, spec)
+
+
+def _mark(text: str, ok: bool) -> str:
+    return text if ok else f"**{text}**"
+
+
+def _row(layer: LayerReport) -> str:
+    p, b = layer.passed, layer.bound
+    bound = "—" if b.get("lhs") is None else f"{b['lhs']:.3f} {'≤' if b['holds'] else '>'} {b['rhs']:.3f}"
+    nrc4 = f"{_fmt(layer.nrc4, '.3g')} ({_fmt(layer.nrc4_ratio, '.2f')}×)"
+    cells = [str(layer.index), f"`{layer.name}`", layer.kind, str(layer.in_dim),
+             _mark(_fmt(layer.nrc1), p["nrc1"]), _mark(_fmt(layer.nrc2), p["nrc2"]), _mark(_fmt(layer.nrc3), p["nrc3"]),
+             _mark(nrc4, p["nrc4"]), bound, "✅" if layer.collapsed else "❌"]  # fmt: skip
+    return "| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |"
+
+
+def _verdict(report: Report) -> str:
+    s = report.summary
+    names = {layer.index: layer.name for layer in report.layers}
+    if s.collapse_onset is None:
+        onset = "no collapse onset (the last layer is not collapsed)"
+    else:
+        onset = (f"collapse onset at layer {s.collapse_onset} (`{names[s.collapse_onset]}`): the top "
+                 f"{s.num_layers - s.collapse_onset} of {s.num_layers} layers are collapsed")  # fmt: skip
+    g = s.gate
+    if g.require_collapsed == 0:
+        return f"**Gate disabled.** {onset[0].upper() + onset[1:]}."
+    if g.passed:
+        return f"**Gate passed**: the last {g.require_collapsed} layer(s) are collapsed; {onset}."
+    failing = ", ".join(f"{i} (`{names[i]}`)" for i in g.failing_layers)
+    return f"**Gate FAILED**: failing layer(s) {failing} among the last {g.require_collapsed}; {onset}."
+
+
+def to_markdown(report: Report) -> str:
+    """A self-contained model-card section (also fit for a CI job summary)."""
+    m, d, st = report.model, report.data, report.settings
+    th = st["thresholds"]
+    lines = [
+        "## Deep Neural Regression Collapse audit",
+        "",
+        f"Audited with nrc-audit {report.tool['version']}: model `{Path(m['path']).name}` ({m['architecture']}, "
+        f"{m['num_parameters']:,} parameters, sha256 `{m['sha256'][:12]}…`) on {d['num_samples']:,} samples of "
+        f"`{Path(d['path']).name}` (sha256 `{d['sha256'][:12]}…`), target dim t = {report.target.dim}, "
+        f"rank k = {st['rank']} ({st['rank_source']}), model MSE {_fmt(report.model_mse, '.4g')}.",
+        "",
+        _verdict(report),
+        "",
+        "| # | layer | kind | h | NRC1 noise | NRC2 CKA | NRC3 align | NRC4 MSE (×model) | bound lhs vs rhs | collapsed |",
+        "|---:|---|---|---:|---:|---:|---:|---:|---|:---:|",
+        *(_row(layer) for layer in report.layers),
+        "",
+        f"Thresholds: NRC1 ≤ {th['nrc1_max']}, NRC2 ≥ {th['nrc2_min']}, NRC3 ≥ {th['nrc3_min']}, "
+        f"NRC4 ≤ {th['nrc4_ratio_max']}× model MSE; failing values in **bold**.",
+    ]
+    notes = list(m.get("assumptions", [])) + [f"layer {layer.index} (`{layer.name}`): {w}"
+                                              for layer in report.layers for w in layer.warnings]  # fmt: skip
+    if notes:
+        lines += ["", "Notes:", *(f"- {n}" for n in notes)]
+    lines += ["", HOW_TO_READ, ""]
+    return "\n".join(lines)
+
+
+def headline_metrics(report: Report) -> list[dict]:
+    """The figures a model card carries: onset, collapsed count and the last layer's conditions."""
+    last = report.layers[-1]
+    metrics = [
+        {"type": "nrc_collapse_onset", "name": "Deep NRC collapse onset (layer index)", "value": report.summary.collapse_onset},
+        {"type": "nrc_collapsed_layers", "name": "Collapsed layers", "value": len(report.summary.collapsed_layers)},
+        {"type": "nrc_gate_passed", "name": "nrc-audit gate passed", "value": report.summary.gate.passed},
+        {"type": "model_mse", "name": "Model MSE on audited data", "value": report.model_mse},
+    ]  # fmt: skip
+    for key, label in (("nrc1", "NRC1 noise"), ("nrc2", "NRC2 CKA"), ("nrc3", "NRC3 alignment"),
+                       ("nrc4_ratio", "NRC4 probe MSE / model MSE")):  # fmt: skip
+        metrics.append({"type": f"{key}_last_layer", "name": f"{label} (last layer)", "value": getattr(last, key)})
+    return metrics
+
+
+def to_model_index(report: Report, model_name: str | None = None) -> str:
+    """A Hugging Face ``model-index`` YAML fragment (for the card's front matter) with the headline figures."""
+    name = model_name or Path(report.model["path"]).stem
+    lines = [
+        "model-index:",
+        f"- name: {json.dumps(name)}",
+        "  results:",
+        "  - task:",
+        "      type: regression",
+        "      name: Deep Neural Regression Collapse audit",
+        "    dataset:",
+        f"      name: {json.dumps(Path(report.data['path']).name)}",
+        "      type: hdf5",
+        f"      revision: {json.dumps(report.data['sha256'])}",
+        "    metrics:",
+    ]
+    for metric in headline_metrics(report):
+        lines += [f"    - type: {metric['type']}", f"      name: {json.dumps(metric['name'])}",
+                  f"      value: {json.dumps(metric['value'])}"]  # fmt: skip
+    lines += ["    source:", f"      name: {json.dumps('nrc-audit ' + report.tool['version'])}"]
+    return "\n".join(lines) + "\n"

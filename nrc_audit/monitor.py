@@ -1,0 +1,64 @@
+"""Watch collapse appear during training (the paper's Figure 5) without saving a checkpoint per epoch.
+
+The monitor audits the model on a fixed evaluation set at chosen epochs (one pass, same code as the
+CLI) and appends each report to a JSON-lines history; ``nrc-audit trend --history FILE`` renders it.
+Outside the evaluation pass it costs nothing: no hooks stay registered, the model's mode and device
+are restored.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Iterable, Iterator
+
+from torch import nn
+
+from nrc_audit.api import audit
+from nrc_audit.errors import OptionsError
+from nrc_audit.report import Report
+from nrc_audit.trend import append_history, load_history, trend_tables
+
+
+class CollapseMonitor:
+    """Audit ``model`` every ``every`` epochs on ``batches`` and append the report to ``history``.
+
+    Args:
+        batches: a re-iterable of ``(x, y)`` batches (a ``DataLoader`` or a list), iterated once per audit.
+        history: JSON-lines file; each record is ``{"label": "epoch N", "report": {...}}``.
+        every: audit when ``epoch % every == 0``.
+        **audit_kwargs: forwarded to :func:`nrc_audit.audit` (rank, thresholds, layers, …).
+
+    Example:
+        >>> monitor = CollapseMonitor(eval_loader, "nrc-history.jsonl", every=10)   # doctest: +SKIP
+        >>> for epoch in range(epochs):                                           # doctest: +SKIP
+        ...     train_one_epoch(model)
+        ...     monitor(model, epoch)
+    """
+
+    def __init__(self, batches: Iterable, history: str | Path, *, every: int = 1, **audit_kwargs: Any) -> None:
+        if isinstance(batches, Iterator):
+            raise OptionsError("CollapseMonitor needs re-iterable batches (a DataLoader or a list), not an iterator.")
+        if every < 1:
+            raise OptionsError(f"every={every} must be ≥ 1.")
+        self.batches, self.history_path, self.every = batches, Path(history), every
+        self.audit_kwargs = {"require_collapsed": 0} | audit_kwargs
+
+    def __call__(self, model: nn.Module, epoch: int) -> Report | None:
+        """Audit now if ``epoch`` is due; returns the report (None when skipped)."""
+        if epoch % self.every:
+            return None
+        report = audit(model, self.batches, **self.audit_kwargs)
+        append_history(self.history_path, f"epoch {epoch}", report)
+        return report
+
+    def history(self) -> tuple[list[str], list[Report]]:
+        return load_history(self.history_path)
+
+    def tables(self) -> list:
+        """Rich tables of every condition per layer against epoch (same as ``nrc-audit trend``)."""
+        return trend_tables(*self.history())
+
+    def plot(self, path: str | Path) -> Path:
+        from nrc_audit.plot import plot_trend
+
+        return plot_trend(*self.history(), Path(path))

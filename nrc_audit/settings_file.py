@@ -1,0 +1,104 @@
+"""Settings from a ``[tool.nrc-audit]`` table (nearest ``pyproject.toml``, or ``--config FILE``).
+
+Precedence: command-line option > settings file > built-in default. The resolved values are what the
+report's ``settings`` block records.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from nrc_audit.errors import OptionsError
+
+try:  # Python ≥ 3.11
+    import tomllib
+except ImportError:  # pragma: no cover - Python 3.10
+    tomllib = None  # type: ignore[assignment]
+
+DEFAULTS: dict[str, Any] = {
+    "rank": None,
+    "nrc1_max": 0.25,
+    "nrc2_min": 0.6,
+    "nrc3_min": 0.7,
+    "nrc4_ratio_max": 2.0,
+    "pinv_rtol": 1e-3,
+    "rank_energy": 0.99,
+    "require_collapsed": 1,
+    "x_key": "X",
+    "y_key": "Y",
+    "batch_size": 1024,
+    "device": "auto",
+    "layers": [],
+    "exclude": ["*downsample*"],
+    "activation": None,
+    "baseline_tolerance": 0.05,
+}
+TYPES: dict[str, tuple[type, ...]] = {
+    "rank": (int, str), "nrc1_max": (int, float), "nrc2_min": (int, float), "nrc3_min": (int, float),
+    "nrc4_ratio_max": (int, float), "pinv_rtol": (int, float), "rank_energy": (int, float),
+    "require_collapsed": (int,), "x_key": (str,), "y_key": (str,), "batch_size": (int,), "device": (str,),
+    "layers": (list,), "exclude": (list,), "activation": (str,), "baseline_tolerance": (int, float),
+}  # fmt: skip
+
+
+def find_pyproject(start: Path) -> Path | None:
+    """The nearest ``pyproject.toml`` at or above ``start`` that has a ``[tool.nrc-audit]`` table."""
+    for folder in [start, *start.parents]:
+        candidate = folder / "pyproject.toml"
+        if candidate.is_file() and _table(_read(candidate), candidate) is not None:
+            return candidate
+    return None
+
+
+def _read(path: Path) -> dict[str, Any]:
+    if tomllib is None:  # pragma: no cover
+        raise OptionsError("reading settings files needs Python ≥ 3.11 (tomllib).")
+    try:
+        return tomllib.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError) as exc:
+        raise OptionsError(f"cannot read the settings file {path}: {exc}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise OptionsError(f"{path} is not valid TOML ({exc}).") from None
+
+
+def _table(doc: dict[str, Any], path: Path) -> dict[str, Any] | None:
+    """The [tool.nrc-audit] table; a dedicated settings file (not pyproject.toml) may hold its keys at top level."""
+    tool = doc.get("tool")
+    table = tool.get("nrc-audit") if isinstance(tool, dict) else None
+    if table is None and path.name != "pyproject.toml":
+        table = doc
+    return table
+
+
+def load_settings(config: Path | None, cwd: Path | None = None) -> tuple[dict[str, Any], Path | None]:
+    """Settings from ``config`` (or the nearest pyproject.toml), validated; returns (values, source path)."""
+    if config is not None:
+        if not config.is_file():
+            raise OptionsError(f"--config {config}: file not found.")
+        path: Path | None = config
+        table = _table(_read(config), config)
+        if table is None:
+            raise OptionsError(f"--config {config}: the file has no [tool.nrc-audit] table.")
+        values = table
+    else:
+        path = find_pyproject(cwd or Path.cwd())
+        values = (_table(_read(path), path) or {}) if path else {}
+    unknown = sorted(set(values) - set(DEFAULTS))
+    if unknown:
+        raise OptionsError(
+            f"{path}: unknown key(s) {unknown} in [tool.nrc-audit]; known keys are {sorted(DEFAULTS)} "
+            "(use underscores, e.g. nrc1_max)."
+        )
+    for key, value in values.items():
+        if not isinstance(value, TYPES[key]) or isinstance(value, bool):
+            raise OptionsError(f"{path}: {key} = {value!r} has the wrong type; expected {TYPES[key][0].__name__}.")
+    return dict(values), path
+
+
+def resolve(cli: dict[str, Any], file_values: dict[str, Any]) -> dict[str, Any]:
+    """Merge: a command-line value that is not None wins over the file, which wins over DEFAULTS."""
+    merged = dict(DEFAULTS)
+    merged.update(file_values)
+    merged.update({k: v for k, v in cli.items() if v is not None and (v != [] or k not in DEFAULTS)})
+    return merged
