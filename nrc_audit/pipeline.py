@@ -7,6 +7,7 @@ alone, so a saved store re-analyses to the same report (:func:`reanalyze`).
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable
@@ -121,11 +122,8 @@ def run_audit(config: AuditConfig, progress: ProgressHook | None = None) -> Repo
         if config.features_path is not None:
             store_attrs = {"model_sha256": context["model"]["sha256"], "data_sha256": context["data"]["sha256"],
                            "context": context}  # fmt: skip
-
-            def writer_factory(layers: list[LayerInfo]) -> FeatureStoreWriter:
-                return FeatureStoreWriter(config.features_path, info.num_samples, layers, store_attrs,
-                                          config.features_compression)  # fmt: skip
-
+            writer_factory = functools.partial(FeatureStoreWriter, config.features_path, info.num_samples,
+                                               attrs=store_attrs, compression=config.features_compression)  # fmt: skip
         stats = extraction_pass(model, modules, ds.batches(config.batch_size), device=device,
                                 target_dim=info.target_dim, input_shape=info.input_shape,
                                 num_rows=info.num_samples, writer_factory=writer_factory, progress=progress)  # fmt: skip

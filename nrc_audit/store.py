@@ -95,12 +95,11 @@ class FeatureStoreWriter:
         if "targets" not in self._fh:
             self._create("targets", targets.shape[1], np.dtype(np.float64))
             self._create("outputs", outputs.shape[1], outputs.dtype)
-            group = self._fh.create_group("layers")
+            self._fh.create_group("layers")
             for layer, f in zip(self._layers, feats):
                 ds = self._create(f"layers/{layer.index:02d}", f.shape[1], f.dtype)
                 ds.attrs.update(index=layer.index, name=layer.name, kind=layer.kind, pooled=layer.pooled,
                                 in_dim=layer.in_dim, out_dim=layer.out_dim)  # fmt: skip
-            del group
         stop = start + len(targets)
         self._fh["targets"][start:stop] = targets
         self._fh["outputs"][start:stop] = outputs
