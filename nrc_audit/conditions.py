@@ -15,7 +15,10 @@ import numpy as np
 from nrc_audit.config import Thresholds
 from nrc_audit.stats import LayerStatistics
 
-BOUND_SLACK = 1e-9  # `holds` tolerates this much rounding in lhs ≤ rhs
+# `holds` tolerates this much rounding in lhs ≤ rhs. SPEC §4 says 1e-9, but lhs and rhs are square roots:
+# for an exactly collapsed layer both are √(rounding) ≈ 1e-8, and 1e-9 would report a spurious failure.
+BOUND_SLACK = 1e-6
+GAP_RTOL = 1e-6  # a relative eigengap below this makes the top-k subspace ill-defined (warned)
 
 
 @dataclass
@@ -144,8 +147,11 @@ def layer_metrics(
     """
     out = LayerMetrics()
     n, h, t = stats.n, stats.s_hh.shape[0], stats.s_yy.shape[0]
-    u_w, s_w = weight_input_basis(weight)  # (h, r), (r,)
-    if s_w.size and s_w[0] > 0:
+    finite_w = bool(np.isfinite(weight).all())  # LAPACK's SVD does not converge on NaN/Inf
+    u_w, s_w = weight_input_basis(weight) if finite_w else (np.zeros((h, 0)), np.zeros(0))  # (h, r), (r,)
+    if not finite_w:
+        out.warnings.append("the weight contains NaN/Inf: its input subspace is undefined")
+    elif s_w.size and s_w[0] > 0:
         out.stable_rank_w = float((s_w**2).sum() / s_w[0] ** 2)
     else:
         out.warnings.append("the weight is all zeros: its input subspace is undefined")
@@ -155,6 +161,10 @@ def layer_metrics(
             f"{stats.nonfinite_rows} of {n} samples produced NaN/Inf features in this layer; "
             "its statistics are undefined"
         )
+        return _verdicts(out, thresholds)
+    if not all(np.isfinite(a).all() for a in (stats.mu_h, stats.s_hh, stats.s_hy, stats.s_yy)):
+        out.warnings.append("the features are so large that their float64 scatter overflows; "
+                            "its statistics are undefined")  # fmt: skip
         return _verdicts(out, thresholds)
 
     lam, u = eigh_desc(stats.s_hh / n)  # λ (h,), eigenvectors (h, h)
@@ -174,7 +184,9 @@ def layer_metrics(
     proj = u[:, keep].T @ c  # (r, t) coordinates of C in the kept eigenbasis
     explained = float(((proj**2) / lam[keep, None]).sum())  # tr(Cᵀ Σ_H⁺ C)
     out.nrc4 = max(0.0, (tr_y - explained) / t)
-    if model_mse > 0:
+    if not np.isfinite(model_mse):
+        out.warnings.append("the model's outputs contain NaN/Inf, so model_mse and nrc4_ratio are undefined")
+    elif model_mse > 0:
         out.nrc4_ratio = out.nrc4 / model_mse
     else:
         out.warnings.append("the model's MSE is 0, so nrc4_ratio is undefined")
@@ -184,6 +196,11 @@ def layer_metrics(
     else:
         u_k, u_perp = u[:, :k], u[:, k:]
         out.nrc1 = float(lam[k:].sum() / tr_h)
+        if k < h and lam[k - 1] - lam[k] <= GAP_RTOL * lam[0]:
+            out.warnings.append(
+                f"λ_k ≈ λ_(k+1) for k={k}: the top-k feature subspace is ill-defined, so nrc3, noise_alignment and "
+                "cka_signal depend on an arbitrary basis (the features may have collapsed to a lower rank: try --rank auto)"
+            )
         sig_k = float(np.sqrt((lam[:k] ** 2).sum()))
         out.cka_signal = _ratio(float(((u_k.T @ c) ** 2).sum()), sig_k * fro_y)
         if out.stable_rank_w is None:
@@ -192,6 +209,8 @@ def layer_metrics(
             out.warnings.append(f"the weight has {u_w.shape[1]} input singular vectors, fewer than k={k}")
         else:
             v_k = u_w[:, :k]  # (h, k)
+            if k < len(s_w) and s_w[k - 1] - s_w[k] <= GAP_RTOL * s_w[0]:
+                out.warnings.append(f"σ_k ≈ σ_(k+1) of the weight for k={k}: its top-k input subspace is ill-defined")
             out.nrc3 = mean_principal_cosine(u_k, v_k, k)
             out.noise_alignment = mean_principal_cosine(u_perp, v_k, k)
 
