@@ -12,6 +12,7 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
+from nrc_audit.distributed import env_rank
 from nrc_audit.baseline import Regression, compare, load_baseline
 from nrc_audit.errors import ExitCode
 from nrc_audit.report import Report, write_atomic
@@ -72,7 +73,13 @@ def baseline_table(regressions: list[Regression], report: Report, baseline: Repo
 
 
 def emit(report: Report, out: Outputs) -> ExitCode:
-    """Compare with the baseline, write every requested file, print the product; return the exit code."""
+    """Compare with the baseline, write every requested file, print the product; return the exit code.
+
+    Under torchrun only rank 0 writes and prints; the other ranks return the same exit code silently.
+    """
+    if env_rank() != 0:
+        out = Outputs(fmt="none", baseline_path=out.baseline_path, baseline_tolerance=out.baseline_tolerance,
+                      exit_zero=out.exit_zero)  # fmt: skip
     regressions: list[Regression] = []
     baseline = None
     if out.baseline_path is not None:
@@ -97,7 +104,7 @@ def emit(report: Report, out: Outputs) -> ExitCode:
         _write_plot(report, out.plot_path)
     if out.fmt == "json":
         sys.stdout.write(text)
-    else:
+    elif out.fmt == "table":
         from nrc_audit.render import print_report
 
         console = Console()

@@ -14,7 +14,7 @@ from typing import Any, Callable, Iterable
 
 import torch
 
-from nrc_audit import __version__
+from nrc_audit import __version__, distributed
 from nrc_audit.conditions import collapse_onset, gate, layer_metrics, target_summary
 from nrc_audit.config import AnalysisOptions, AuditConfig
 from nrc_audit.errors import ModelDataMismatchError, NrcAuditError, OptionsError
@@ -99,9 +99,24 @@ def _check_output(out: torch.Tensor, t: int) -> torch.Tensor:
 
 
 def run_audit(config: AuditConfig, progress: ProgressHook | None = None) -> Report:
-    """Run the whole audit described by ``config`` and return its report (no output files but the store)."""
+    """Run the whole audit described by ``config`` and return its report (no output files but the store).
+
+    Under ``torchrun`` (WORLD_SIZE > 1) every rank audits a shard of the rows and the statistics are merged
+    exactly; every rank returns the same report (the CLI prints it on rank 0 only).
+    """
     config.validate()
     device = resolve_device(config.device)
+    ctx = distributed.from_env(device)
+    try:
+        if ctx is not None:
+            device = distributed.local_device(device)
+        return _audit(config, device, ctx, progress)
+    finally:
+        distributed.close(ctx)
+
+
+def _audit(config: AuditConfig, device: torch.device, ctx: distributed.DistContext | None,
+           progress: ProgressHook | None) -> Report:  # fmt: skip
     ckpt = load_checkpoint(config.model_path)
     resolved = resolve_model(ckpt, config.model)
     model = resolved.module.to(device)
@@ -118,15 +133,46 @@ def run_audit(config: AuditConfig, progress: ProgressHook | None = None) -> Repo
                      "target_dim": info.target_dim},
             "device": str(device), "batch_size": config.batch_size,
         }  # fmt: skip
+        start, stop = 0, info.num_samples
+        if ctx is not None:
+            distributed.agree(ctx, "checkpoints (sha256)", context["model"]["sha256"])
+            distributed.agree(ctx, "data files (sha256)", context["data"]["sha256"])
+            context["world_size"] = ctx.world_size
+            start, stop = distributed.shard(info.num_samples, config.batch_size, ctx)
+            if start >= stop:
+                raise OptionsError(
+                    f"{info.num_samples} rows in batches of {config.batch_size} leave rank {ctx.rank} of "
+                    f"{ctx.world_size} without data; lower --batch-size or use fewer processes."
+                )
         writer_factory = None
-        if config.features_path is not None:
+        store_path = config.features_path
+        if store_path is not None:
             store_attrs = {"model_sha256": context["model"]["sha256"], "data_sha256": context["data"]["sha256"],
                            "context": context}  # fmt: skip
-            writer_factory = functools.partial(FeatureStoreWriter, config.features_path, info.num_samples,
-                                               attrs=store_attrs, compression=config.features_compression)  # fmt: skip
-        stats = extraction_pass(model, modules, ds.batches(config.batch_size), device=device,
-                                target_dim=info.target_dim, input_shape=info.input_shape,
-                                num_rows=info.num_samples, writer_factory=writer_factory, progress=progress)  # fmt: skip
+            if ctx is not None:
+                store_path = Path(distributed.shard_path(store_path, ctx))
+            writer_factory = functools.partial(FeatureStoreWriter, store_path, stop - start, attrs=store_attrs,
+                                               compression=config.features_compression)  # fmt: skip
+        batches = ((a - start, x, y) for a, x, y in ds.batches(config.batch_size, start, stop))  # shard-local rows
+        error: NrcAuditError | None = None
+        try:
+            stats = extraction_pass(model, modules, batches, device=device, target_dim=info.target_dim,
+                                    input_shape=info.input_shape, num_rows=stop - start, writer_factory=writer_factory,
+                                    progress=progress if ctx is None or ctx.is_main else None)  # fmt: skip
+        except NrcAuditError as exc:
+            if ctx is None:
+                raise
+            error = exc
+    if ctx is not None:
+        distributed.sync_errors(ctx, error)
+        distributed.merge_pass(ctx, stats, device)
+        if config.features_path is not None:
+            distributed.barrier(ctx)
+            if ctx.is_main:
+                shards = [distributed.shard_path(config.features_path, distributed.DistContext(r, ctx.world_size, "", False))
+                          for r in range(ctx.world_size)]  # fmt: skip
+                distributed.write_master_store(config.features_path, shards, info.num_samples)
+            distributed.barrier(ctx)
     return build_report(stats, config.analysis, context)
 
 
@@ -250,6 +296,7 @@ def build_report(stats: PassStatistics, analysis: AnalysisOptions, context: dict
         gate=Gate(analysis.require_collapsed, passed, failing),
     )
     settings = {
+        **({"world_size": context["world_size"]} if "world_size" in context else {}),
         "rank": k, "rank_source": source, "device": context.get("device", "cpu"),
         "batch_size": context.get("batch_size", 0), "pinv_rtol": analysis.pinv_rtol,
         "rank_energy": analysis.rank_energy, "require_collapsed": analysis.require_collapsed,

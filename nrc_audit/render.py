@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from rich import box
 from rich.console import Console, Group
 from rich.panel import Panel
 from rich.table import Table
@@ -24,7 +25,7 @@ def _bound(layer: LayerReport) -> Text:
     b = layer.bound
     if b.get("lhs") is None:
         return Text("—", style="dim")
-    text = f"{b['lhs']:.3f} ≤ {b['rhs']:.3f}" if b["holds"] else f"{b['lhs']:.3f} > {b['rhs']:.3f}"
+    text = f"{b['lhs']:.2f}{'≤' if b['holds'] else '>'}{b['rhs']:.2f}"
     return Text(text, style="" if b["holds"] else WARN)
 
 
@@ -33,25 +34,35 @@ def layer_table(report: Report) -> Table:
     th = report.settings["thresholds"]
     table = Table(
         title=f"Deep NRC audit · {report.model['architecture']}",
-        caption=f"collapsed when NRC1 ≤ {th['nrc1_max']}, NRC2 ≥ {th['nrc2_min']}, NRC3 ≥ {th['nrc3_min']}, "
-        f"NRC4/MSE ≤ {th['nrc4_ratio_max']}",
+        caption=f"collapsed when NRC1 noise ≤ {th['nrc1_max']} · NRC2 CKA ≥ {th['nrc2_min']} · NRC3 alignment ≥ "
+        f"{th['nrc3_min']} · NRC4 probe MSE ≤ {th['nrc4_ratio_max']}× model MSE · bound: lhs ≤ √NRC1+√(1−NRC2)",
+        box=box.MINIMAL,
+        show_edge=False,
+        pad_edge=False,
+        collapse_padding=True,
     )
-    for header, justify in [("#", "right"), ("layer", "left"), ("kind", "left"), ("h", "right"),
-                            ("NRC1 noise", "right"), ("NRC2 CKA", "right"), ("NRC3 align", "right"),
-                            ("NRC4 mse (×model)", "right"), ("bound lhs ≤ rhs", "right"), ("verdict", "left")]:  # fmt: skip
-        table.add_column(header, justify=justify)  # type: ignore[arg-type]
     onset = report.summary.collapse_onset
+    rows = []
     for layer in report.layers:
         p = layer.passed
-        nrc4 = Text(f"{_num(layer.nrc4, '.3g')} ({_num(layer.nrc4_ratio, '.2f')}×)", style=PASS if p["nrc4"] else FAIL)
-        verdict = Text("collapsed", style=PASS) if layer.collapsed else Text("not collapsed", style=FAIL)
+        nrc4 = Text(f"{_num(layer.nrc4, '.2g')} ({_num(layer.nrc4_ratio, '.2g')}×)", style=PASS if p["nrc4"] else FAIL)
+        verdict = Text("✓", style=PASS) if layer.collapsed else Text("✗", style=FAIL)
         if onset is not None and layer.index == onset:
-            verdict.append(" ← onset", style="bold")
+            verdict.append(" onset", style="bold green")
         if layer.warnings:
             verdict.append(" ⚠", style=WARN)
-        table.add_row(str(layer.index), layer.name, layer.kind + ("*" if layer.pooled else ""), str(layer.in_dim),
-                      _cell(layer.nrc1, p["nrc1"]), _cell(layer.nrc2, p["nrc2"]), _cell(layer.nrc3, p["nrc3"]),
-                      nrc4, _bound(layer), verdict)  # fmt: skip
+        kind = {"linear": "lin", "conv2d": "conv"}.get(layer.kind, layer.kind) + ("*" if layer.pooled else "")
+        rows.append([Text(str(layer.index)), Text(layer.name), Text(kind), Text(str(layer.in_dim)),
+                     _cell(layer.nrc1, p["nrc1"]), _cell(layer.nrc2, p["nrc2"]), _cell(layer.nrc3, p["nrc3"]),
+                     nrc4, _bound(layer), verdict])  # fmt: skip
+    headers = [("#", "right"), ("layer", "left"), ("kind", "left"), ("h", "right"), ("NRC1", "right"),
+               ("NRC2", "right"), ("NRC3", "right"), ("NRC4 (×MSE)", "right"), ("bound", "right"), ("verdict", "left")]
+    for i, (header, justify) in enumerate(headers):
+        # every column but the layer name keeps its full width; long names wrap instead of numbers being cut
+        width = max([len(header)] + [r[i].cell_len for r in rows]) if header != "layer" else None
+        table.add_column(header, justify=justify, min_width=width)  # type: ignore[arg-type]
+    for row in rows:
+        table.add_row(*row)
     return table
 
 

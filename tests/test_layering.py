@@ -16,7 +16,7 @@ RANK = {
     "errors": 0, "config": 1, "settings_file": 1,
     "stats": 2, "models": 2, "models.mlp": 2, "models.resnet": 3, "models.base": 2,
     "io": 2, "io.checkpoint": 2, "io.dataset": 2, "io.architecture": 4, "extract": 2,
-    "conditions": 3, "store": 3,
+    "conditions": 3, "store": 3, "distributed": 3,
     "report": 4, "baseline": 5, "render": 5, "markdown": 5, "plot": 5, "trend": 5,
     "pipeline": 6, "api": 7, "monitor": 8, "outputs": 8,
     "cli": 9, "commands": 10, "__main__": 11,
