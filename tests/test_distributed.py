@@ -1,0 +1,108 @@
+"""Sharded audits under torch.distributed (gloo on the CPU): exact merge, sharded store, rank mismatches.
+
+Ranks are started as plain subprocesses with the torchrun environment (RANK, WORLD_SIZE, MASTER_ADDR,
+MASTER_PORT, LOCAL_RANK) so that each rank's exit code and stderr can be checked; one test goes through
+``python -m torch.distributed.run`` itself.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import SAMPLES
+from nrc_audit.report import METRIC_FIELDS
+
+MODEL, DATA = SAMPLES / "mlp_wd.safetensors", SAMPLES / "data.h5"
+COMMON = ["--no-progress", "--batch-size", "256", "--require-collapsed", "0"]
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}  # same float32 kernels in every process
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch(world: int, args_for_rank, tmp_path: Path) -> list[subprocess.CompletedProcess]:
+    port = free_port()
+    procs = []
+    for rank in range(world):
+        env = {**ENV, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(world),
+               "LOCAL_WORLD_SIZE": str(world), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}  # fmt: skip
+        procs.append(subprocess.Popen([sys.executable, "-m", "nrc_audit", *map(str, args_for_rank(rank))], env=env,
+                                      cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))  # fmt: skip
+    results = []
+    for p in procs:
+        out, err = p.communicate(timeout=300)
+        results.append(subprocess.CompletedProcess(p.args, p.returncode, out, err))
+    return results
+
+
+def single(tmp_path: Path) -> dict:
+    out = tmp_path / "single.json"
+    done = subprocess.run([sys.executable, "-m", "nrc_audit", str(MODEL), str(DATA), "--no-features", "--json", str(out),
+                           *COMMON], env=ENV, capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    return json.loads(out.read_text())
+
+
+def values(doc: dict) -> np.ndarray:
+    return np.array([[np.nan if layer[f] is None else layer[f] for f in METRIC_FIELDS] for layer in doc["layers"]])
+
+
+def assert_same_audit(a: dict, b: dict) -> None:
+    np.testing.assert_allclose(values(a), values(b), rtol=1e-9, atol=1e-12)
+    assert a["model_mse"] == pytest.approx(b["model_mse"], rel=1e-9)
+    assert [l["passed"] for l in a["layers"]] == [l["passed"] for l in b["layers"]]
+    assert a["summary"] == b["summary"]
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_sharded_audit_equals_single_process(tmp_path, world):
+    reference = single(tmp_path)
+    report, store = tmp_path / "dist.json", tmp_path / "features.h5"
+    results = launch(world, lambda r: [MODEL, DATA, "--json", report, "--features", store, *COMMON], tmp_path)
+    for r in results:
+        assert r.returncode == 0, r.stderr
+    assert "Deep NRC audit" in results[0].stdout  # rank 0 prints the table …
+    assert all(r.stdout == "" for r in results[1:])  # … and only rank 0
+    doc = json.loads(report.read_text())
+    assert doc["settings"]["world_size"] == world and doc["data"]["num_samples"] == reference["data"]["num_samples"]
+    assert_same_audit(doc, reference)
+    # the sharded store reads as one store (virtual datasets) and re-analyses to the same report
+    again = subprocess.run([sys.executable, "-m", "nrc_audit", "reanalyze", str(store), "--format", "json",
+                            "--no-progress", "--require-collapsed", "0"], env=ENV, capture_output=True, text=True,
+                           cwd=tmp_path.parent, timeout=300)  # fmt: skip
+    assert again.returncode == 0, again.stderr
+    assert_same_audit(json.loads(again.stdout), doc)
+    assert len(list(tmp_path.glob(f"features.rank*-of-{world}.h5"))) == world
+
+
+def test_ranks_with_different_checkpoints_fail_fast(tmp_path):
+    other = SAMPLES / "mlp_nowd.safetensors"
+    report = tmp_path / "r.json"
+    results = launch(2, lambda r: [MODEL if r == 0 else other, DATA, "--json", report, "--no-features", *COMMON], tmp_path)
+    for r in results:
+        assert r.returncode == 2, (r.returncode, r.stderr)
+        message = " ".join(r.stderr.split())
+        assert "different checkpoints (sha256)" in message and "rank 0:" in message and "rank 1:" in message
+        assert "Traceback" not in r.stderr
+    assert not report.exists()
+
+
+def test_torchrun_launcher(tmp_path):
+    reference = single(tmp_path)
+    report = tmp_path / "torchrun.json"
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                           "-m", "nrc_audit", str(MODEL), str(DATA), "--no-features", "--json", str(report), *COMMON],
+                          env=ENV, capture_output=True, text=True, timeout=300, cwd=tmp_path)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert_same_audit(json.loads(report.read_text()), reference)
