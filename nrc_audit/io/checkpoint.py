@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import pickle
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -16,7 +17,6 @@ from typing import Any
 import torch
 import safetensors
 from safetensors import safe_open
-from safetensors.torch import save_file
 
 from nrc_audit.errors import CheckpointError
 
@@ -26,6 +26,9 @@ ARCH_KEY = "nrc_audit.arch"  # safetensors metadata key holding the JSON archite
 KWARGS_KEY = "nrc_audit.model_kwargs"  # JSON kwargs for --model-def callables
 CONTAINER_KEYS = ("state_dict", "model_state_dict", "model", "net")  # unwrapped in this order
 WRAPPER_PREFIXES = ("module.", "_orig_mod.")  # added by DDP and torch.compile
+# torch words it "Unsupported global: GLOBAL pkg.Class" or, for blocked modules such as os/posix,
+# "Trying to load unsupported GLOBAL posix.mkdir whose module posix is blocked"
+_UNSAFE_GLOBAL = re.compile(r"[Uu]nsupported (?:global: )?GLOBAL ([\w.]+)")
 FORMATS = {".safetensors": "safetensors", ".pt": "pt", ".pth": "pt", ".bin": "pt"}
 
 
@@ -51,6 +54,12 @@ class Checkpoint:
             raise CheckpointError(f"{self.path}: metadata {ARCH_KEY!r} is not valid JSON ({exc}).") from None
         if not isinstance(spec, dict) or "family" not in spec:
             raise CheckpointError(f"{self.path}: metadata {ARCH_KEY!r} must be a JSON object with a 'family'.")
+        bad = [k for k in ("family", "activation", "head_activation") if not isinstance(spec.get(k), (str, type(None)))]
+        if bad:
+            raise CheckpointError(
+                f"{self.path}: metadata {ARCH_KEY!r} has non-string {bad} ({raw}); expected names such as "
+                '{"family": "mlp", "activation": "relu"}. Re-save it with nrc_audit.save_checkpoint(..., arch=...).'
+            )
         return spec
 
 
@@ -100,9 +109,17 @@ def _load_pt(path: Path) -> Checkpoint:
     try:
         obj = torch.load(str(path), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
+        # torch names the offending class as "Unsupported global: GLOBAL pkg.Class"; any other unpickling
+        # failure (garbage bytes, unknown opcodes) is a damaged or foreign file, not an unsafe one
+        found = _UNSAFE_GLOBAL.search(str(exc))
+        if found is None:
+            raise CheckpointError(
+                f"{path} is not a readable PyTorch checkpoint (its pickle stream is damaged or of an unsupported "
+                "kind). Re-save it with torch.save(model.state_dict(), path), or convert to .safetensors."
+            ) from None
         raise CheckpointError(
-            f"{path}: refused to load — the pickle needs code execution ({str(exc).splitlines()[0]}). "
-            "nrc-audit only reads plain state dicts (torch.load(weights_only=True)). Save "
+            f"{path}: refused to load — the pickle contains a {found[1]} object, and rebuilding it would execute "
+            "code. nrc-audit only reads plain state dicts (torch.load(weights_only=True)). Save "
             "model.state_dict() instead, or convert to .safetensors."
         ) from None
     except Exception as exc:  # torch raises RuntimeError/EOFError/… for corrupt zips and truncated files
@@ -162,5 +179,31 @@ def save_checkpoint(
             raise ValueError("arch must name a 'family' (e.g. 'mlp' or 'resnet')")
         meta[ARCH_KEY] = json.dumps(arch, sort_keys=True)
     tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    save_file(tensors, str(path), metadata=meta)
+    path.write_bytes(_safetensors_bytes(tensors, meta))
     return path
+
+
+_ST_DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+              torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
+              torch.bool: "BOOL"}  # fmt: skip
+
+
+def _safetensors_bytes(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> bytes:
+    """The safetensors encoding with sorted keys, so equal models give byte-identical files (and SHA-256).
+
+    ``safetensors.torch.save_file`` writes the metadata in hash-map order, which changes between runs.
+    Layout: u64 little-endian header size, JSON header (space-padded to 8 bytes), tensor bytes in key order.
+    """
+    header: dict[str, Any] = {"__metadata__": dict(sorted(metadata.items()))} if metadata else {}
+    chunks, offset = [], 0
+    for name in sorted(tensors):
+        t = tensors[name]
+        if t.dtype not in _ST_DTYPES:
+            raise ValueError(f"tensor {name!r} has dtype {t.dtype}, which safetensors cannot store")
+        data = t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b""
+        header[name] = {"dtype": _ST_DTYPES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + len(data)]}
+        chunks.append(data)
+        offset += len(data)
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)
+    return len(raw).to_bytes(8, "little") + raw + b"".join(chunks)
