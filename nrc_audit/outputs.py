@@ -107,7 +107,7 @@ def emit(report: Report, out: Outputs) -> ExitCode:
     elif out.fmt == "table":
         from nrc_audit.render import print_report
 
-        console = Console()
+        console = Console(width=None if sys.stdout.isatty() else 120)  # logs and pipes: no 80-column squeeze
         print_report(report, console)
         if baseline is not None:
             console.print(baseline_table(regressions, report, baseline))

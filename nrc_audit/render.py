@@ -17,6 +17,12 @@ def _num(value: float | None, spec: str = ".3f") -> str:
     return "—" if value is None else format(value, spec)
 
 
+def _times(ratio: float | None) -> str:
+    if ratio is None:
+        return "—"
+    return f"{ratio:.2g}×" if ratio < 10 else f"{ratio:,.0f}×"
+
+
 def _cell(value: float | None, ok: bool, spec: str = ".3f") -> Text:
     return Text(_num(value, spec), style=PASS if ok else FAIL)
 
@@ -35,7 +41,8 @@ def layer_table(report: Report) -> Table:
     table = Table(
         title=f"Deep NRC audit · {report.model['architecture']}",
         caption=f"collapsed when NRC1 noise ≤ {th['nrc1_max']} · NRC2 CKA ≥ {th['nrc2_min']} · NRC3 alignment ≥ "
-        f"{th['nrc3_min']} · NRC4 probe MSE ≤ {th['nrc4_ratio_max']}× model MSE · bound: lhs ≤ √NRC1+√(1−NRC2)",
+        f"{th['nrc3_min']} · NRC4 probe MSE ≤ {th['nrc4_ratio_max']}× model MSE · bound: lhs ≤ √NRC1+√(1−NRC2)"
+        + (" · h*: input averaged over spatial/extra dims" if any(layer.pooled for layer in report.layers) else ""),
         box=box.MINIMAL,
         show_edge=False,
         pad_edge=False,
@@ -45,22 +52,21 @@ def layer_table(report: Report) -> Table:
     rows = []
     for layer in report.layers:
         p = layer.passed
-        nrc4 = Text(f"{_num(layer.nrc4, '.2g')} ({_num(layer.nrc4_ratio, '.2g')}×)", style=PASS if p["nrc4"] else FAIL)
+        nrc4 = Text(f"{_num(layer.nrc4, '.2g')} ({_times(layer.nrc4_ratio)})", style=PASS if p["nrc4"] else FAIL)
         verdict = Text("✓", style=PASS) if layer.collapsed else Text("✗", style=FAIL)
         if onset is not None and layer.index == onset:
             verdict.append(" onset", style="bold green")
         if layer.warnings:
             verdict.append(" ⚠", style=WARN)
-        kind = {"linear": "lin", "conv2d": "conv"}.get(layer.kind, layer.kind) + ("*" if layer.pooled else "")
-        rows.append([Text(str(layer.index)), Text(layer.name), Text(kind), Text(str(layer.in_dim)),
+        rows.append([Text(str(layer.index)), Text(layer.name), Text(f"{layer.in_dim}{'*' if layer.pooled else ''}"),
                      _cell(layer.nrc1, p["nrc1"]), _cell(layer.nrc2, p["nrc2"]), _cell(layer.nrc3, p["nrc3"]),
                      nrc4, _bound(layer), verdict])  # fmt: skip
-    headers = [("#", "right"), ("layer", "left"), ("kind", "left"), ("h", "right"), ("NRC1", "right"),
+    headers = [("#", "right"), ("layer", "left"), ("h", "right"), ("NRC1", "right"),
                ("NRC2", "right"), ("NRC3", "right"), ("NRC4 (×MSE)", "right"), ("bound", "right"), ("verdict", "left")]
     for i, (header, justify) in enumerate(headers):
         # every column but the layer name keeps its full width; long names wrap instead of numbers being cut
         width = max([len(header)] + [r[i].cell_len for r in rows]) if header != "layer" else None
-        table.add_column(header, justify=justify, min_width=width)  # type: ignore[arg-type]
+        table.add_column(header, justify=justify, min_width=width, overflow="fold")  # type: ignore[arg-type]
     for row in rows:
         table.add_row(*row)
     return table

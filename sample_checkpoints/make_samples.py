@@ -25,6 +25,7 @@ give the same weights (and the same audit numbers).
 
 from __future__ import annotations
 
+import sys
 import time
 from pathlib import Path
 
@@ -203,6 +204,13 @@ def main() -> None:
         meta = hyper_params(wd) | {"epoch": str(EPOCHS), "train_mse": f"{tr:.6g}", "test_mse": f"{te:.6g}"}
         save_checkpoint(net, HERE / f"{name}.safetensors", arch=ARCH, metadata=meta)
         rows.append((name, wd, tr, te, time.perf_counter() - t1))
+
+    # the image sample (issue: convolutional networks): a small CIFAR-style ResNet, see resnet_sample.py
+    sys.path.insert(0, str(HERE))
+    from resnet_sample import make_resnet_sample
+
+    resnet = make_resnet_sample(HERE)
+    print(f"resnet_wd.safetensors + images.h5: {resnet}")
 
     print(f"{'model':<10} {'weight_decay':>12} {'train_mse':>10} {'test_mse':>10} {'time_s':>7}")
     for name, wd, tr, te, secs in rows:
