@@ -118,6 +118,12 @@ def guarded(body: Callable[[], ExitCode | int]) -> None:
         # Text, not markup: messages quote user strings and key lists whose brackets Rich would eat
         err_console.print(Text.assemble(("error: ", "bold red"), str(exc)), highlight=False, soft_wrap=True)
         code = exc.exit_code
+    except OSError as exc:  # a file that cannot be written or read: missing folder, permissions, full disk
+        where = f" ({exc.filename})" if exc.filename else ""
+        err_console.print(Text.assemble(("error: ", "bold red"), f"{exc.strerror or exc}{where}. Check that the "
+                                        "path's folder exists and is writable, and that the disk has space."),
+                          highlight=False, soft_wrap=True)  # fmt: skip
+        code = ExitCode.USAGE
     except KeyboardInterrupt:
         err_console.print("[bold red]interrupted[/] (SIGINT); no report written.")
         code = ExitCode.SIGINT

@@ -147,6 +147,9 @@ def layer_metrics(
     """
     out = LayerMetrics()
     n, h, t = stats.n, stats.s_hh.shape[0], stats.s_yy.shape[0]
+    if h == 0:  # a zero-width layer (e.g. Linear(d, 0) before it): nothing to measure
+        out.warnings.append("the layer has no input features (h = 0)")
+        return _verdicts(out, thresholds)
     finite_w = bool(np.isfinite(weight).all())  # LAPACK's SVD does not converge on NaN/Inf
     u_w, s_w = weight_input_basis(weight) if finite_w else (np.zeros((h, 0)), np.zeros(0))  # (h, r), (r,)
     if not finite_w:

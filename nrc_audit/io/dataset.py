@@ -17,6 +17,8 @@ import torch
 from nrc_audit.config import DataOptions
 from nrc_audit.errors import DatasetError
 
+Y_MAX_ABS = 1e100  # larger targets overflow the float64 scatter S_YY = Σ (y − μ)(y − μ)ᵀ
+
 
 @dataclass(frozen=True)
 class DatasetInfo:
@@ -28,42 +30,48 @@ class DatasetInfo:
     num_samples: int
     input_shape: tuple[int, ...]  # per sample, as the model sees it (channels first)
     target_dim: int
-    x_kind: str  # "float" | "uint8" | "tokens"
+    x_kind: str  # "float" (floats, and integer images other than uint8: cast) | "uint8" | "tokens" (2-D integers)
 
 
 def _dataset(fh: h5py.File, key: str, role: str, path: Path) -> h5py.Dataset:
-    """Resolve ``key`` to a dataset inside this file; refuse external links and virtual datasets."""
-    link = fh.get(key, getlink=True)
-    if link is None:
-        names: list[str] = []
-        fh.visititems(lambda name, obj: names.append(name) if isinstance(obj, h5py.Dataset) else None)
-        raise DatasetError(
-            f"{path}: no array {key!r} for {role}; the file holds {names or 'no arrays'}. "
-            f"Pass the right key with --{role.lower()}-key (group paths like 'train/{role}' work)."
-        )
-    if isinstance(link, h5py.ExternalLink):
-        raise DatasetError(
-            f"{path}: {role} array {key!r} is an external link to {link.filename!r}; nrc-audit reads only "
-            "data stored inside the given file. Copy the array into the file (h5py: f[key] = src[...])."
-        )
+    """Resolve ``key`` to a dataset inside this file; refuse external links, virtual datasets and
+    external raw storage (anything that would read another file)."""
+    parts = [p for p in key.split("/") if p] or [""]  # "" (an empty key) is reported as a missing array
+    for depth in range(1, len(parts) + 1):  # check every component, so no external link is ever followed
+        sub = "/".join(parts[:depth])
+        link = fh.get(sub, getlink=True) if sub else None
+        if link is None:
+            names: list[str] = []
+            fh.visititems(lambda name, obj: names.append(name) if isinstance(obj, h5py.Dataset) else None)
+            raise DatasetError(
+                f"{path}: no array {key!r} for {role}; the file holds {names or 'no arrays'}. "
+                f"Pass the right key with --{role.lower()}-key (group paths like 'train/{role}' work)."
+            )
+        if isinstance(link, h5py.ExternalLink):
+            raise DatasetError(
+                f"{path}: {role} array {key!r} goes through {sub!r}, an external link to {link.filename!r}; "
+                "nrc-audit reads only data stored inside the given file. Copy the array into the file "
+                "(h5py: f[key] = src[...])."
+            )
     obj = fh[key]
     if not isinstance(obj, h5py.Dataset):
         raise DatasetError(f"{path}: {key!r} is an HDF5 group, not an array; pass the array's full path.")
-    if obj.is_virtual:
+    if obj.is_virtual or obj.external or obj.file.filename != fh.filename:
         raise DatasetError(
-            f"{path}: {role} array {key!r} is a virtual dataset that reads from other files; nrc-audit "
-            "reads only data stored inside the given file. Materialise it first."
+            f"{path}: {role} array {key!r} reads from other files (a virtual dataset, external storage or a "
+            "link into another file); nrc-audit reads only data stored inside the given file. Materialise it "
+            "first (h5py: f[key] = src[...])."
         )
     return obj
 
 
-def _x_kind(dtype: np.dtype, path: Path, key: str) -> str:
+def _x_kind(dtype: np.dtype, ndim: int, path: Path, key: str) -> str:
     if dtype.kind == "f":
         return "float"
     if dtype == np.uint8:
         return "uint8"
     if dtype.kind in "iu":
-        return "tokens"
+        return "tokens" if ndim == 2 else "float"  # (N, T) token ids; 4-D integers are images, cast to float
     raise DatasetError(
         f"{path}: input array {key!r} has dtype {dtype}; expected float, uint8 images or integer token ids."
     )
@@ -100,10 +108,10 @@ class HDF5Dataset:
         try:
             self._x = _dataset(self._fh, o.x_key, "X", path)
             self._y = _dataset(self._fh, o.y_key, "Y", path)
-        except (OSError, KeyError) as exc:
+        except (OSError, KeyError, RuntimeError, ValueError) as exc:  # h5py's errors for damaged metadata
             raise DatasetError(f"{path}: the HDF5 file is corrupt or truncated ({exc}).") from None
         xs, ys = self._x.shape, self._y.shape
-        kind = _x_kind(self._x.dtype, path, o.x_key)
+        kind = _x_kind(self._x.dtype, len(xs), path, o.x_key)
         if len(xs) not in (2, 4):
             raise DatasetError(
                 f"{path}: X {o.x_key!r} has shape {xs}; expected (N, d), (N, T) token ids or (N, C, H, W) images."
@@ -144,7 +152,7 @@ class HDF5Dataset:
             b = min(a + batch_size, stop)
             try:
                 x_np, y_np = self._x[a:b], self._y[a:b]
-            except OSError as exc:
+            except (OSError, RuntimeError, ValueError) as exc:
                 raise DatasetError(f"{self.path}: rows {a}:{b} cannot be read; the file is corrupt ({exc}).") from None
             yield a, self._to_x(x_np, a), self._to_y(y_np, a)
 
@@ -153,6 +161,9 @@ class HDF5Dataset:
         if kind == "tokens":
             return torch.from_numpy(x.astype(np.int64, copy=False))
         if kind == "float":
+            if x.dtype.itemsize > 8:  # long double: torch has no such dtype
+                with np.errstate(over="ignore"):  # out-of-range values become Inf, reported below
+                    x = x.astype(np.float64)
             _check_finite(x, "X", self.opts.x_key, first_row, self.path)
         out = torch.from_numpy(np.ascontiguousarray(x))
         if out.dtype != torch.float64:  # float64 data stays exact for float64 models
@@ -164,8 +175,16 @@ class HDF5Dataset:
         return out
 
     def _to_y(self, y: np.ndarray, first_row: int) -> torch.Tensor:
-        y = y.astype(np.float64, copy=False).reshape(len(y), -1)  # (B, t)
+        with np.errstate(invalid="ignore", over="ignore"):  # out-of-range values become Inf, reported below
+            y = y.astype(np.float64, copy=False).reshape(len(y), -1)  # (B, t)
         _check_finite(y, "Y", self.opts.y_key, first_row, self.path)
+        big = np.abs(y) > Y_MAX_ABS
+        if big.any():
+            row = first_row + int(np.argmax(big.any(axis=1)))
+            raise DatasetError(
+                f"{self.path}: Y {self.opts.y_key!r} has a value beyond ±{Y_MAX_ABS:g} at row {row}; sums of its "
+                "squares overflow float64. Rescale the targets (the paper standardises them)."
+            )
         return torch.from_numpy(y)
 
     def close(self) -> None:

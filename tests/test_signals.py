@@ -1,0 +1,109 @@
+"""A run stopped mid-extraction by SIGTERM or SIGINT (Ctrl-C) exits 143 / 130, leaves no report and a feature
+store marked ``complete = false``, and the same command then succeeds (docs/reliability.md).
+
+The run is a real ``python -m nrc_audit`` process. Its model (``--model-def``) sleeps in every forward pass
+while ``NRC_TEST_SLEEP`` is set, so the signal is sure to land mid-extraction; the re-run leaves it unset.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import h5py
+import pytest
+from typer.testing import CliRunner
+
+import nrc_audit
+from conftest import make_xy, write_h5
+from nrc_audit.cli import audit_app
+
+SLOW_SOURCE = textwrap.dedent(
+    """
+    import os
+    import time
+
+    from torch import nn
+
+
+    class Slow(nn.Sequential):
+        def forward(self, x):
+            time.sleep(float(os.environ.get("NRC_TEST_SLEEP", "0")))
+            return super().forward(x)
+
+
+    def build():
+        return Slow(nn.Linear(12, 16, bias=False), nn.ReLU(), nn.Linear(16, 8, bias=False), nn.ReLU(),
+                    nn.Linear(8, 3, bias=False))
+    """
+)
+SLEEP_S = 0.25  # per batch of 10 rows: 30 batches ≈ 7.5 s, far longer than the wait below
+START_TIMEOUT_S = 120.0  # the child imports torch first, slow on a loaded CI machine
+
+
+@pytest.fixture
+def slow_case(tmp_path: Path) -> dict:
+    src = tmp_path / "slow.py"
+    src.write_text(SLOW_SOURCE)
+    ns: dict = {}
+    exec(compile(SLOW_SOURCE, str(src), "exec"), ns)
+    ckpt = nrc_audit.save_checkpoint(ns["build"](), tmp_path / "slow.safetensors")
+    x, y = make_xy(300, 12, 3, seed=4)
+    data = write_h5(tmp_path / "data.h5", X=x, Y=y)
+    out = tmp_path / "out"
+    out.mkdir()
+    args = [str(ckpt), str(data), "--model-def", f"{src}:build", "--features", str(out / "f.h5"), "--json",
+            str(out / "r.json"), "--no-progress", "--batch-size", "10", "--require-collapsed", "0"]  # fmt: skip
+    return {"args": args, "out": out, "store": out / "f.h5", "report": out / "r.json"}
+
+
+def _default_sigint() -> None:
+    # a child started with SIGINT ignored (nohup, some CI shells) would keep ignoring it; Ctrl-C in a
+    # terminal finds the default disposition, which is what Python turns into KeyboardInterrupt
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
+@pytest.mark.parametrize(("sig", "code", "name"), [(signal.SIGTERM, 143, "SIGTERM"), (signal.SIGINT, 130, "SIGINT")],
+                         ids=["SIGTERM", "SIGINT"])  # fmt: skip
+def test_signal_mid_extraction_leaves_incomplete_store_and_no_report(slow_case, sig, code, name):
+    env = dict(os.environ, NRC_TEST_SLEEP=str(SLEEP_S))
+    child = subprocess.Popen([sys.executable, "-m", "nrc_audit", *slow_case["args"]], env=env,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, preexec_fn=_default_sigint)  # fmt: skip
+    try:
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while not slow_case["store"].exists():  # created with the first batch
+            assert child.poll() is None, child.communicate()
+            assert time.monotonic() < deadline, "the audit did not start extracting"
+            time.sleep(0.02)
+        time.sleep(2 * SLEEP_S)  # a couple of batches further into the pass
+        assert child.poll() is None, "the run finished before the signal; raise SLEEP_S"
+        child.send_signal(sig)
+        stdout, stderr = child.communicate(timeout=60)
+    finally:
+        if child.poll() is None:
+            child.kill()
+            child.wait()
+    assert child.returncode == code, stderr.decode()
+    assert "Traceback" not in stderr.decode() and f"interrupted ({name}); no report written" in stderr.decode()
+    assert stdout == b""
+    assert sorted(p.name for p in slow_case["out"].iterdir()) == ["f.h5"]  # no report, no temporary file
+    with h5py.File(slow_case["store"]) as fh:
+        assert bool(fh.attrs["complete"]) is False
+        assert fh.attrs["schema"] == "nrc-audit-features/1"
+
+    from nrc_audit.commands import reanalyze_app
+
+    refused = CliRunner().invoke(reanalyze_app, [str(slow_case["store"]), "--no-progress"])
+    assert refused.exit_code == 2 and "is incomplete" in " ".join(refused.stderr.split())
+
+    rerun = CliRunner().invoke(audit_app, slow_case["args"])  # no NRC_TEST_SLEEP: full speed
+    assert rerun.exit_code == 0, rerun.stderr
+    assert json.loads(slow_case["report"].read_text())["data"]["num_samples"] == 300
+    with h5py.File(slow_case["store"]) as fh:
+        assert bool(fh.attrs["complete"]) is True
