@@ -14,7 +14,7 @@ from rich.text import Text
 
 from nrc_audit.distributed import env_rank
 from nrc_audit.baseline import Regression, compare, load_baseline
-from nrc_audit.errors import ExitCode
+from nrc_audit.errors import ExitCode, OptionsError
 from nrc_audit.report import Report, write_atomic
 
 
@@ -32,7 +32,13 @@ class Outputs:
     exit_zero: bool = False
 
     def check_before_run(self) -> None:
-        """Fail before the (long) pass on what can be known now: missing matplotlib, unreadable baseline."""
+        """Fail before the (long) pass on what can be known now: missing folders, matplotlib, the baseline."""
+        for option, path in (("--json", self.json_path), ("--markdown", self.markdown_path),
+                             ("--model-index", self.model_index_path), ("--plot", self.plot_path)):  # fmt: skip
+            if path is not None and not path.resolve().parent.is_dir():
+                raise OptionsError(
+                    f"{option} {path}: the folder {path.resolve().parent} does not exist; create it or choose another path."
+                )
         if self.plot_path is not None:
             from nrc_audit.plot import _pyplot
 

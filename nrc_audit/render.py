@@ -14,7 +14,7 @@ FAIL, PASS, WARN = "bold red", "green", "yellow"
 
 
 def _num(value: float | None, spec: str = ".3f") -> str:
-    return "—" if value is None else format(value, spec)
+    return "—" if value is None or value != value else format(value, spec)  # None or NaN: undefined
 
 
 def _times(ratio: float | None) -> str:

@@ -421,7 +421,21 @@ def test_model_with_nonfinite_features_in_one_layer(mlp_case, tmp_path):
 def test_output_in_a_missing_folder_exits_2(mlp_case, tmp_path, option):
     target = tmp_path / "no" / "such" / "out.txt"
     result = run(mlp_case["ckpt"], mlp_case["data"], "--no-features", option, target, *NO_GATE)
-    assert_usage_error(result, "No such file or directory", "Check that the path's folder exists", absent=(target,))
+    # checked before the pass: the message names the option and the missing folder
+    assert_usage_error(result, f"{option} {target}", "does not exist; create it", absent=(target,))
+
+
+@pytest.mark.parametrize("case", ["constant_targets", "gate_too_large"])
+def test_error_after_the_pass_leaves_no_store(mlp_case, tmp_path, case):
+    store, out = tmp_path / "f.h5", tmp_path / "r.json"
+    data, extra = mlp_case["data"], []
+    if case == "constant_targets":
+        data = write_h5(tmp_path / "const.h5", X=mlp_case["x"], Y=np.ones((len(mlp_case["x"]), 3), np.float32))
+    else:
+        extra = ["--require-collapsed", "9"]
+    result = run(mlp_case["ckpt"], data, "--features", store, "--json", out, *extra)
+    assert result.exit_code == 2 and "Traceback" not in result.stderr
+    assert not store.exists() and not out.exists()
 
 
 def test_existing_outputs_are_replaced_atomically(mlp_case, tmp_path):
