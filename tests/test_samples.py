@@ -62,3 +62,18 @@ def test_sample_mlps_match_the_dense_reference(model_file):
 def test_sample_resnet_matches_the_dense_reference():
     compared = _dense_check("resnet_wd.safetensors", "images.h5", DataOptions(scale_uint8=True), scale=255.0)
     assert compared >= 4
+
+
+@pytest.mark.parametrize(
+    ("model_file", "data_file", "extra"),
+    [("mlp_wd.safetensors", "data.h5", []), ("mlp_nowd.safetensors", "data.h5", []),
+     ("resnet_wd.safetensors", "images.h5", ["--scale-uint8"])]
+    + [(f"trend/{p.name}", "data.h5", []) for p in sorted((SAMPLES / "trend").glob("*.safetensors"))],
+)  # fmt: skip
+def test_every_sample_report_validates_against_the_shipped_schema(model_file, data_file, extra):
+    import jsonschema
+
+    from nrc_audit.report import load_schema
+
+    _, doc = audit_json(str(SAMPLES / model_file), str(SAMPLES / data_file), *extra, "--require-collapsed", "0")
+    jsonschema.Draft202012Validator(load_schema()).validate(doc)
