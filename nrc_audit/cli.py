@@ -23,7 +23,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from nrc_audit.config import AnalysisOptions, AuditConfig, DataOptions, ModelOptions, Thresholds
 from nrc_audit.errors import ExitCode, Interrupted, NrcAuditError, OptionsError
 from nrc_audit.outputs import Outputs, emit
-from nrc_audit.settings_file import load_settings, resolve
+from nrc_audit.settings_file import DEFAULTS, load_settings, resolve
 
 err_console = Console(stderr=True)
 
@@ -75,9 +75,11 @@ def analysis_options(s: dict[str, Any]) -> AnalysisOptions:
                            thresholds).validate()  # fmt: skip
 
 
-def settings(config: Path | None, **cli: Any) -> dict[str, Any]:
+def settings(config: Path | None, cli: dict[str, Any]) -> dict[str, Any]:
+    """Resolve the settings a command was given: ``cli`` is the command's ``locals()``; the names that are
+    settings keys (DEFAULTS in settings_file) are taken from it, None meaning 'not given'."""
     file_values, _ = load_settings(config)
-    return resolve(cli, file_values)
+    return resolve({k: v for k, v in cli.items() if k in DEFAULTS}, file_values)
 
 
 def progress_bar(enabled: bool, label: str = "extracting") -> tuple[Progress | None, Callable[[int, int], None] | None]:
@@ -175,15 +177,12 @@ def audit(
     no_progress: QuietOpt = False,
 ) -> None:
     """Audit MODEL on DATA: per-layer NRC1–NRC4, the Frobenius bound, a table, a JSON report and a gate."""
+    given = dict(locals())  # the options as typed (None: not given), resolved against the settings file
 
     def body() -> ExitCode:
         from nrc_audit.pipeline import run_audit
 
-        s = settings(config, rank=rank, nrc1_max=nrc1_max, nrc2_min=nrc2_min, nrc3_min=nrc3_min,
-                     nrc4_ratio_max=nrc4_ratio_max, pinv_rtol=pinv_rtol, rank_energy=rank_energy,
-                     require_collapsed=require_collapsed, x_key=x_key, y_key=y_key, batch_size=batch_size,
-                     device=device, layers=layers, exclude=exclude, activation=activation,
-                     baseline_tolerance=baseline_tolerance)  # fmt: skip
+        s = settings(config, given)
         out = Outputs(fmt.value, json_path, markdown, model_index, plot, baseline, float(s["baseline_tolerance"]),
                       exit_zero)  # fmt: skip
         out.check_before_run()

@@ -48,14 +48,12 @@ def reanalyze(
     no_progress: QuietOpt = False,
 ) -> None:
     """Recompute the report from STORE alone (new thresholds or rank allowed)."""
+    given = dict(locals())
 
     def body() -> ExitCode:
         from nrc_audit.pipeline import reanalyze as run_reanalysis
 
-        s = settings(config, rank=rank, nrc1_max=nrc1_max, nrc2_min=nrc2_min, nrc3_min=nrc3_min,
-                     nrc4_ratio_max=nrc4_ratio_max, pinv_rtol=pinv_rtol, rank_energy=rank_energy,
-                     require_collapsed=require_collapsed, batch_size=batch_size,
-                     baseline_tolerance=baseline_tolerance)  # fmt: skip
+        s = settings(config, given)
         if int(s["batch_size"]) < 1:
             raise OptionsError(f"--batch-size {s['batch_size']} must be ≥ 1.")
         out = Outputs(fmt.value, json_path, markdown, model_index, plot, baseline, float(s["baseline_tolerance"]),
@@ -93,6 +91,7 @@ def trend(
     no_progress: QuietOpt = False,
 ) -> None:
     """Audit each checkpoint (one data pass each) and show every condition per layer against checkpoint."""
+    given = dict(locals()) | {"require_collapsed": 0}  # trend reports findings; it has no gate
 
     def body() -> ExitCode:
         from nrc_audit.pipeline import run_audit
@@ -107,9 +106,7 @@ def trend(
         else:
             if not checkpoints or data is None:
                 raise OptionsError("pass the checkpoints of one run and --data DATA.h5 (or --history FILE).")
-            s = settings(config, rank=rank, nrc1_max=nrc1_max, nrc2_min=nrc2_min, nrc3_min=nrc3_min,
-                         nrc4_ratio_max=nrc4_ratio_max, pinv_rtol=pinv_rtol, rank_energy=rank_energy,
-                         require_collapsed=0, x_key=x_key, y_key=y_key, batch_size=batch_size, device=device)  # fmt: skip
+            s = settings(config, given)
             analysis = analysis_options(s)
             labels, reports = [], []
             for ckpt in checkpoints:
