@@ -263,8 +263,9 @@ def test_safetensors_header_that_lies_exits_2(mlp_case, tmp_path, lie):
     [("extra key", True, "does not match the 'mlp' architecture in its metadata"),
      ("extra key", False, "matches no known architecture"),
      ("bias without weight", False, "matches no known architecture"),
-     ("shapes do not chain", True, "does not match the 'mlp' architecture in its metadata"),
-     ("shapes do not chain", False, "matches no known architecture")],
+     # keys of an MLP whose shapes break the chain: the message names the key and both widths
+     ("shapes do not chain", True, "2.weight has shape (32, 31): it takes 31 inputs, but the layer before it gives 32"),
+     ("shapes do not chain", False, "2.weight has shape (32, 31): it takes 31 inputs, but the layer before it gives 32")],
 )  # fmt: skip
 def test_state_dict_that_fits_no_architecture_exits_2(mlp_case, tmp_path, edit, metadata, needle):
     """Auto-detection. With --model-def every bad key is listed in one message instead

@@ -15,6 +15,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from nrc_audit.errors import CheckpointError
+
 ACTIVATIONS: dict[str, type[nn.Module]] = {
     "relu": nn.ReLU,
     "gelu": nn.GELU,
@@ -63,22 +65,33 @@ def detect_mlp(sd: dict[str, torch.Tensor]) -> MLPSpec | None:
     for i in sorted(by_index):
         params = by_index[i]
         w = params.get("weight")
-        if w is None:
+        if w is None or set(params) - ({"weight", "bias"} if w.ndim == 2 else set(params)):
             return None
+        key = f"{prefix + '.' if prefix else ''}{i}.weight"
         if w.ndim == 2:
-            if set(params) - {"weight", "bias"} or (prev_out is not None and w.shape[1] != prev_out):
-                return None
+            if prev_out is not None and w.shape[1] != prev_out:
+                raise _chain_error(key, f"has shape {tuple(w.shape)}: it takes {w.shape[1]} inputs, but the layer "
+                                        f"before it gives {prev_out}")  # fmt: skip
             if "bias" in params and tuple(params["bias"].shape) != (w.shape[0],):
-                return None
+                raise _chain_error(key, f"has {w.shape[0]} outputs but its bias has shape {tuple(params['bias'].shape)}")
             slots[i] = ("linear", int(w.shape[1]), int(w.shape[0]), "bias" in params)
             prev_out = int(w.shape[0])
-        elif w.ndim == 1 and prev_out is not None and w.shape[0] == prev_out:
+        elif w.ndim == 1 and prev_out is not None:
+            if w.shape[0] != prev_out:
+                raise _chain_error(key, f"is a {w.shape[0]}-wide norm after a layer with {prev_out} outputs")
             kind = "batchnorm" if "running_mean" in params else "layernorm"
             slots[i] = (kind, prev_out, "bias" in params)
         else:
             return None
     spec = MLPSpec(prefix, slots)
     return spec if spec.linear_indices else None
+
+
+def _chain_error(key: str, what: str) -> CheckpointError:
+    return CheckpointError(
+        f"the state dict has the keys of an MLP (P.N.weight), but {key} {what}. The weights do not form a "
+        "chain; check that the checkpoint is complete, or pass --model-def to build the model yourself."
+    )
 
 
 def build_mlp(spec: MLPSpec, activation: str) -> nn.Module:
