@@ -18,7 +18,7 @@ from nrc_audit.stats import LayerStatistics
 # `holds` tolerates this much rounding in lhs ≤ rhs. SPEC §4 says 1e-9, but lhs and rhs are square roots:
 # for an exactly collapsed layer both are √(rounding) ≈ 1e-8, and 1e-9 would report a spurious failure.
 BOUND_SLACK = 1e-6
-GAP_RTOL = 1e-6  # a relative eigengap below this makes the top-k subspace ill-defined (warned)
+GAP_RTOL = 1e-6  # a relative eigengap below this makes the top-k subspace ill-defined (null + warning)
 
 
 @dataclass
@@ -199,21 +199,26 @@ def layer_metrics(
     else:
         u_k, u_perp = u[:, :k], u[:, k:]
         out.nrc1 = float(lam[k:].sum() / tr_h)
-        if k < h and lam[k - 1] - lam[k] <= GAP_RTOL * lam[0]:
+        # Subspace metrics are undefined (null, warned) when the subspace is: a tie λ_k ≈ λ_(k+1) (or σ_k ≈
+        # σ_(k+1) of W) leaves U_k (V_k) an arbitrary basis, and rounding alone would pick the reported number.
+        features_tied = k < h and lam[k - 1] - lam[k] <= GAP_RTOL * lam[0]
+        if features_tied:
             out.warnings.append(
                 f"λ_k ≈ λ_(k+1) for k={k}: the top-k feature subspace is ill-defined, so nrc3, noise_alignment and "
-                "cka_signal depend on an arbitrary basis (the features may have collapsed to a lower rank: try --rank auto)"
+                "cka_signal are undefined (the features may have collapsed to a lower rank: try --rank auto)"
             )
-        sig_k = float(np.sqrt((lam[:k] ** 2).sum()))
-        out.cka_signal = _ratio(float(((u_k.T @ c) ** 2).sum()), sig_k * fro_y)
+        else:
+            sig_k = float(np.sqrt((lam[:k] ** 2).sum()))
+            out.cka_signal = _ratio(float(((u_k.T @ c) ** 2).sum()), sig_k * fro_y)
         if out.stable_rank_w is None:
             pass
         elif u_w.shape[1] < k:
             out.warnings.append(f"the weight has {u_w.shape[1]} input singular vectors, fewer than k={k}")
-        else:
+        elif k < h and s_w[k - 1] - (s_w[k] if k < len(s_w) else 0.0) <= GAP_RTOL * s_w[0]:
+            out.warnings.append(f"σ_k ≈ σ_(k+1) of the weight for k={k}: its top-k input subspace is ill-defined, "
+                                "so nrc3 and noise_alignment are undefined")  # fmt: skip
+        elif not features_tied:
             v_k = u_w[:, :k]  # (h, k)
-            if k < len(s_w) and s_w[k - 1] - s_w[k] <= GAP_RTOL * s_w[0]:
-                out.warnings.append(f"σ_k ≈ σ_(k+1) of the weight for k={k}: its top-k input subspace is ill-defined")
             out.nrc3 = mean_principal_cosine(u_k, v_k, k)
             out.noise_alignment = mean_principal_cosine(u_perp, v_k, k)
 
