@@ -8,6 +8,8 @@ alone, so a saved store re-analyses to the same report (:func:`reanalyze`).
 from __future__ import annotations
 
 import functools
+import queue
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable
@@ -39,9 +41,14 @@ class PassStatistics:
     targets: Accumulator = field(default_factory=Accumulator)
     sse: float = 0.0
     n: int = 0
+    _sse_pending: torch.Tensor | None = field(default=None, repr=False)
 
     def update(self, layers: list[LayerInfo], outputs: torch.Tensor, y: torch.Tensor, feats: list[torch.Tensor]) -> None:
-        """Add one batch: outputs (B, t), y (B, t), feats [(B, h_ℓ)] — all on the same device."""
+        """Add one batch: outputs (B, t), y (B, t), feats [(B, h_ℓ)] — all on the same device.
+
+        On an accelerator nothing here waits for the device: the squared error is summed on the device and
+        folded into :attr:`sse` by :meth:`flush` (``extraction_pass`` calls it after the last batch).
+        """
         if not self.joint:
             self.layers = layers
             self.joint = [JointAccumulator(layer.in_dim) for layer in layers]
@@ -49,8 +56,18 @@ class PassStatistics:
         for acc, f in zip(self.joint, feats):
             acc.update_pair(f, y64)
         self.targets.update(y64)
-        self.sse += float(((outputs.to(torch.float64) - y64) ** 2).sum())
+        sq = ((outputs.to(torch.float64) - y64) ** 2).sum()  # 0-d, on the batch's device
+        if sq.device.type == "cpu":
+            self.sse += float(sq)
+        else:
+            self._sse_pending = sq if self._sse_pending is None else self._sse_pending + sq
         self.n += int(y.shape[0])
+
+    def flush(self) -> None:
+        """Bring the device-side squared-error sum into :attr:`sse` (one host synchronisation)."""
+        if self._sse_pending is not None:
+            self.sse += float(self._sse_pending)
+            self._sse_pending = None
 
 
 def resolve_device(name: str) -> torch.device:
@@ -173,7 +190,12 @@ def _audit(config: AuditConfig, device: torch.device, ctx: distributed.DistConte
                           for r in range(ctx.world_size)]  # fmt: skip
                 distributed.write_master_store(config.features_path, shards, info.num_samples)
             distributed.barrier(ctx)
-    return build_report(stats, config.analysis, context)
+    try:
+        return build_report(stats, config.analysis, context)
+    except NrcAuditError:  # unusable after all (e.g. constant targets): leave no output behind
+        if config.features_path is not None and (ctx is None or ctx.is_main):
+            Path(config.features_path).unlink(missing_ok=True)
+        raise
 
 
 def _model_dtype(model: torch.nn.Module) -> torch.dtype:
@@ -196,9 +218,10 @@ def extraction_pass(
     float64 statistics of every layer, and hand the features to the store writer (if any)."""
     stats, writer = PassStatistics(), None
     dtype = _model_dtype(model)
+    reader = _Prefetcher(batches, pin=device.type == "cuda")  # reads batch k+1 while batch k is computed
     try:
         with FeatureExtractor(model, modules) as extractor:
-            for start, x, y in batches:
+            for start, x, y in reader:
                 x = x.to(device, dtype=dtype if x.is_floating_point() else None, non_blocking=True)
                 y = y.to(device, dtype=torch.float64, non_blocking=True).reshape(len(y), -1)  # (B, t)
                 out, feats = _forward(extractor, x, start, input_shape)
@@ -206,23 +229,84 @@ def extraction_pass(
                 layers = extractor.layers or []
                 if writer is None and writer_factory is not None:
                     writer = writer_factory(layers)
+                if writer is not None:  # queued first: the writer thread works while this batch's Grams run
+                    writer.write(start, out, y, feats)
                 stats.update(layers, out, y, feats)
-                if writer is not None:
-                    writer.write(start, out, y.cpu(), feats)
                 if progress is not None:
                     progress(start + len(y), num_rows or 0)
+        stats.flush()
     except NrcAuditError:
+        reader.close()
         if writer is not None:  # unusable input: leave no partial output behind
             writer.close(complete=False)
             Path(writer.path).unlink(missing_ok=True)
         raise
     except BaseException:
+        reader.close()
         if writer is not None:  # interrupted: keep the store, marked incomplete
             writer.close(complete=False)
         raise
+    reader.close()
     if writer is not None:
         writer.close(complete=True)
     return stats
+
+
+class _Prefetcher:
+    """Iterates ``batches`` on a background thread, ``depth`` items ahead, in order.
+
+    An exception raised by the source is re-raised by ``__next__`` at the position where it occurred, so
+    errors such as "NaN at row r" surface exactly as they would without prefetching. With ``pin`` the CPU
+    tensors of each ``(start, x, y)`` item are copied to page-locked memory on the thread, so that the
+    transfer to the GPU can be asynchronous. :meth:`close` stops the thread (it finishes the item it is
+    producing) and is safe to call more than once.
+    """
+
+    _END = object()
+
+    def __init__(self, batches: Iterable, depth: int = 2, pin: bool = False) -> None:
+        self._queue: queue.Queue = queue.Queue(maxsize=depth)
+        self._stop = threading.Event()
+        self._pin = pin
+        self._thread = threading.Thread(target=self._run, args=(batches,), name="nrc-audit-reader", daemon=True)
+        self._thread.start()
+
+    def _run(self, batches: Iterable) -> None:
+        try:
+            for item in batches:
+                if self._pin:
+                    item = tuple(t.pin_memory() if isinstance(t, torch.Tensor) and t.device.type == "cpu" else t
+                                 for t in item)  # fmt: skip
+                if not self._put((item, None)):
+                    return
+        except BaseException as exc:  # handed to the consumer, raised there
+            self._put((None, exc))
+            return
+        self._put((self._END, None))
+
+    def _put(self, entry: tuple) -> bool:
+        while not self._stop.is_set():
+            try:
+                self._queue.put(entry, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def __iter__(self) -> "_Prefetcher":
+        return self
+
+    def __next__(self):
+        item, exc = self._queue.get()
+        if exc is not None:
+            raise exc
+        if item is self._END:
+            raise StopIteration
+        return item
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join()
 
 
 def _forward(extractor: FeatureExtractor, x: torch.Tensor, start: int, shape: tuple[int, ...]
