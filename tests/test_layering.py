@@ -13,7 +13,7 @@ from conftest import REPO
 
 PACKAGE = REPO / "nrc_audit"
 RANK = {
-    "errors": 0, "config": 1, "settings_file": 1,
+    "errors": 0, "_kernels": 0, "config": 1, "settings_file": 1,
     "stats": 2, "models": 2, "models.mlp": 2, "models.resnet": 3, "models.base": 2,
     "io": 2, "io.checkpoint": 2, "io.dataset": 2, "io.architecture": 4, "extract": 2,
     "conditions": 3, "store": 3, "distributed": 3,

@@ -79,7 +79,8 @@ def test_signal_mid_extraction_leaves_incomplete_store_and_no_report(slow_case, 
         deadline = time.monotonic() + START_TIMEOUT_S
         while not slow_case["store"].exists():  # created with the first batch
             assert child.poll() is None, child.communicate()
-            assert time.monotonic() < deadline, "the audit did not start extracting"
+            if time.monotonic() > deadline:  # a guard against hanging, not a performance check
+                pytest.fail("the audit did not start extracting")
             time.sleep(0.02)
         time.sleep(2 * SLEEP_S)  # a couple of batches further into the pass
         assert child.poll() is None, "the run finished before the signal; raise SLEEP_S"
