@@ -26,6 +26,7 @@ from torch import nn
 
 REPO = Path(__file__).resolve().parents[1]
 DOC = REPO / "docs" / "performance.md"
+TUNING_ENV = ("OPENBLAS_THREAD_TIMEOUT", "OMP_WAIT_POLICY", "OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS")
 SGEMM_DIMS = [14] + [512] * 7 + [4]  # 8 Linear layers: 14→512, six 512→512, 512→4 (the paper's SGEMM MLP)
 
 
@@ -182,8 +183,10 @@ class Machine:
         return cls(cpu, os.cpu_count() or 0, torch.__version__, np.__version__, h5py.__version__, load_average())
 
     def line(self) -> str:
+        tuned = [f"{k}={os.environ[k]}" for k in TUNING_ENV if k in os.environ]
+        env = f"; environment {' '.join(tuned)}" if tuned else ""
         return (f"{self.cpu}, {self.cores} cores, torch {self.torch} ({torch.get_num_threads()} threads), "
-                f"numpy {self.numpy}, h5py {self.h5py}; 1-min load average at start {self.load:.2f}")  # fmt: skip
+                f"numpy {self.numpy}, h5py {self.h5py}{env}; 1-min load average at start {self.load:.2f}")  # fmt: skip
 
 
 # ----------------------------------------------------------------------------- output

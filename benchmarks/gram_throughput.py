@@ -102,7 +102,7 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cpu")
     p.add_argument("--rows", type=int, default=65536, help="rows per measurement (default 65536)")
-    p.add_argument("--batch-size", type=int, default=4096)
+    p.add_argument("--batch-size", type=int, default=1024, help="rows per update (the audit default)")
     p.add_argument("--width", type=int, default=512)
     p.add_argument("--targets", type=int, default=4)
     p.add_argument("--reps", type=int, default=3)

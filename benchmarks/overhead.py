@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import sys
 import tempfile
-import threading
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -126,9 +125,10 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--n", type=int, default=200_000)
     p.add_argument("--batch-size", type=int, default=AuditConfig.__dataclass_fields__["batch_size"].default)
-    p.add_argument("--reps", type=int, default=2)
+    p.add_argument("--reps", type=int, default=3)
     p.add_argument("--device", default="cpu")
     p.add_argument("--dir", type=Path, default=None, help="work folder on the disk to measure (default: a temp dir)")
+    p.add_argument("--section", default=None, help="docs/performance.md section (default overhead[-gpu])")
     p.add_argument("--no-doc", action="store_true")
     args = p.parse_args(argv)
     device = torch.device(args.device)
@@ -163,7 +163,7 @@ def main(argv: list[str] | None = None) -> None:
     body = render(args, machine, best, prof.seconds, wall, store_mib, max(loads))
     print(body)
     if not args.no_doc:
-        update_doc_section("overhead" if device.type == "cpu" else "overhead-gpu", body)
+        update_doc_section(args.section or ("overhead" if device.type == "cpu" else "overhead-gpu"), body)
 
 
 def render(args, machine: Machine, best: dict[str, float], parts: dict[str, float], wall: float, store_mib: float,

@@ -193,13 +193,16 @@ def render(machine: Machine, args, rows, worst, points, literal) -> str:
     table = markdown_table(headers, rows)
     metric_rows = [[k, f"{v:.2e}", "yes" if v <= TOLERANCE else ("n/a" if "uncentred" in k else "NO")]
                    for k, v in worst.items() if not k.startswith("_")]  # fmt: skip
-    metrics = markdown_table(["metric", f"max abs diff over layers and N", f"≤ {TOLERANCE:g}"], metric_rows)
+    metrics = markdown_table(["metric", "max abs diff over layers and N", f"≤ {TOLERANCE:g}"], metric_rows)
     a, b, n_max = fit_n_max(points, MACHINE_BYTES / 2**20) if len(points) >= 2 else (0.0, 0.0, float("nan"))
     lines = [stamp(machine), "", table, "", metrics, ""]
     if worst.get("_skipped"):
         lines.append(f"({int(worst['_skipped'])} layer comparisons skipped by the eigengap / pinv-cut rule.)\n")
-    lines.append(f"Paper-style peak RSS fits {a:.0f} MiB + {b * 1e6:.1f} MiB·(N/1000)², so its float64 run stops "
-                 f"fitting in 24 GiB at N ≈ {n_max / 1000:.0f}k (extrapolated).")  # fmt: skip
+    if b > 0:
+        lines.append(f"Paper-style peak RSS fits {a:.0f} MiB + {b * 1e6:.1f} MiB·(N/1000)², so its float64 run "
+                     f"stops fitting in 24 GiB at N ≈ {n_max / 1000:.0f}k (extrapolated).")  # fmt: skip
+    else:
+        lines.append("The sizes are too small for the N×N matrices to show in the peak RSS; use N ≥ 5000.")
     if literal:
         lit_rows = []
         ours = {int(r[0]): float(r[1]) for r in rows}

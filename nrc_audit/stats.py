@@ -11,9 +11,11 @@ so batches, shards and saved partial states all combine with the one function :f
 A batch is reduced by centring on its *own* mean before the Gram product, in float64; a raw uncentred
 ZᵀZ − nμμᵀ would lose most digits under the large means of ReLU features.
 
-Two backends run the same algorithm. On the CPU the accumulators keep numpy float64 state and form the
+Two backends run the same algorithm. On the CPU the accumulators keep numpy float64 state, stage rows into
+blocks of up to 4096 (so that the Gram block does not depend on the caller's batch size), and form the
 feature block as H_cᵀH_c on one buffer, which numpy hands to BLAS ``syrk`` (half the flops of the GEMM
 torch would call); the small H–Y and Y–Y blocks are separate products, so [H | Y] is never concatenated.
+Staged rows are folded in before anything reads the state.
 The batch's Chan correction δδᵀ·n_a n_b/n rides along as one extra row √(n_a n_b/n)·δ appended to the
 centred batch, so each block is updated by a single in-place add. On a GPU the state stays on the device
 (torch float64, ``addmm_``/``addr_`` in place, no host synchronisation per batch) until :meth:`Moments.to_numpy`.
