@@ -44,6 +44,15 @@ def write_h5(path: Path, **arrays: np.ndarray) -> Path:
     return path
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Tiny batches gain nothing from torch's intra-op pool and lose a lot when the 2 CPUs are shared."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture
 def mlp_case(tmp_path: Path) -> dict:
     """A 4-layer random ReLU MLP (12→32→32→16→3) saved with arch metadata, plus 300 samples."""

@@ -22,14 +22,6 @@ ABS_TOL = 1e-6  # nrc1, nrc2, cka_signal, bound, nrc3/noise_alignment
 REL_TOL = 1e-6  # nrc4, nrc4_ratio
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """Tiny convolutions gain nothing from intra-op threads and lose a lot when the CPUs are shared."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 # ----------------------------------------------------------------------------- reference ResNet
 

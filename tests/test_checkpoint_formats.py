@@ -12,10 +12,11 @@ from typer.testing import CliRunner
 
 import nrc_audit
 from fixtures_models import capture, default_names, make_images, make_ref_resnet, targets_from, write_h5
-from fixtures_models import one_torch_thread  # noqa: F401  (autouse fixture)
 from nrc_audit.cli import audit_app
 from nrc_audit.config import AuditConfig, DataOptions
 from nrc_audit.pipeline import run_audit
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 class Payload:

@@ -34,13 +34,7 @@ TH = Thresholds()
 RTOL = 1e-3  # SPEC default pinv_rtol
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_torch_thread():
-    """The batches here are tiny; on a busy 2-core box torch's intra-op pool then costs ~15 ms per Gram."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 ABS_FIELDS = ("nrc1", "nrc2", "bound_lhs", "bound_rhs")
 SUBSPACE_FIELDS = ("nrc3", "noise_alignment", "cka_signal")
 STABLE_FIELDS = ("stable_rank", "stable_rank_cov", "stable_rank_w")

@@ -15,19 +15,19 @@ from typer.testing import CliRunner
 
 import nrc_audit
 from fixtures_models import assert_layers_match, capture, write_h5
-from fixtures_models import one_torch_thread  # noqa: F401  (autouse fixture)
 from nrc_audit.cli import audit_app
 from nrc_audit.config import AuditConfig, ModelOptions
 from nrc_audit.errors import CheckpointError
 from nrc_audit.io.checkpoint import KWARGS_KEY
 from nrc_audit.pipeline import run_audit
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 NETS_SOURCE = textwrap.dedent(
     '''
     """User model definitions (written by the test into tmp_path)."""
     import torch
     from torch import nn
-
 
     class TwoBranch(nn.Module):
         """Two Linear stacks in a ModuleDict, concatenated, then a head: neither an MLP chain nor a ResNet."""

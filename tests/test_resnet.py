@@ -24,7 +24,6 @@ from fixtures_models import (
     targets_from,
     write_h5,
 )
-from fixtures_models import one_torch_thread  # noqa: F401  (autouse fixture)
 from nrc_audit.cli import audit_app
 from nrc_audit.config import AuditConfig, DataOptions, ModelOptions
 from nrc_audit.errors import CheckpointError
@@ -40,6 +39,8 @@ CASES = {
     "mlp_head": dict(block="basic", layers=[1, 1, 1], widths=[8, 8, 16], head_hidden=12),
     "t1": dict(block="basic", layers=[1], widths=[8], t=1),
 }
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _case(tmp_path: Path, name: str, hw: int = 8, arch: dict | None = None, seed: int = 0, n: int = N) -> dict:

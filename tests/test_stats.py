@@ -24,13 +24,7 @@ from nrc_audit.stats import (
 PINNED = settings(derandomize=True, database=None, deadline=None, max_examples=80)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_torch_thread():
-    """The batches here are tiny; on a busy 2-core box torch's intra-op pool then costs ~15 ms per Gram."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def two_pass(x: np.ndarray) -> tuple[int, np.ndarray, np.ndarray]:
