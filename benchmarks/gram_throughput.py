@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from _common import Machine, markdown_table, stamp, update_doc_section
-from nrc_audit.stats import JointAccumulator, batch_moments, merge
+from nrc_audit.core.stats import JointAccumulator, batch_moments, merge
 
 
 def _sync(device: torch.device) -> None:

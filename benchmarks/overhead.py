@@ -33,9 +33,10 @@ import torch
 from torch import nn
 
 from _common import Machine, drop_dirty_pages, load_average, make_workload, markdown_table, stamp, update_doc_section
-from nrc_audit import pipeline, store
+from nrc_audit.engine import pipeline
+from nrc_audit.io import store
 from nrc_audit.config import AuditConfig, DataOptions, ModelOptions
-from nrc_audit.io.architecture import resolve_model
+from nrc_audit.models.architecture import resolve_model
 from nrc_audit.io.checkpoint import load_checkpoint
 
 

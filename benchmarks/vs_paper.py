@@ -41,7 +41,7 @@ TRAIN_STEPS = 300
 
 def child_audit(model: Path, data: Path, n: int, batch_size: int) -> dict:
     from nrc_audit.config import AuditConfig, DataOptions
-    from nrc_audit.pipeline import run_audit
+    from nrc_audit.engine.pipeline import run_audit
 
     def config(limit: int) -> AuditConfig:
         return AuditConfig(model, data, data=DataOptions(limit=limit), device="cpu", batch_size=batch_size,
@@ -59,7 +59,7 @@ def child_audit(model: Path, data: Path, n: int, batch_size: int) -> dict:
 def child_paper(model_path: Path, data: Path, n: int, batch_size: int, centring: str, dtype: str) -> dict:
     from paper_baseline import run_measurements
 
-    from nrc_audit.io.architecture import resolve_model
+    from nrc_audit.models.architecture import resolve_model
     from nrc_audit.io.checkpoint import load_checkpoint
     from nrc_audit.config import ModelOptions
 

@@ -17,7 +17,7 @@ from rich.console import Console
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from nrc_audit.monitor import CollapseMonitor
+from nrc_audit.engine.monitor import CollapseMonitor
 
 
 def synthetic(n: int, seed: int = 0, d: int = 20, t: int = 4, r: int = 2) -> TensorDataset:

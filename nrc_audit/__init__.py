@@ -17,11 +17,11 @@ def __getattr__(name: str) -> Any:
 
         return save_checkpoint
     if name == "Report":
-        from nrc_audit.report import Report
+        from nrc_audit.outputs.report import Report
 
         return Report
     if name == "audit":
-        from nrc_audit.api import audit
+        from nrc_audit.engine.api import audit
 
         return audit
     raise AttributeError(f"module 'nrc_audit' has no attribute {name!r}")

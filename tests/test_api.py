@@ -12,10 +12,10 @@ from typer.testing import CliRunner
 
 import nrc_audit
 from conftest import make_mlp, make_xy
-from nrc_audit.cli import audit_app
+from nrc_audit.cli.app import audit_app
 from nrc_audit.errors import DatasetError, OptionsError
-from nrc_audit.monitor import CollapseMonitor
-from nrc_audit.report import METRIC_FIELDS
+from nrc_audit.engine.monitor import CollapseMonitor
+from nrc_audit.outputs.report import METRIC_FIELDS
 
 
 def layer_values(doc: dict) -> np.ndarray:

@@ -12,8 +12,8 @@ from typer.testing import CliRunner
 
 import nrc_audit
 from conftest import make_mlp, make_xy, write_h5
-from nrc_audit.cli import audit_app, main
-from nrc_audit.commands import reanalyze_app
+from nrc_audit.cli.app import audit_app, main
+from nrc_audit.cli.commands import reanalyze_app
 
 runner = CliRunner()
 

@@ -1,4 +1,4 @@
-"""SPEC §4 metrics of ``nrc_audit.conditions`` against the independent dense reference in tests/reference.py.
+"""SPEC §4 metrics of ``nrc_audit.core.conditions`` against the independent dense reference in tests/reference.py.
 
 The package sees only streamed statistics (built here through ``JointAccumulator`` from the same H and Y);
 the reference sees the full matrices and takes another route (SVDs, N×N Grams and projectors, explicit
@@ -16,9 +16,10 @@ import numpy as np
 import pytest
 import torch
 
-from nrc_audit.conditions import collapse_onset, gate, layer_metrics, target_summary
+from nrc_audit.core.conditions import layer_metrics, target_summary
+from nrc_audit.core.verdicts import collapse_onset, gate
 from nrc_audit.config import Thresholds
-from nrc_audit.stats import JointAccumulator, LayerStatistics
+from nrc_audit.core.stats import JointAccumulator, LayerStatistics
 
 from reference import (  # tests/ is on sys.path (pytest's rootdir-relative import), as for conftest
     CUT_MARGIN_MIN,

@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 
 from conftest import SAMPLES
-from nrc_audit.report import METRIC_FIELDS
+from nrc_audit.outputs.report import METRIC_FIELDS
 
 MODEL, DATA = SAMPLES / "mlp_wd.safetensors", SAMPLES / "data.h5"
 COMMON = ["--no-progress", "--batch-size", "256", "--require-collapsed", "0"]

@@ -29,13 +29,13 @@ from hypothesis import strategies as st
 
 import nrc_audit
 from conftest import make_mlp, make_xy
-from nrc_audit.conditions import layer_metrics, target_summary
+from nrc_audit.core.conditions import layer_metrics, target_summary
 from nrc_audit.config import DataOptions, ModelOptions, Thresholds
 from nrc_audit.errors import CheckpointError, DatasetError
-from nrc_audit.io.architecture import resolve_model
+from nrc_audit.models.architecture import resolve_model
 from nrc_audit.io.checkpoint import load_checkpoint
 from nrc_audit.io.dataset import HDF5Dataset
-from nrc_audit.stats import JointAccumulator
+from nrc_audit.core.stats import JointAccumulator
 
 SCALE = int(os.environ.get("NRC_FUZZ_SCALE", "1"))
 MAX_ROW_ELEMENTS = 1 << 16  # a forged shape may ask for terabytes per row: validate it, do not read it

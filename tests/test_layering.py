@@ -1,8 +1,9 @@
-"""Data flows one way (STYLE.md): a module imports only from the layers below it.
+"""Data flows one way (STYLE.md): a module imports only from the layers below it, with no exception list.
 
-cli → commands/outputs → pipeline/api → io/extract/store/stats → conditions → report → render, with the
-math (stats, conditions) importing no I/O. Imports inside functions count too: laziness is no licence to
-point upwards, except the few presentation hooks listed in ALLOWED_LAZY.
+Layers, bottom to top: errors/config → core (pure math) → io → models → outputs → engine (the audit pass)
+→ cli. Inside a layer, modules are ranked too (e.g. outputs.records below outputs.render below
+outputs.report). Imports inside functions count: laziness is no licence to point upwards. The package's
+``__init__`` (lazy public names) and ``__main__`` sit above everything.
 """
 
 from __future__ import annotations
@@ -12,27 +13,17 @@ import ast
 from conftest import REPO
 
 PACKAGE = REPO / "nrc_audit"
-RANK = {
-    "errors": 0, "_kernels": 0, "config": 1, "settings_file": 1,
-    "stats": 2, "models": 2, "models.mlp": 2, "models.resnet": 3, "models.base": 2,
-    "io": 2, "io.checkpoint": 2, "io.dataset": 2, "io.architecture": 4, "extract": 2,
-    "conditions": 3, "store": 3, "distributed": 3,
-    "report": 4, "baseline": 5, "render": 5, "markdown": 5, "plot": 5, "trend": 5,
-    "pipeline": 6, "api": 7, "monitor": 8, "outputs": 8,
-    "cli": 9, "commands": 10, "__main__": 11,
-}  # fmt: skip
-ALLOWED_LAZY = {("report", "render"), ("io.architecture", "models.resnet"), ("cli", "commands"),
-                ("cli", "pipeline"), ("__init__", "*")}  # fmt: skip
-
-
-def _imports(path):
-    tree = ast.parse(path.read_text())
-    for node in ast.walk(tree):
-        if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("nrc_audit"):
-            names = [node.module] + [f"{node.module}.{a.name}" for a in node.names]
-            yield node, names
-        elif isinstance(node, ast.Import):
-            yield node, [a.name for a in node.names if a.name.startswith("nrc_audit")]
+LAYERS = ["errors", "config", "core", "io", "models", "outputs", "engine", "cli"]
+# Order inside a layer (lower first); a module not listed ranks below every listed one of its layer.
+WITHIN = {
+    "core": ["layer", "kernels", "stats", "conditions", "verdicts"],
+    "io": ["files", "settings_file", "checkpoint", "dataset", "store"],
+    "models": ["base", "mlp", "resnet", "architecture"],
+    "outputs": ["records", "render", "markdown", "plot", "report", "baseline", "trend", "emit"],
+    "engine": ["extract", "distributed", "pipeline", "api", "monitor"],
+    "cli": ["common", "commands", "app"],
+}
+TOP = {"__init__", "__main__"}
 
 
 def _module_name(path) -> str:
@@ -41,21 +32,82 @@ def _module_name(path) -> str:
     return ".".join(parts)
 
 
-def test_every_module_is_ranked():
-    names = {_module_name(p) for p in PACKAGE.rglob("*.py")}
-    assert names - set(RANK) - {"__init__"} == set(), "rank new modules in tests/test_layering.py"
+def rank(module: str) -> tuple[int, int]:
+    """(layer, position in the layer) of a module such as ``outputs.render`` or ``core``."""
+    if module in TOP:
+        return (len(LAYERS), 0)
+    layer, _, rest = module.partition(".")
+    order = WITHIN.get(layer, [])
+    inner = order.index(rest) + 1 if rest in order else 0
+    return (LAYERS.index(layer), inner)
+
+
+def _imports(path):
+    tree = ast.parse(path.read_text())
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("nrc_audit"):
+            base = node.module.removeprefix("nrc_audit").lstrip(".")
+            for alias in node.names:  # "from nrc_audit.engine import pipeline" imports engine.pipeline
+                full = f"{base}.{alias.name}".lstrip(".")
+                yield node, full if _is_module(full) else base
+        elif isinstance(node, ast.Import):
+            for alias in node.names:
+                if alias.name.startswith("nrc_audit"):
+                    yield node, alias.name.removeprefix("nrc_audit").lstrip(".")
+
+
+def _is_module(name: str) -> bool:
+    path = PACKAGE.joinpath(*name.split("."))
+    return path.with_suffix(".py").exists() or (path / "__init__.py").exists()
+
+
+def test_every_module_is_placed():
+    for path in PACKAGE.rglob("*.py"):
+        me = _module_name(path)
+        if me in TOP:
+            continue
+        layer, _, rest = me.partition(".")
+        assert layer in LAYERS, f"{me}: put it in one of the layers {LAYERS} (tests/test_layering.py)"
+        if rest:
+            assert rest in WITHIN.get(layer, []), f"{me}: rank it inside its layer in tests/test_layering.py"
 
 
 def test_imports_point_downwards():
     bad = []
     for path in PACKAGE.rglob("*.py"):
         me = _module_name(path)
-        for node, names in _imports(path):
-            targets = {n.removeprefix("nrc_audit").lstrip(".") for n in names}
-            targets = {t for t in targets if t in RANK}
-            for target in targets:
-                if (me, target) in ALLOWED_LAZY or (me, "*") in ALLOWED_LAZY:
-                    continue
-                if RANK[target] >= RANK[me] and target != me:
-                    bad.append(f"{me} (rank {RANK[me]}) imports {target} (rank {RANK[target]}), line {node.lineno}")
+        for node, target in _imports(path):
+            if not target or target == me or me.startswith(target + "."):
+                continue  # the package root (__version__) or one's own package's __init__
+            if me in TOP:
+                continue
+            if rank(target) >= rank(me):
+                bad.append(f"{me} {rank(me)} imports {target} {rank(target)}, line {node.lineno}")
     assert not bad, "\n".join(bad)
+
+
+def test_no_import_cycles_between_layers():
+    """The rule above implies it; stated on its own so a failure names the circle."""
+    edges: dict[str, set[str]] = {}
+    for path in PACKAGE.rglob("*.py"):
+        me = _module_name(path)
+        edges.setdefault(me, set()).update(t for _, t in _imports(path) if t and t != me and me not in TOP)
+    seen: dict[str, int] = {}
+
+    def visit(node: str, stack: list[str]) -> None:
+        seen[node] = 1
+        for nxt in edges.get(node, ()):
+            if seen.get(nxt) == 1:
+                raise AssertionError("import cycle: " + " → ".join(stack[stack.index(nxt):] + [nxt]))
+            if nxt not in seen:
+                visit(nxt, stack + [nxt])
+        seen[node] = 2
+
+    for node in list(edges):
+        if node not in seen:
+            visit(node, [node])
+
+
+def test_the_rule_catches_an_upward_import():
+    assert rank("core.stats") < rank("io.store") < rank("outputs.render") < rank("engine.pipeline")
+    assert rank("outputs.report") > rank("outputs.render")  # so render cannot import report

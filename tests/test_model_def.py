@@ -15,11 +15,11 @@ from typer.testing import CliRunner
 
 import nrc_audit
 from fixtures_models import assert_layers_match, capture, write_h5
-from nrc_audit.cli import audit_app
+from nrc_audit.cli.app import audit_app
 from nrc_audit.config import AuditConfig, ModelOptions
 from nrc_audit.errors import CheckpointError
 from nrc_audit.io.checkpoint import KWARGS_KEY
-from nrc_audit.pipeline import run_audit
+from nrc_audit.engine.pipeline import run_audit
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

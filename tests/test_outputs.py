@@ -11,8 +11,8 @@ from typer.testing import CliRunner
 
 import nrc_audit
 from conftest import SAMPLES, make_mlp
-from nrc_audit.cli import audit_app
-from nrc_audit.commands import trend_app, validate_app
+from nrc_audit.cli.app import audit_app
+from nrc_audit.cli.commands import trend_app, validate_app
 
 runner = CliRunner()
 LOOSE = ["--nrc1-max", "1", "--nrc2-min", "0", "--nrc3-min", "0", "--nrc4-ratio-max", "1e9"]

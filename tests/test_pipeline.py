@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 
 from nrc_audit.config import AnalysisOptions, AuditConfig
-from nrc_audit.pipeline import reanalyze, run_audit
-from nrc_audit.report import METRIC_FIELDS, Report, load_schema
+from nrc_audit.engine.pipeline import reanalyze, run_audit
+from nrc_audit.outputs.report import METRIC_FIELDS, Report, load_schema
 
 # SPEC §5, transcribed: the public field names of nrc-audit-report/1.
 SPEC_FIELDS = {

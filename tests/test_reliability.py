@@ -25,7 +25,7 @@ from typer.testing import CliRunner
 
 import nrc_audit
 from conftest import REPO, make_mlp, write_h5
-from nrc_audit.cli import audit_app
+from nrc_audit.cli.app import audit_app
 
 runner = CliRunner()
 QUIET = ("--no-progress",)
@@ -480,7 +480,7 @@ def test_interrupted_report_write_keeps_the_old_file(mlp_case, tmp_path, monkeyp
     def fail(src, dst):
         raise failure(28, "No space left on device") if failure is OSError else failure()
 
-    monkeypatch.setattr("nrc_audit.report.os.replace", fail)
+    monkeypatch.setattr("nrc_audit.io.files.os.replace", fail)
     result = run(mlp_case["ckpt"], mlp_case["data"], "--json", out, "--no-features", *NO_GATE)
     assert result.exit_code == (130 if failure is KeyboardInterrupt else 2)
     assert "Traceback" not in result.stdout + result.stderr

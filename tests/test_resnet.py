@@ -24,12 +24,12 @@ from fixtures_models import (
     targets_from,
     write_h5,
 )
-from nrc_audit.cli import audit_app
+from nrc_audit.cli.app import audit_app
 from nrc_audit.config import AuditConfig, DataOptions, ModelOptions
 from nrc_audit.errors import CheckpointError
 from nrc_audit.io.checkpoint import Checkpoint
 from nrc_audit.models import resnet
-from nrc_audit.pipeline import run_audit
+from nrc_audit.engine.pipeline import run_audit
 
 N = 128
 

@@ -12,11 +12,11 @@ from typer.testing import CliRunner
 
 from conftest import SAMPLES
 from fixtures_models import assert_layers_match, capture, default_names
-from nrc_audit.cli import audit_app
+from nrc_audit.cli.app import audit_app
 from nrc_audit.config import AnalysisOptions, AuditConfig, DataOptions, ModelOptions
-from nrc_audit.io.architecture import resolve_model
+from nrc_audit.models.architecture import resolve_model
 from nrc_audit.io.checkpoint import load_checkpoint
-from nrc_audit.pipeline import run_audit
+from nrc_audit.engine.pipeline import run_audit
 
 runner = CliRunner()
 
@@ -73,7 +73,7 @@ def test_sample_resnet_matches_the_dense_reference():
 def test_every_sample_report_validates_against_the_shipped_schema(model_file, data_file, extra):
     import jsonschema
 
-    from nrc_audit.report import load_schema
+    from nrc_audit.outputs.report import load_schema
 
     _, doc = audit_json(str(SAMPLES / model_file), str(SAMPLES / data_file), *extra, "--require-collapsed", "0")
     jsonschema.Draft202012Validator(load_schema()).validate(doc)

@@ -22,7 +22,7 @@ from typer.testing import CliRunner
 
 import nrc_audit
 from conftest import make_xy, write_h5
-from nrc_audit.cli import audit_app
+from nrc_audit.cli.app import audit_app
 
 SLOW_SOURCE = textwrap.dedent(
     """
@@ -98,7 +98,7 @@ def test_signal_mid_extraction_leaves_incomplete_store_and_no_report(slow_case, 
         assert bool(fh.attrs["complete"]) is False
         assert fh.attrs["schema"] == "nrc-audit-features/1"
 
-    from nrc_audit.commands import reanalyze_app
+    from nrc_audit.cli.commands import reanalyze_app
 
     refused = CliRunner().invoke(reanalyze_app, [str(slow_case["store"]), "--no-progress"])
     assert refused.exit_code == 2 and "is incomplete" in " ".join(refused.stderr.split())

@@ -12,7 +12,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from nrc_audit.stats import (
+from nrc_audit.core.stats import (
     Accumulator,
     JointAccumulator,
     LayerStatistics,

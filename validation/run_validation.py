@@ -45,7 +45,7 @@ import torch
 from torch import nn
 
 import nrc_audit
-from nrc_audit.conditions import collapse_onset
+from nrc_audit.core.verdicts import collapse_onset
 
 REPO = Path(__file__).resolve().parents[1]
 D, T, R = 20, 10, 2  # input dim, target dim t, intrinsic rank r (width of the random target net)
@@ -219,7 +219,7 @@ def run_one(job: dict) -> dict:
     rep_auto = nrc_audit.audit(net, batches(x, y), rank="auto", require_collapsed=0)
     rep_t = nrc_audit.audit(net, batches(x, y), rank=T, require_collapsed=0)
     if job.get("plot"):
-        from nrc_audit.plot import plot_report
+        from nrc_audit.outputs.plot import plot_report
 
         plot_report(rep_auto, Path(job["plot"]))
     auto = compact(rep_auto.to_dict())
@@ -297,7 +297,7 @@ def rank_recovery(draws: int = 5) -> list[dict]:
 
 
 def passes(layer: dict, th: dict) -> bool:
-    """The four conditions with thresholds ``th`` (same rule as nrc_audit.conditions._verdicts)."""
+    """The four conditions with thresholds ``th`` (same rule as nrc_audit.core.conditions._verdicts)."""
     return (layer["nrc1"] is not None and layer["nrc1"] <= th["nrc1_max"]
             and layer["nrc2"] is not None and layer["nrc2"] >= th["nrc2_min"]
             and layer["nrc3"] is not None and layer["nrc3"] >= th["nrc3_min"]

@@ -1,4 +1,7 @@
-"""Typer wiring only: options → settings → config → run_audit → outputs → exit code.
+"""What every command shares: option declarations, settings resolution, progress, and the one place where
+exceptions and signals become exit codes.
+
+Originally: Typer wiring only: options → settings → config → run_audit → outputs → exit code.
 
 Exceptions become exit codes here and nowhere else: NrcAuditError → 2, SIGINT → 130, SIGTERM → 143.
 stdout carries only the product (table or JSON); progress, warnings and errors go to stderr.
@@ -11,7 +14,6 @@ from __future__ import annotations
 import enum
 import json
 import signal
-import sys
 from pathlib import Path
 from typing import Annotated, Any, Callable, Optional
 
@@ -20,10 +22,9 @@ from rich.console import Console
 from rich.text import Text
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-from nrc_audit.config import AnalysisOptions, AuditConfig, DataOptions, ModelOptions, Thresholds
+from nrc_audit.config import AnalysisOptions, Thresholds
 from nrc_audit.errors import ExitCode, Interrupted, NrcAuditError, OptionsError
-from nrc_audit.outputs import Outputs, emit
-from nrc_audit.settings_file import DEFAULTS, load_settings, resolve
+from nrc_audit.io.settings_file import DEFAULTS, load_settings, resolve
 
 err_console = Console(stderr=True)
 
@@ -37,8 +38,6 @@ def make_app(help_text: str) -> typer.Typer:
     return typer.Typer(add_completion=False, pretty_exceptions_show_locals=False, help=help_text,
                        context_settings={"help_option_names": ["-h", "--help"]})  # fmt: skip
 
-
-audit_app = make_app("Audit a trained regression network for Deep Neural Regression Collapse (NRC1–NRC4).")
 
 # Options shared by every command that turns statistics into a report.
 RankOpt = Annotated[Optional[str], typer.Option("--rank", help="Subspace rank k: an integer, or 'auto' (target rank estimate). Default: t.")]
@@ -73,6 +72,13 @@ def analysis_options(s: dict[str, Any]) -> AnalysisOptions:
     thresholds = Thresholds(float(s["nrc1_max"]), float(s["nrc2_min"]), float(s["nrc3_min"]), float(s["nrc4_ratio_max"]))
     return AnalysisOptions(rank, float(s["pinv_rtol"]), float(s["rank_energy"]), int(s["require_collapsed"]),
                            thresholds).validate()  # fmt: skip
+
+
+def is_main() -> bool:
+    """Whether this process writes and prints (rank 0 under torchrun, always outside it)."""
+    from nrc_audit.engine.distributed import env_rank
+
+    return env_rank() == 0
 
 
 def settings(config: Path | None, cli: dict[str, Any]) -> dict[str, Any]:
@@ -138,70 +144,7 @@ def guarded(body: Callable[[], ExitCode | int]) -> None:
     raise typer.Exit(int(code))
 
 
-@audit_app.command()
-def audit(
-    model: Annotated[Path, typer.Argument(help="Checkpoint: .safetensors, or a .pt/.pth state dict.")],
-    data: Annotated[Path, typer.Argument(help="HDF5 file with inputs and targets.")],
-    json_path: JsonOpt = None,
-    fmt: FormatOpt = OutputFormat.table,
-    markdown: MarkdownOpt = None,
-    model_index: ModelIndexOpt = None,
-    plot: PlotOpt = None,
-    baseline: BaselineOpt = None,
-    baseline_tolerance: ToleranceOpt = None,
-    features: Annotated[Optional[Path], typer.Option("--features", help="Feature store path (default: MODEL-STEM.features.h5 in the current folder).")] = None,
-    no_features: Annotated[bool, typer.Option("--no-features", help="Do not write the feature store.")] = False,
-    features_compression: Annotated[Optional[str], typer.Option("--features-compression", help="gzip or lzf (default: none).")] = None,
-    x_key: Annotated[Optional[str], typer.Option("--x-key", help="HDF5 path of the inputs (default X).")] = None,
-    y_key: Annotated[Optional[str], typer.Option("--y-key", help="HDF5 path of the targets (default Y).")] = None,
-    channels_last: Annotated[bool, typer.Option("--channels-last", help="Images are (N, H, W, C).")] = False,
-    scale_uint8: Annotated[bool, typer.Option("--scale-uint8", help="Divide uint8 images by 255.")] = False,
-    limit: Annotated[Optional[int], typer.Option("--limit", help="Audit only the first N rows.")] = None,
-    batch_size: BatchOpt = None,
-    device: Annotated[Optional[str], typer.Option("--device", help="auto, cpu, cuda or cuda:INDEX (default auto).")] = None,
-    model_def: Annotated[Optional[str], typer.Option("--model-def", help="file.py:callable or package.module:callable returning the nn.Module. EXECUTES that code.")] = None,
-    model_kwargs: Annotated[Optional[str], typer.Option("--model-kwargs", help="JSON object of keyword arguments for --model-def.")] = None,
-    activation: Annotated[Optional[str], typer.Option("--activation", help="MLP activation when the checkpoint does not say (default relu).")] = None,
-    layers: Annotated[Optional[list[str]], typer.Option("--layers", help="Glob of layer names to audit (repeatable).")] = None,
-    exclude: Annotated[Optional[list[str]], typer.Option("--exclude", help="Glob of layer names to skip (repeatable; default '*downsample*').")] = None,
-    rank: RankOpt = None,
-    nrc1_max: Nrc1Opt = None,
-    nrc2_min: Nrc2Opt = None,
-    nrc3_min: Nrc3Opt = None,
-    nrc4_ratio_max: Nrc4Opt = None,
-    pinv_rtol: RtolOpt = None,
-    rank_energy: EnergyOpt = None,
-    require_collapsed: RequireOpt = None,
-    config: ConfigOpt = None,
-    exit_zero: ExitZeroOpt = False,
-    no_progress: QuietOpt = False,
-) -> None:
-    """Audit MODEL on DATA: per-layer NRC1–NRC4, the Frobenius bound, a table, a JSON report and a gate."""
-    given = dict(locals())  # the options as typed (None: not given), resolved against the settings file
-
-    def body() -> ExitCode:
-        from nrc_audit.pipeline import run_audit
-
-        s = settings(config, given)
-        out = Outputs(fmt.value, json_path, markdown, model_index, plot, baseline, float(s["baseline_tolerance"]),
-                      exit_zero)  # fmt: skip
-        out.check_before_run()
-        store = None if no_features else (features or Path(f"{model.stem}.features.h5"))
-        cfg = AuditConfig(
-            model_path=model, data_path=data,
-            data=DataOptions(s["x_key"], s["y_key"], channels_last, scale_uint8, limit),
-            model=ModelOptions(model_def, _json_object(model_kwargs), s["activation"]),
-            analysis=analysis_options(s), layers=tuple(s["layers"]), exclude=tuple(s["exclude"]),
-            device=s["device"], batch_size=int(s["batch_size"]), features_path=store,
-            features_compression=features_compression,
-        )  # fmt: skip
-        report = with_progress(not no_progress, lambda hook: run_audit(cfg, hook))
-        return emit(report, out)
-
-    guarded(body)
-
-
-def _json_object(text: str | None) -> dict | None:
+def json_object(text: str | None) -> dict | None:
     if text is None:
         return None
     try:
@@ -213,12 +156,3 @@ def _json_object(text: str | None) -> dict | None:
     return value
 
 
-def main(argv: list[str] | None = None) -> None:
-    """Console entry point: ``nrc-audit MODEL DATA [options]`` or ``nrc-audit SUBCOMMAND …``."""
-    from nrc_audit.commands import SUBCOMMANDS
-
-    args = list(sys.argv[1:] if argv is None else argv)
-    if args and args[0] in SUBCOMMANDS:
-        SUBCOMMANDS[args[0]](args=args[1:], prog_name=f"nrc-audit {args[0]}")
-    else:
-        audit_app(args=args, prog_name="nrc-audit")

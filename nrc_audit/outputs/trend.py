@@ -13,7 +13,8 @@ from rich.table import Table
 from rich.text import Text
 
 from nrc_audit.errors import OptionsError
-from nrc_audit.report import Report, write_atomic
+from nrc_audit.io.files import write_atomic
+from nrc_audit.outputs.report import Report
 
 TREND_METRICS = (("nrc1", "NRC1 noise"), ("nrc2", "NRC2 CKA"), ("nrc3", "NRC3 alignment"),
                  ("nrc4_ratio", "NRC4 MSE / model MSE"))  # fmt: skip

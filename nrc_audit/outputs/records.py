@@ -1,4 +1,4 @@
-"""The typed audit report, its JSON form (schema ``nrc-audit-report/1``) and the verdict → exit code map.
+"""The records of an audit report, their JSON form (schema ``nrc-audit-report/1``) and the verdict → exit code map.
 
 Field names follow SPEC §5 exactly; they are a public contract: extend, never rename.
 """
@@ -7,17 +7,15 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import tempfile
 from dataclasses import asdict, dataclass, field, fields
 from importlib import resources
-from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
-from nrc_audit.conditions import LayerMetrics, TargetSummary
+from nrc_audit.core.conditions import LayerMetrics, TargetSummary
 from nrc_audit.errors import ExitCode
 
 SCHEMA_ID = "nrc-audit-report/1"
+_R = TypeVar("_R", bound="ReportData")
 METRIC_FIELDS = (
     "nrc1", "nrc2", "nrc3", "nrc4", "nrc4_ratio", "cka_signal", "noise_alignment",
     "stable_rank", "stable_rank_cov", "stable_rank_w",
@@ -76,7 +74,7 @@ class Summary:
 
 
 @dataclass
-class Report:
+class ReportData:
     """The whole audit. ``to_dict()`` gives the JSON document; ``exit_code`` the CLI's verdict."""
 
     tool: dict[str, Any]
@@ -109,7 +107,7 @@ class Report:
         return json.dumps(self.to_dict(), indent=indent, allow_nan=False) + "\n"
 
     @classmethod
-    def from_dict(cls, doc: dict[str, Any]) -> "Report":
+    def from_dict(cls: type[_R], doc: dict[str, Any]) -> _R:
         """Rebuild a report from its JSON document (e.g. a baseline file)."""
         layer_names = {f.name for f in fields(LayerReport)}
         layers = [LayerReport(**{k: v for k, v in d.items() if k in layer_names}) for d in doc["layers"]]
@@ -118,15 +116,6 @@ class Report:
                           s["collapse_onset"], Gate(**s["gate"]))  # fmt: skip
         return cls(doc["tool"], doc["model"], doc["data"], doc["settings"], TargetSummary(**doc["target"]),
                    doc["model_mse"], layers, summary, doc.get("schema", SCHEMA_ID))  # fmt: skip
-
-    def to_table(self) -> Any:
-        """The per-layer Rich table, e.g. ``rich.print(report.to_table())`` in a notebook."""
-        from nrc_audit.render import layer_table  # presentation lives in render (imported lazily: one-way flow)
-
-        return layer_table(self)
-
-    def __rich__(self) -> Any:
-        return self.to_table()
 
     @property
     def exit_code(self) -> ExitCode:
@@ -148,17 +137,3 @@ def load_schema() -> dict[str, Any]:
     """The JSON Schema of ``nrc-audit-report/1`` shipped inside the package."""
     text = resources.files("nrc_audit").joinpath("schema/nrc-audit-report-1.json").read_text("utf-8")
     return json.loads(text)
-
-
-def write_atomic(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` through a temporary file in the same folder and an atomic rename."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent or ".")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-

@@ -8,27 +8,14 @@ the spatial dims; Linear inputs with extra dims (B, …, h) are averaged over th
 from __future__ import annotations
 
 import fnmatch
-from dataclasses import dataclass
 
 import torch
 from torch import nn
 
+from nrc_audit.core.layer import LayerInfo
 from nrc_audit.errors import ModelDataMismatchError, OptionsError
 
 KINDS: dict[type[nn.Module], str] = {nn.Linear: "linear", nn.Conv2d: "conv2d"}
-
-
-@dataclass(frozen=True)
-class LayerInfo:
-    """An audited layer: position in execution order, module path, kind, dims and its weight W."""
-
-    index: int
-    name: str
-    kind: str  # "linear" | "conv2d"
-    in_dim: int  # h (Linear in_features, Conv2d in_channels)
-    out_dim: int
-    pooled: bool
-    weight: torch.Tensor  # Linear (out, h); Conv2d (c_out, c_in, kh, kw); on the CPU, detached
 
 
 def candidate_layers(model: nn.Module, include: tuple[str, ...], exclude: tuple[str, ...]) -> dict[str, nn.Module]:

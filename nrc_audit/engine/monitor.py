@@ -13,10 +13,10 @@ from typing import Any, Iterable, Iterator
 
 from torch import nn
 
-from nrc_audit.api import audit
+from nrc_audit.engine.api import audit
 from nrc_audit.errors import OptionsError
-from nrc_audit.report import Report
-from nrc_audit.trend import append_history, load_history, trend_tables
+from nrc_audit.outputs.report import Report
+from nrc_audit.outputs.trend import append_history, load_history, trend_tables
 
 
 class CollapseMonitor:
@@ -59,6 +59,6 @@ class CollapseMonitor:
         return trend_tables(*self.history())
 
     def plot(self, path: str | Path) -> Path:
-        from nrc_audit.plot import plot_trend
+        from nrc_audit.outputs.plot import plot_trend
 
         return plot_trend(*self.history(), Path(path))

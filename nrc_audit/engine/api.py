@@ -14,9 +14,9 @@ from torch import nn
 
 from nrc_audit.config import AnalysisOptions, Thresholds
 from nrc_audit.errors import DatasetError
-from nrc_audit.extract import candidate_layers
-from nrc_audit.pipeline import build_report, extraction_pass, resolve_device
-from nrc_audit.report import Report
+from nrc_audit.engine.extract import candidate_layers
+from nrc_audit.engine.pipeline import build_report, extraction_pass, resolve_device
+from nrc_audit.outputs.report import Report
 
 IN_MEMORY = "<in-memory>"
 
@@ -46,7 +46,7 @@ def audit(
         thresholds, require_collapsed, pinv_rtol, rank_energy: as the CLI options of the same names.
 
     Returns:
-        :class:`nrc_audit.report.Report` — ``report.layers[i].nrc3``, ``report.summary.collapse_onset``,
+        :class:`nrc_audit.outputs.report.Report` — ``report.layers[i].nrc3``, ``report.summary.collapse_onset``,
         ``report.to_dict()``, ``report.to_table()``.
 
     Example:

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from nrc_audit.errors import OptionsError
-from nrc_audit.report import Report
+from nrc_audit.outputs.records import ReportData as Report
 
 PANELS = (  # (field, title, threshold key, direction)
     ("nrc1", "NRC1: noise fraction", "nrc1_max", "≤"),

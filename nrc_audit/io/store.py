@@ -28,7 +28,7 @@ from h5py import h5d, h5p
 
 from nrc_audit import __version__
 from nrc_audit.errors import FeatureStoreError
-from nrc_audit.extract import LayerInfo
+from nrc_audit.core.layer import LayerInfo
 
 SCHEMA = "nrc-audit-features/1"
 CHUNK_BYTES = 1 << 20  # ≈1 MiB per chunk (rows rounded down to a power of two); see docs/performance.md

@@ -10,14 +10,14 @@ from typing import Annotated, Optional
 import typer
 from rich.console import Console
 
-from nrc_audit.cli import (
+from nrc_audit.cli.common import (
     BaselineOpt, BatchOpt, ConfigOpt, EnergyOpt, ExitZeroOpt, FormatOpt, JsonOpt, MarkdownOpt, ModelIndexOpt,
     Nrc1Opt, Nrc2Opt, Nrc3Opt, Nrc4Opt, OutputFormat, PlotOpt, QuietOpt, RankOpt, RequireOpt, RtolOpt,
-    ToleranceOpt, analysis_options, err_console, guarded, make_app, settings, with_progress,
+    ToleranceOpt, analysis_options, is_main, err_console, guarded, make_app, settings, with_progress,
 )  # fmt: skip
 from nrc_audit.config import AuditConfig, DataOptions, ModelOptions
 from nrc_audit.errors import ExitCode, OptionsError
-from nrc_audit.outputs import Outputs, emit
+from nrc_audit.outputs.emit import Outputs, emit
 
 reanalyze_app = make_app("Recompute the audit report from a saved feature store, without the model or the data.")
 trend_app = make_app("Collapse over training: audit several checkpoints of one run (or a monitor history).")
@@ -51,13 +51,13 @@ def reanalyze(
     given = dict(locals())
 
     def body() -> ExitCode:
-        from nrc_audit.pipeline import reanalyze as run_reanalysis
+        from nrc_audit.engine.pipeline import reanalyze as run_reanalysis
 
         s = settings(config, given)
         if int(s["batch_size"]) < 1:
             raise OptionsError(f"--batch-size {s['batch_size']} must be ≥ 1.")
         out = Outputs(fmt.value, json_path, markdown, model_index, plot, baseline, float(s["baseline_tolerance"]),
-                      exit_zero)  # fmt: skip
+                      exit_zero, is_main=is_main())  # fmt: skip
         out.check_before_run()
         analysis = analysis_options(s)
         report = with_progress(not no_progress, lambda hook: run_reanalysis(store, analysis, int(s["batch_size"]), hook))
@@ -94,8 +94,8 @@ def trend(
     given = dict(locals()) | {"require_collapsed": 0}  # trend reports findings; it has no gate
 
     def body() -> ExitCode:
-        from nrc_audit.pipeline import run_audit
-        from nrc_audit.trend import load_history, trend_tables, write_trend_json
+        from nrc_audit.engine.pipeline import run_audit
+        from nrc_audit.outputs.trend import load_history, trend_tables, write_trend_json
 
         if plot is not None:
             Outputs(plot_path=plot).check_before_run()
@@ -123,7 +123,7 @@ def trend(
         if json_path is not None:
             write_trend_json(json_path, labels, reports)
         if plot is not None:
-            from nrc_audit.plot import plot_trend
+            from nrc_audit.outputs.plot import plot_trend
 
             plot_trend(labels, reports, plot)
         console = Console()
@@ -143,7 +143,7 @@ def validate(reports: Annotated[list[Path], typer.Argument(help="JSON report fil
             import jsonschema
         except ImportError:
             raise OptionsError("validate needs jsonschema: pip install 'nrc-audit[schema]'.") from None
-        from nrc_audit.report import load_schema
+        from nrc_audit.outputs.report import load_schema
 
         validator = jsonschema.Draft202012Validator(load_schema())
         code = ExitCode.OK

@@ -12,10 +12,10 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from nrc_audit.distributed import env_rank
-from nrc_audit.baseline import Regression, compare, load_baseline
+from nrc_audit.outputs.baseline import Regression, compare, load_baseline
 from nrc_audit.errors import ExitCode, OptionsError
-from nrc_audit.report import Report, write_atomic
+from nrc_audit.io.files import write_atomic
+from nrc_audit.outputs.report import Report
 
 
 @dataclass(frozen=True)
@@ -30,6 +30,7 @@ class Outputs:
     baseline_path: Path | None = None
     baseline_tolerance: float = 0.05
     exit_zero: bool = False
+    is_main: bool = True  # False on torchrun ranks other than 0: they write and print nothing
 
     def check_before_run(self) -> None:
         """Fail before the (long) pass on what can be known now: missing folders, matplotlib, the baseline."""
@@ -40,7 +41,7 @@ class Outputs:
                     f"{option} {path}: the folder {path.resolve().parent} does not exist; create it or choose another path."
                 )
         if self.plot_path is not None:
-            from nrc_audit.plot import _pyplot
+            from nrc_audit.outputs.plot import _pyplot
 
             _pyplot()
         if self.baseline_path is not None:
@@ -48,7 +49,7 @@ class Outputs:
 
 
 def _write_plot(report: Report, path: Path) -> None:
-    from nrc_audit.plot import plot_report
+    from nrc_audit.outputs.plot import plot_report
 
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".png", dir=path.parent or ".")
     os.close(fd)
@@ -83,7 +84,7 @@ def emit(report: Report, out: Outputs) -> ExitCode:
 
     Under torchrun only rank 0 writes and prints; the other ranks return the same exit code silently.
     """
-    if env_rank() != 0:
+    if not out.is_main:
         out = Outputs(fmt="none", baseline_path=out.baseline_path, baseline_tolerance=out.baseline_tolerance,
                       exit_zero=out.exit_zero)  # fmt: skip
     regressions: list[Regression] = []
@@ -99,11 +100,11 @@ def emit(report: Report, out: Outputs) -> ExitCode:
     if out.json_path is not None:
         write_atomic(out.json_path, text)
     if out.markdown_path is not None:
-        from nrc_audit.markdown import to_markdown
+        from nrc_audit.outputs.markdown import to_markdown
 
         write_atomic(out.markdown_path, to_markdown(report))
     if out.model_index_path is not None:
-        from nrc_audit.markdown import to_model_index
+        from nrc_audit.outputs.markdown import to_model_index
 
         write_atomic(out.model_index_path, to_model_index(report))
     if out.plot_path is not None:
@@ -111,7 +112,7 @@ def emit(report: Report, out: Outputs) -> ExitCode:
     if out.fmt == "json":
         sys.stdout.write(text)
     elif out.fmt == "table":
-        from nrc_audit.render import print_report
+        from nrc_audit.outputs.render import print_report
 
         console = Console(width=None if sys.stdout.isatty() else 120)  # logs and pipes: no 80-column squeeze
         print_report(report, console)

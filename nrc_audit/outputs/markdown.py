@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from nrc_audit.report import LayerReport, Report
+from nrc_audit.outputs.records import LayerReport, ReportData as Report
 
 HOW_TO_READ = (
     "How to read this: each row is a Linear/Conv2d layer and its *input* features H on the audited data. "

@@ -17,7 +17,7 @@ import h5py
 import torch
 
 from nrc_audit.errors import NrcAuditError, OptionsError
-from nrc_audit.stats import Moments, merge
+from nrc_audit.core.stats import Moments, merge
 
 
 @dataclass(frozen=True)

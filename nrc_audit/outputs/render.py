@@ -8,7 +8,7 @@ from rich.panel import Panel
 from rich.table import Table
 from rich.text import Text
 
-from nrc_audit.report import LayerReport, Report
+from nrc_audit.outputs.records import LayerReport, ReportData as Report
 
 FAIL, PASS, WARN = "bold red", "green", "yellow"
 

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from nrc_audit.errors import OptionsError
-from nrc_audit.report import Report
+from nrc_audit.outputs.report import Report
 
 # field → +1 when larger is worse, −1 when smaller is worse; relative tolerance for ratios
 DIRECTIONS = {"nrc1": (+1, False), "nrc2": (-1, False), "nrc3": (-1, False), "nrc4_ratio": (+1, True)}

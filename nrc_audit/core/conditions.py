@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from nrc_audit.config import Thresholds
-from nrc_audit.stats import LayerStatistics
+from nrc_audit.core.stats import LayerStatistics
 
 # `holds` tolerates this much rounding in lhs ≤ rhs. SPEC §4 says 1e-9, but lhs and rhs are square roots:
 # for an exactly collapsed layer both are √(rounding) ≈ 1e-8, and 1e-9 would report a spurious failure.
@@ -243,20 +243,3 @@ def _verdicts(out: LayerMetrics, th: Thresholds) -> LayerMetrics:
     }
     out.collapsed = all(out.passed.values())
     return out
-
-
-def collapse_onset(collapsed: list[bool]) -> int | None:
-    """First index of the longest run of collapsed layers that ends at the last layer (None if it is not)."""
-    if not collapsed or not collapsed[-1]:
-        return None
-    i = len(collapsed) - 1
-    while i > 0 and collapsed[i - 1]:
-        i -= 1
-    return i
-
-
-def gate(collapsed: list[bool], require_collapsed: int) -> tuple[bool, list[int]]:
-    """The CI gate: the last ``require_collapsed`` layers must all be collapsed. Returns (passed, failing)."""
-    start = max(0, len(collapsed) - require_collapsed) if require_collapsed > 0 else len(collapsed)
-    failing = [i for i in range(start, len(collapsed)) if not collapsed[i]]
-    return not failing, failing

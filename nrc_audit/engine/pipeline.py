@@ -16,17 +16,20 @@ from typing import Any, Callable, Iterable
 
 import torch
 
-from nrc_audit import __version__, distributed
-from nrc_audit.conditions import collapse_onset, gate, layer_metrics, target_summary
+from nrc_audit import __version__
+from nrc_audit.engine import distributed
+from nrc_audit.core.conditions import layer_metrics, target_summary
+from nrc_audit.core.verdicts import collapse_onset, gate
 from nrc_audit.config import AnalysisOptions, AuditConfig
 from nrc_audit.errors import ModelDataMismatchError, NrcAuditError, OptionsError
-from nrc_audit.extract import FeatureExtractor, LayerInfo, candidate_layers
-from nrc_audit.io.architecture import resolve_model
+from nrc_audit.core.layer import LayerInfo
+from nrc_audit.engine.extract import FeatureExtractor, candidate_layers
+from nrc_audit.models.architecture import resolve_model
 from nrc_audit.io.checkpoint import load_checkpoint, sha256_file
 from nrc_audit.io.dataset import HDF5Dataset
-from nrc_audit.report import Gate, LayerReport, Report, Summary
-from nrc_audit.stats import Accumulator, JointAccumulator
-from nrc_audit.store import FeatureStore, FeatureStoreWriter
+from nrc_audit.outputs.report import Gate, LayerReport, Report, Summary
+from nrc_audit.core.stats import Accumulator, JointAccumulator
+from nrc_audit.io.store import FeatureStore, FeatureStoreWriter
 
 ProgressHook = Callable[[int, int], None]  # (rows done, rows total)
 POOLING_NOTE = "Conv2d inputs averaged over H×W and Linear inputs over extra dims (pooled: true)"

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from nrc_audit._kernels import _DeviceFolder, _HostFolder, _State, _host64, _to_host
+from nrc_audit.core.kernels import _DeviceFolder, _HostFolder, _State, _host64, _to_host
 
 
 @dataclass

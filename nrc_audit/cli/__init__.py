@@ -1,0 +1,1 @@
+"""The command line: the Typer app, shared option declarations, one module per subcommand."""

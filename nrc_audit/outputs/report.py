@@ -1,0 +1,21 @@
+"""The audit report users hold: the records and their JSON, plus the table view (``to_table``)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from nrc_audit.outputs.records import SCHEMA_ID, METRIC_FIELDS, Gate, LayerReport, ReportData, Summary, load_schema
+from nrc_audit.outputs.render import layer_table
+
+__all__ = ["SCHEMA_ID", "METRIC_FIELDS", "Gate", "LayerReport", "Report", "Summary", "load_schema"]
+
+
+class Report(ReportData):
+    """The whole audit. ``to_dict()`` gives the JSON document, ``to_table()`` the Rich table."""
+
+    def to_table(self) -> Any:
+        """The per-layer Rich table, e.g. ``rich.print(report.to_table())`` in a notebook."""
+        return layer_table(self)
+
+    def __rich__(self) -> Any:
+        return self.to_table()
