@@ -6,7 +6,9 @@ fold one batch into the float64 state fast on each kind of device.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -24,28 +26,88 @@ def _to_host(x: np.ndarray | torch.Tensor) -> np.ndarray:
     return np.array(x if isinstance(x, np.ndarray) else x.detach().cpu().numpy(), dtype=np.float64)
 
 
-# ----------------------------------------------------------------------------- the in-place kernels
+# ----------------------------------------------------------------------------- the state and its merge law
 #
 # State (_State): n folded rows, per-part means [(p_i,)] and scatter blocks {(i, j): (p_i, p_j)}, i ≤ j, over
-# the parts of Z = [Z_0 | Z_1 | …] (one part for Accumulator; H and Y for JointAccumulator). Folding a block
-# of B rows with block means m_i: δ_i = m_i − μ_i, w = n·B/(n + B); each part is centred on m_i into a
-# (B + 1, p_i) float64 buffer whose last row is √w·δ_i, so S_ij += C_iᵀ C_j adds S_block,ij + w δ_i δ_jᵀ
-# (Chan's formula) in one product; then μ_i += δ_i · B/(n + B), n += B.
+# the parts of Z = [Z_0 | Z_1 | …] (one part for Accumulator; H and Y for JointAccumulator). Every way of
+# adding rows (a CPU block, a device batch, another accumulator, another rank) goes through fold_block: with
+# δ_i = m_i − μ_i and w = n·B/(n + B) it adds the block's centred scatter plus Chan's correction
+# r_i r_jᵀ, r_i = √w·δ_i, to S_ij, then μ_i += δ_i · B/(n + B), n += B.
 
 BLOCK_BYTES = 32 << 20  # CPU: float64 rows staged per layer before one syrk (≤ 4096 rows; see below)
 MAX_BLOCK_ROWS = 4096  # syrk of a 512-wide block reaches ~60 GFLOP/s on 2 cores from 4096 rows, ~35 at 1024
 
+SUM, CHAN = "sum", "chan"  # merge rules a state field declares (torchmetrics' dist_reduce_fx)
+
+
+def state_field(merge: str, **kwargs):
+    """A dataclass field that declares how two states combine: ``sum`` adds; ``chan`` goes through fold_block."""
+    return field(metadata={"merge": merge}, **kwargs)
+
+
+def merge_rule(obj, name: str) -> str:
+    """The merge rule a dataclass field declared with :func:`state_field`."""
+    return obj.__dataclass_fields__[name].metadata["merge"]
+
 
 @dataclass
 class _State:
-    n: int = 0
-    means: list = field(default_factory=list)
-    scatter: dict = field(default_factory=dict)
-    bad: int = 0  # rows with a NaN/Inf (a 0-d device tensor on accelerators, to avoid a host sync)
+    n: int = state_field(SUM, default=0)
+    means: list = state_field(CHAN, default_factory=list)  # [(p_i,)] numpy or torch float64
+    scatter: dict = state_field(CHAN, default_factory=dict)  # {(i, j): (p_i, p_j)}, i ≤ j
+    bad: Any = state_field(SUM, default=0)  # rows with a NaN/Inf (a 0-d device tensor on accelerators: no host sync)
 
 
 def _empty_blocks(sizes: list[int], zeros) -> dict:
     return {(i, j): zeros((sizes[i], sizes[j])) for i in range(len(sizes)) for j in range(i, len(sizes))}
+
+
+def _zeros(like, shape: tuple):
+    """float64 zeros of ``shape`` of the same kind (numpy, or torch on the same device) as ``like``."""
+    return like.new_zeros(shape) if isinstance(like, torch.Tensor) else np.zeros(shape)
+
+
+def fold_block(state: _State, b: int, block_means: list, add_scatter: Callable[[list], None]) -> None:
+    """The merge law, written once: fold a disjoint block of ``b`` rows into ``state`` in place.
+
+    Args:
+        state: the running state (numpy or torch float64 parts; means and blocks are updated in place).
+        b: rows in the block (≥ 1).
+        block_means: [(p_i,)] the block's own means.
+        add_scatter: called with the correction rows r = [√w·δ_i (p_i,)]; it must add, for every (i, j),
+            the block's centred scatter S_b,ij plus r_i r_jᵀ to ``state.scatter[(i, j)]`` (each backend in
+            its fastest way: one syrk over rows that end in r, addmm_ + addr_, or a sum of matrices).
+    """
+    if not state.means:
+        state.means = [_zeros(m, m.shape) for m in block_means]
+        state.scatter = _empty_blocks([m.shape[0] for m in block_means], lambda shape: _zeros(block_means[0], shape))
+    total = state.n + b
+    root_w = math.sqrt(state.n * b / total)
+    corrections = []
+    for mu, m in zip(state.means, block_means):
+        delta = m - mu  # (p_i,)
+        corrections.append(delta * root_w)  # Chan's correction, as a row
+        mu += delta * (b / total)
+    add_scatter(corrections)
+    state.n = total
+
+
+def merge_states(a: _State, b: _State) -> None:
+    """Fold state ``b`` into state ``a`` (in place; ``b`` unchanged), by the rules the fields declare."""
+    if b.n == 0:
+        return
+
+    def add(r: list) -> None:
+        for (i, j), s in a.scatter.items():
+            s += b.scatter[(i, j)] + r[i][:, None] * r[j][None, :]  # S_a + S_b + r_i r_jᵀ
+
+    fold_block(a, b.n, b.means, add)
+    for name in a.__dataclass_fields__:
+        if merge_rule(a, name) == SUM and name != "n":  # n is summed by fold_block
+            setattr(a, name, getattr(a, name) + getattr(b, name))
+
+
+# ----------------------------------------------------------------------------- the in-place kernels
 
 
 class _HostFolder:
@@ -101,17 +163,15 @@ class _HostFolder:
             batch_means = [blk.mean(axis=0) for blk in blocks]  # (p_i,)
             if not all(np.isfinite(m).all() for m in batch_means):  # a NaN/Inf anywhere reaches its column mean
                 state.bad += int(np.logical_or.reduce([~np.isfinite(blk).all(axis=1) for blk in blocks]).sum())
-            if not state.means:
-                state.means = [np.zeros_like(m) for m in batch_means]
-                state.scatter = _empty_blocks([m.shape[0] for m in batch_means], np.zeros)
-            w = state.n * b / (state.n + b)
-            for buf, blk, m, mu in zip(self.buffers, blocks, batch_means, state.means):
-                delta = m - mu
-                blk -= m  # centred on the block mean
-                np.multiply(delta, np.sqrt(w), out=buf[b])  # the Chan correction row
-                mu += delta * (b / (state.n + b))
-            _add_products(state.scatter, [buf[: b + 1] for buf in self.buffers])
-        state.n += b
+            for blk, m in zip(blocks, batch_means):
+                blk -= m  # centred on the block mean, in the staging buffer
+
+            def add(corrections: list[np.ndarray]) -> None:
+                for buf, r in zip(self.buffers, corrections):
+                    buf[b] = r  # the Chan row: C_iᵀC_j over b + 1 rows adds S_block,ij + r_i r_jᵀ
+                _add_products(state.scatter, [buf[: b + 1] for buf in self.buffers])
+
+            fold_block(state, b, batch_means, add)
         self.rows = 0
 
 
@@ -136,18 +196,13 @@ class _DeviceFolder:
         batch_means = [z.mean(dim=0) for z in z64]
         finite = torch.stack([torch.isfinite(m).all() for m in batch_means]).all()  # stays on the device
         state.bad = state.bad + torch.where(finite, 0, _nonfinite_rows(parts))  # counted lazily
-        if not state.means:
-            state.means = [torch.zeros_like(m) for m in batch_means]
-            state.scatter = _empty_blocks([m.shape[0] for m in batch_means],
-                                          lambda shape: batch_means[0].new_zeros(shape))  # fmt: skip
-        w = state.n * b / (state.n + b)
         centred = [z - m for z, m in zip(z64, batch_means)]  # (B, p_i)
-        deltas = [m - mu for m, mu in zip(batch_means, state.means)]
-        for (i, j), s in state.scatter.items():
-            s.addmm_(centred[i].T, centred[j]).addr_(deltas[i], deltas[j], alpha=w)
-        for mu, d in zip(state.means, deltas):
-            mu.add_(d, alpha=b / (state.n + b))
-        state.n += b
+
+        def add(corrections: list[torch.Tensor]) -> None:
+            for (i, j), s in state.scatter.items():
+                s.addmm_(centred[i].T, centred[j]).addr_(corrections[i], corrections[j])
+
+        fold_block(state, b, batch_means, add)
 
     def flush(self, state: _State) -> None:
         pass

@@ -23,12 +23,16 @@ centred batch, so each block is updated by a single in-place add. On a GPU the s
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
-from nrc_audit.core.kernels import _DeviceFolder, _HostFolder, _State, _host64, _to_host
+from nrc_audit.core.kernels import (CHAN, SUM, _DeviceFolder, _HostFolder, _State, _host64, _to_host, merge_rule,
+                                    merge_states, state_field)
+from nrc_audit.core.layer import LayerInfo
+
+SAME = "same"  # a field both sides must hold equal (the audited layers)
 
 
 @dataclass
@@ -95,11 +99,15 @@ def merge(a: Moments | None, b: Moments | None) -> Moments | None:
         return b
     if b is None or b.n == 0:
         return a
-    n = a.n + b.n
-    delta = b.mean.to(a.mean.device) - a.mean  # (p,)
-    mean = a.mean + delta * (b.n / n)
-    scatter = a.scatter + b.scatter.to(a.scatter.device) + torch.outer(delta, delta) * (a.n * b.n / n)
-    return Moments(n, mean, scatter)
+    device = a.mean.device
+    total = _State(a.n, [a.mean.clone()], {(0, 0): a.scatter.clone()})
+    merge_states(total, _State(b.n, [b.mean.to(device)], {(0, 0): b.scatter.to(device)}))
+    return Moments(total.n, total.means[0], total.scatter[(0, 0)])
+
+
+def kernel_for(device: torch.device) -> _HostFolder | _DeviceFolder:
+    """The batch kernel for data on ``device`` (tests swap in the device kernel to run it on CPU tensors)."""
+    return _HostFolder() if device.type == "cpu" else _DeviceFolder()
 
 
 class _Folding:
@@ -117,7 +125,7 @@ class _Folding:
         if int(parts[0].shape[0]) == 0:
             return
         if self._folder is None:
-            self._folder = _HostFolder() if parts[0].device.type == "cpu" else _DeviceFolder()
+            self._folder = kernel_for(parts[0].device)
             self._adopt(parts[0].device)
         self._folder.add(self._state, parts)
 
@@ -260,3 +268,61 @@ def _rows(z: torch.Tensor) -> torch.Tensor:
     if z.ndim == 2:
         return z
     return z.unsqueeze(1) if z.ndim == 1 else z.flatten(1)
+
+
+@dataclass
+class PassStatistics:
+    """Everything one pass accumulates: per-layer joint moments, target moments and the model's SSE.
+
+    Each field declares how two passes over disjoint rows combine (:meth:`merge_from`, by batches of ranks
+    as by shards): ``joint``/``targets`` by Chan's formula, ``sse``/``n`` by sums, ``layers`` must agree.
+    """
+
+    layers: list[LayerInfo] = state_field(SAME, default_factory=list)
+    joint: list[JointAccumulator] = state_field(CHAN, default_factory=list)
+    targets: Accumulator = state_field(CHAN, default_factory=Accumulator)
+    sse: float = state_field(SUM, default=0.0)
+    n: int = state_field(SUM, default=0)
+    _sse_pending: torch.Tensor | None = field(default=None, repr=False, metadata={"merge": None})
+
+    def update(self, layers: list[LayerInfo], outputs: torch.Tensor, y: torch.Tensor, feats: list[torch.Tensor]) -> None:
+        """Add one batch: outputs (B, t), y (B, t), feats [(B, h_ℓ)] — all on the same device.
+
+        On an accelerator nothing here waits for the device: the squared error is summed on the device and
+        folded into :attr:`sse` by :meth:`flush` (``extraction_pass`` calls it after the last batch).
+        """
+        if not self.joint:
+            self.layers = layers
+            self.joint = [JointAccumulator(layer.in_dim) for layer in layers]
+        y64 = y.to(device=outputs.device, dtype=torch.float64)
+        for acc, f in zip(self.joint, feats):
+            acc.update_pair(f, y64)
+        self.targets.update(y64)
+        sq = ((outputs.to(torch.float64) - y64) ** 2).sum()  # 0-d, on the batch's device
+        if sq.device.type == "cpu":
+            self.sse += float(sq)
+        else:
+            self._sse_pending = sq if self._sse_pending is None else self._sse_pending + sq
+        self.n += int(y.shape[0])
+
+    def flush(self) -> None:
+        """Bring the device-side squared-error sum into :attr:`sse` (one host synchronisation)."""
+        if self._sse_pending is not None:
+            self.sse += float(self._sse_pending)
+            self._sse_pending = None
+
+    def merge_from(self, other: "PassStatistics") -> None:
+        """Fold the statistics of a pass over other, disjoint rows into this one, field by declared rule."""
+        self.flush()
+        other.flush()
+        if not self.joint:
+            self.layers, self.joint = other.layers, [JointAccumulator(a.h) for a in other.joint]
+        for name in self.__dataclass_fields__:
+            rule, mine, theirs = merge_rule(self, name), getattr(self, name), getattr(other, name)
+            if rule == SUM:
+                setattr(self, name, mine + theirs)
+            elif rule == CHAN:
+                for a, b in zip(mine, theirs) if isinstance(mine, list) else [(mine, theirs)]:
+                    a.merge_from(b)
+            elif rule == SAME and [x.name for x in mine] != [x.name for x in theirs]:
+                raise ValueError(f"cannot merge passes over different layers ({len(mine)} vs {len(theirs)})")

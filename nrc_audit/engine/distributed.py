@@ -11,13 +11,13 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
 import h5py
 import torch
 
 from nrc_audit.errors import NrcAuditError, OptionsError
-from nrc_audit.core.stats import Moments, merge
+from nrc_audit.core.stats import Accumulator, JointAccumulator, Moments, PassStatistics
 
 
 @dataclass(frozen=True)
@@ -89,37 +89,48 @@ def agree(ctx: DistContext, what: str, value: str) -> None:
         )
 
 
-def merge_moments(ctx: DistContext, m: Moments | None, p: int, device: torch.device) -> Moments | None:
-    """All-gather each rank's (n, μ (p,), S (p, p)) and merge them in rank order (Chan's formula)."""
-    packed = torch.zeros(1 + p + p * p, dtype=torch.float64, device=device)
-    if m is not None and m.n > 0:
-        packed[0] = m.n
-        packed[1 : 1 + p] = m.mean.to(device)
-        packed[1 + p :] = m.scatter.to(device).reshape(-1)
-    total: Moments | None = None
-    for part in _gather(ctx, packed):
-        part = part.cpu()
-        n = int(part[0])
-        if n:
-            total = merge(total, Moments(n, part[1 : 1 + p].clone(), part[1 + p :].reshape(p, p).clone()))
-    return total
+def merge_pass(ctx: DistContext, stats: PassStatistics, device: torch.device) -> None:
+    """Replace this rank's statistics by the merge over all ranks, in rank order, by the fields' merge rules.
+
+    Every rank streamed ≥ 1 batch (see :func:`shard`), so all ranks hold the same layers and widths: each
+    packs its pass into one float64 vector, one all-gather moves them, and :meth:`PassStatistics.merge_from`
+    (Chan's formula for the moments, sums for the counts) folds them exactly as it folds batches.
+    """
+    stats.flush()
+    parts = [_unpack(part.cpu(), stats) for part in _gather(ctx, _pack(stats).to(device))]
+    total = PassStatistics()
+    for part in parts:
+        total.merge_from(part)
+    stats.joint, stats.targets, stats.sse, stats.n = total.joint, total.targets, total.sse, total.n
 
 
-def sum_scalars(ctx: DistContext, values: Sequence[float], device: torch.device) -> list[float]:
-    """Sum scalars over ranks (float64), in rank order for reproducibility."""
-    parts = _gather(ctx, torch.tensor(list(values), dtype=torch.float64, device=device))
-    return torch.stack([p.cpu() for p in parts]).sum(dim=0).tolist()
+def _accumulators(stats: PassStatistics) -> list[Accumulator]:
+    return [*stats.joint, stats.targets]
 
 
-def merge_pass(ctx: DistContext, stats: Any, device: torch.device) -> None:
-    """Replace a rank's PassStatistics-like object (joint, targets, sse, n) by the merge over all ranks."""
-    for acc in [*stats.joint, stats.targets]:  # every rank streamed ≥ 1 batch (see shard), so dims are known
-        acc.moments = merge_moments(ctx, acc.moments, acc.moments.dim, device)
-    bad = sum_scalars(ctx, [float(a.nonfinite_rows) for a in stats.joint] or [0.0], device)
-    for acc, value in zip(stats.joint, bad):
-        acc.nonfinite_rows = int(value)
-    stats.sse, n = sum_scalars(ctx, [stats.sse, float(stats.n)], device)
-    stats.n = int(n)
+def _pack(stats: PassStatistics) -> torch.Tensor:
+    """[sse, n, then per accumulator: n, bad, μ (p,), S (p·p,)] as one float64 vector."""
+    pieces = [torch.tensor([stats.sse, float(stats.n)], dtype=torch.float64)]
+    for acc in _accumulators(stats):
+        m = acc.moments
+        head = torch.tensor([float(m.n), float(acc.nonfinite_rows)], dtype=torch.float64)
+        pieces += [head, m.mean.cpu(), m.scatter.cpu().reshape(-1)]
+    return torch.cat(pieces)
+
+
+def _unpack(packed: torch.Tensor, like: PassStatistics) -> PassStatistics:
+    """One rank's :class:`PassStatistics` from its :func:`_pack` vector (shapes from this rank's ``like``)."""
+    out = PassStatistics(layers=like.layers, joint=[JointAccumulator(a.h) for a in like.joint],
+                         sse=float(packed[0]), n=int(packed[1]))  # fmt: skip
+    at = 2
+    for acc, mine in zip(_accumulators(out), _accumulators(like)):
+        p = mine.moments.dim
+        n, bad = int(packed[at]), int(packed[at + 1])
+        mean, scatter = packed[at + 2 : at + 2 + p], packed[at + 2 + p : at + 2 + p + p * p].reshape(p, p)
+        acc.moments = Moments(n, mean.clone(), scatter.clone()) if n else None
+        acc.nonfinite_rows = bad
+        at += 2 + p + p * p
+    return out
 
 
 def sync_errors(ctx: DistContext, error: NrcAuditError | None) -> None:

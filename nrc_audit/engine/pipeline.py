@@ -10,7 +10,6 @@ from __future__ import annotations
 import functools
 import queue
 import threading
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
@@ -28,49 +27,11 @@ from nrc_audit.models.architecture import resolve_model
 from nrc_audit.io.checkpoint import load_checkpoint, sha256_file
 from nrc_audit.io.dataset import HDF5Dataset
 from nrc_audit.outputs.report import Gate, LayerReport, Report, Summary
-from nrc_audit.core.stats import Accumulator, JointAccumulator
+from nrc_audit.core.stats import PassStatistics
 from nrc_audit.io.store import FeatureStore, FeatureStoreWriter
 
 ProgressHook = Callable[[int, int], None]  # (rows done, rows total)
 POOLING_NOTE = "Conv2d inputs averaged over H×W and Linear inputs over extra dims (pooled: true)"
-
-
-@dataclass
-class PassStatistics:
-    """Everything one pass accumulates: per-layer joint moments, target moments and the model's SSE."""
-
-    layers: list[LayerInfo] = field(default_factory=list)
-    joint: list[JointAccumulator] = field(default_factory=list)
-    targets: Accumulator = field(default_factory=Accumulator)
-    sse: float = 0.0
-    n: int = 0
-    _sse_pending: torch.Tensor | None = field(default=None, repr=False)
-
-    def update(self, layers: list[LayerInfo], outputs: torch.Tensor, y: torch.Tensor, feats: list[torch.Tensor]) -> None:
-        """Add one batch: outputs (B, t), y (B, t), feats [(B, h_ℓ)] — all on the same device.
-
-        On an accelerator nothing here waits for the device: the squared error is summed on the device and
-        folded into :attr:`sse` by :meth:`flush` (``extraction_pass`` calls it after the last batch).
-        """
-        if not self.joint:
-            self.layers = layers
-            self.joint = [JointAccumulator(layer.in_dim) for layer in layers]
-        y64 = y.to(device=outputs.device, dtype=torch.float64)
-        for acc, f in zip(self.joint, feats):
-            acc.update_pair(f, y64)
-        self.targets.update(y64)
-        sq = ((outputs.to(torch.float64) - y64) ** 2).sum()  # 0-d, on the batch's device
-        if sq.device.type == "cpu":
-            self.sse += float(sq)
-        else:
-            self._sse_pending = sq if self._sse_pending is None else self._sse_pending + sq
-        self.n += int(y.shape[0])
-
-    def flush(self) -> None:
-        """Bring the device-side squared-error sum into :attr:`sse` (one host synchronisation)."""
-        if self._sse_pending is not None:
-            self.sse += float(self._sse_pending)
-            self._sse_pending = None
 
 
 def resolve_device(name: str) -> torch.device:
