@@ -26,7 +26,7 @@ from torch import nn
 
 REPO = Path(__file__).resolve().parents[1]
 DOC = REPO / "docs" / "performance.md"
-TUNING_ENV = ("OPENBLAS_THREAD_TIMEOUT", "OMP_WAIT_POLICY", "OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS")
+TUNING_ENV = ("OPENBLAS_THREAD_TIMEOUT", "OMP_WAIT_POLICY", "OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "NRC_AUDIT_THREADS")
 SGEMM_DIMS = [14] + [512] * 7 + [4]  # 8 Linear layers: 14→512, six 512→512, 512→4 (the paper's SGEMM MLP)
 
 
@@ -104,16 +104,17 @@ def train_briefly(model: nn.Sequential, data: Path, steps: int, rows: int = 2000
     return model.eval()
 
 
-def make_workload(folder: Path, n: int, seed: int = 0, train_steps: int = 0) -> tuple[Path, Path]:
-    """Write ``model.safetensors`` (SGEMM-like MLP) and ``data-N.h5`` into ``folder``; return both paths."""
+def make_workload(folder: Path, n: int, seed: int = 0, train_steps: int = 0, width: int = 512) -> tuple[Path, Path]:
+    """Write ``model.safetensors`` (SGEMM-like MLP, hidden ``width``) and ``data-N.h5`` into ``folder``."""
     import nrc_audit
 
     data = folder / f"data-{n}.h5"
     if not data.exists():
         write_dataset(data, n, seed)
-    model_path = folder / f"model-s{seed}-t{train_steps}.safetensors"
+    model_path = folder / f"model-s{seed}-t{train_steps}-w{width}.safetensors"
     if not model_path.exists():
-        model = train_briefly(sgemm_like_mlp(seed=seed), data, train_steps, seed=seed)
+        dims = [SGEMM_DIMS[0]] + [width] * (len(SGEMM_DIMS) - 2) + [SGEMM_DIMS[-1]]
+        model = train_briefly(sgemm_like_mlp(dims, seed=seed), data, train_steps, seed=seed)
         nrc_audit.save_checkpoint(model, model_path, arch={"family": "mlp", "activation": "relu"})
     return model_path, data
 

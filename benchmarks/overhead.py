@@ -1,31 +1,42 @@
-"""(a) The audit's wall time against a bare forward pass plus writing the same features with h5py.
+"""(a) The audit's wall and CPU time against a bare forward pass plus writing the same features with h5py.
 
-    python benchmarks/overhead.py                  # N = 200k, CPU (≈ 3 min on 2 cores)
-    python benchmarks/overhead.py --device cuda    # on a GPU machine (benchmarks/gpu.py does this)
+    python benchmarks/overhead.py                       # N = 200k, batch 4096, width 512, CPU (≈ 4 min on 2 cores)
+    python benchmarks/overhead.py --width 2048 --n 50000 --section overhead-w2048
+    python benchmarks/overhead.py --device cuda         # on a GPU machine (benchmarks/gpu.py does this)
 
-Workload: the SGEMM-like MLP (14→512×7→4, 8 Linear layers, random He-normal weights) on N synthetic rows
-in an HDF5 file. All in this one process, each measurement the best of ``--reps``, alternating:
+Workload: the SGEMM-like MLP (14→W×7→4, 8 Linear layers, random He-normal weights) on N synthetic rows
+in an HDF5 file. All in this one process, interleaved (A B C D E, A B C D E, …) so that a change of load
+hits every run alike; each row reports the minimum and median wall *and* CPU seconds (CPU: every thread
+of the process, ``time.process_time``):
 
 * **bare forward**: read X in batches from the HDF5 file, forward with hooks that keep every Linear input;
 * **bare forward + h5py**: the same, writing outputs, targets and all 8 feature matrices with plain h5py
   (contiguous datasets, written in the loop) — the reference of the overhead figure;
-* **audit, no store**: ``run_audit`` with ``--no-features`` (forward + float64 statistics + report);
+* **forward + folds, serial, 1 thread per pool**: the audit without a store, folds on the main thread, torch
+  and BLAS one thread each — the spin-free CPU reference (forward + Gram + report CPU);
+* **audit, no store**: ``run_audit`` with ``--no-features`` (the pipelined pass: forward + float64 folds on a
+  worker + report);
 * **audit**: ``run_audit`` writing the feature store — the same bytes as the reference, plus everything
   the audit computes. **overhead = audit / (bare forward + h5py)**.
 
-A last, instrumented audit run attributes the time to its parts (forward, float64 Gram/statistics, queueing
-for the writer, the writer thread's HDF5 time, the report). Prints the tables and updates the ``overhead``
-section of docs/performance.md (``overhead-gpu`` on a GPU).
+Like the CLI, the script sets the no-spin wait settings (``engine.threads``) before numpy and torch load.
+Prints the table and updates the ``overhead`` section of docs/performance.md (``overhead-gpu`` on a GPU).
 """
 
 from __future__ import annotations
 
 import argparse
+import os
+import statistics
 import sys
 import tempfile
 import time
-from collections import defaultdict
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from nrc_audit.engine.threads import quiet_idle_threads  # noqa: E402 — before numpy and torch load
+
+quiet_idle_threads()
 
 import h5py
 import numpy as np
@@ -33,8 +44,7 @@ import torch
 from torch import nn
 
 from _common import Machine, drop_dirty_pages, load_average, make_workload, markdown_table, stamp, update_doc_section
-from nrc_audit.engine import pipeline
-from nrc_audit.io import store
+from nrc_audit.engine import pipeline, threads
 from nrc_audit.config import AuditConfig, DataOptions, ModelOptions
 from nrc_audit.models.architecture import resolve_model
 from nrc_audit.io.checkpoint import load_checkpoint
@@ -87,45 +97,29 @@ def audit_pass(model: Path, data: Path, n: int, batch_size: int, device: torch.d
     return time.perf_counter() - start
 
 
-class Profile:
-    """Wall time per part of the audit, by wrapping the pipeline's functions for one instrumented run."""
+def serial_pass(model: Path, data: Path, n: int, batch_size: int, device: torch.device, _: Path | None) -> float:
+    """The audit without store, folds on the main thread, torch and numpy's BLAS one thread each."""
+    before = os.environ.get(threads.ENV)
+    os.environ[threads.ENV] = "serial"
+    try:
+        with threads.applied(threads.ThreadPlan(1, 1, False)):
+            return audit_pass(model, data, n, batch_size, device, None)
+    finally:
+        os.environ.pop(threads.ENV) if before is None else os.environ.__setitem__(threads.ENV, before)
 
-    def __init__(self) -> None:
-        self.seconds: dict[str, float] = defaultdict(float)
-        self._undo: list[tuple[object, str, object]] = []
 
-    def wrap(self, owner: object, name: str, label: str) -> None:
-        original = getattr(owner, name)
-        seconds = self.seconds
-
-        def timed(*args, **kwargs):
-            start = time.perf_counter()
-            try:
-                return original(*args, **kwargs)
-            finally:
-                seconds[label] += time.perf_counter() - start
-
-        setattr(owner, name, timed)
-        self._undo.append((owner, name, original))
-
-    def __enter__(self) -> "Profile":
-        self.wrap(pipeline, "_forward", "forward (hooks, float32)")
-        self.wrap(pipeline.PassStatistics, "update", "float64 statistics (Gram, Chan merge)")
-        self.wrap(store.FeatureStoreWriter, "write", "queue features for the writer (main thread)")
-        self.wrap(store.FeatureStoreWriter, "_write_now", "HDF5 writes (writer thread, overlapped)")
-        self.wrap(store.FeatureStoreWriter, "close", "drain the writer at the end")
-        self.wrap(pipeline, "build_report", "report (eigh, SVDs, conditions)")
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        for owner, name, original in reversed(self._undo):
-            setattr(owner, name, original)
+def measured(fn) -> tuple[float, float]:
+    """(wall, CPU of every thread) seconds of ``fn()``."""
+    cpu = time.process_time()
+    wall = fn()
+    return wall, time.process_time() - cpu
 
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--n", type=int, default=200_000)
-    p.add_argument("--batch-size", type=int, default=AuditConfig.__dataclass_fields__["batch_size"].default)
+    p.add_argument("--batch-size", type=int, default=4096)
+    p.add_argument("--width", type=int, default=512, help="hidden width W of the 8-layer MLP (default 512)")
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--device", default="cpu")
     p.add_argument("--dir", type=Path, default=None, help="work folder on the disk to measure (default: a temp dir)")
@@ -136,64 +130,69 @@ def main(argv: list[str] | None = None) -> None:
     machine = Machine.here()
     with tempfile.TemporaryDirectory(prefix="nrc-overhead-", dir=args.dir) as tmp:
         folder = Path(tmp)
-        model, data = make_workload(folder, args.n)
+        model, data = make_workload(folder, args.n, width=args.width)
         store_path, bare_path = folder / "store.h5", folder / "bare.h5"
         audit_pass(model, data, 4 * args.batch_size, args.batch_size, device, store_path)  # warm-up
         runs = {
-            "bare forward": lambda: bare_pass(model, data, args.n, args.batch_size, device, None),
-            "bare forward + h5py writes": lambda: bare_pass(model, data, args.n, args.batch_size, device, bare_path),
-            "audit, no feature store": lambda: audit_pass(model, data, args.n, args.batch_size, device, None),
-            "audit with feature store": lambda: audit_pass(model, data, args.n, args.batch_size, device, store_path),
+            "bare forward": (bare_pass, None),
+            "bare forward + h5py writes": (bare_pass, bare_path),
+            "forward + folds, serial, 1 thread per pool": (serial_pass, None),
+            "audit, no feature store": (audit_pass, None),
+            "audit with feature store": (audit_pass, store_path),
         }
-        best: dict[str, float] = {}
+        if device.type != "cpu":
+            del runs["forward + folds, serial, 1 thread per pool"]
+        seen: dict[str, list[tuple[float, float]]] = {name: [] for name in runs}
         loads = []
         for rep in range(args.reps):
-            for name, fn in runs.items():
+            for name, (fn, out) in runs.items():
                 drop_dirty_pages()
                 loads.append(load_average())
-                seconds = fn()
-                best[name] = min(best.get(name, float("inf")), seconds)
-                print(f"rep {rep + 1}: {name}: {seconds:.2f} s (load {loads[-1]:.2f})", file=sys.stderr, flush=True)
+                wall, cpu = measured(lambda: fn(model, data, args.n, args.batch_size, device, out))
+                seen[name].append((wall, cpu))
+                print(f"rep {rep + 1}: {name}: {wall:.2f} s wall, {cpu:.2f} s CPU (load {loads[-1]:.2f})",
+                      file=sys.stderr, flush=True)  # fmt: skip
+                store_mib = store_path.stat().st_size / 2**20 if store_path.exists() else 0.0
                 for path in (store_path, bare_path):
                     path.unlink(missing_ok=True)
-        drop_dirty_pages()
-        with Profile() as prof:
-            wall = audit_pass(model, data, args.n, args.batch_size, device, store_path)
-        store_mib = store_path.stat().st_size / 2**20
-        store_path.unlink(missing_ok=True)
-    body = render(args, machine, best, prof.seconds, wall, store_mib, max(loads))
+    body = render(args, machine, seen, store_mib, min(loads), max(loads))
     print(body)
     if not args.no_doc:
         update_doc_section(args.section or ("overhead" if device.type == "cpu" else "overhead-gpu"), body)
 
 
-def render(args, machine: Machine, best: dict[str, float], parts: dict[str, float], wall: float, store_mib: float,
-           max_load: float) -> str:  # fmt: skip
-    ref = best["bare forward + h5py writes"]
-    rows = [[name, f"{s:.2f}", f"{s / ref:.2f}"] for name, s in best.items()]
-    table = markdown_table(["run", "seconds (best)", "÷ bare forward + h5py"], rows)
-    fwd, audit = best["bare forward"], best["audit with feature store"]
-    writes = ref - fwd
-    stats_cost = best["audit, no feature store"] - fwd
-    hidden = best["audit, no feature store"] + writes - audit
-    prof_rows = [[k, f"{v:.2f}", f"{v / wall:.0%}"] for k, v in parts.items()]
-    prof_rows.append(["whole instrumented audit", f"{wall:.2f}", "100%"])
-    profile = markdown_table(["part of the audit", "seconds", "share of wall"], prof_rows)
-    return "\n".join([
-        f"{stamp(machine)} Device `{args.device}`, N = {args.n:,}, batch {args.batch_size}, best of {args.reps}; "
-        f"the feature store is {store_mib:,.0f} MiB. Highest 1-min load average seen: {max_load:.2f}.",
+def render(args, machine: Machine, seen: dict[str, list[tuple[float, float]]], store_mib: float,
+           min_load: float, max_load: float) -> str:  # fmt: skip
+    wall = {k: [w for w, _ in v] for k, v in seen.items()}
+    cpu = {k: [c for _, c in v] for k, v in seen.items()}
+    ref, fwd = "bare forward + h5py writes", "bare forward"
+    rows = [[name, f"{min(wall[name]):.2f}", f"{statistics.median(wall[name]):.2f}",
+             f"{min(cpu[name]):.2f}", f"{statistics.median(cpu[name]):.2f}",
+             f"{min(wall[name]) / min(wall[ref]):.2f}", f"{statistics.median(wall[name]) / statistics.median(wall[ref]):.2f}"]
+            for name in seen]  # fmt: skip
+    table = markdown_table(["run", "wall min", "wall median", "CPU min", "CPU median", "wall min ÷ ref",
+                            "wall median ÷ ref"], rows)  # fmt: skip
+    lines = [
+        f"{stamp(machine)} Device `{args.device}`, N = {args.n:,}, width {args.width}, batch {args.batch_size}, "
+        f"{args.reps} interleaved repetitions; the feature store is {store_mib:,.0f} MiB; thread plan "
+        f"{threads.plan()}. 1-min load average during the runs: {min_load:.2f}–{max_load:.2f}. Seconds; "
+        "ref = bare forward + h5py writes.",
         "",
         table,
         "",
-        f"**Overhead (a) = {audit / ref:.2f}×** (audit with store ÷ bare forward + h5py). Derived: the h5py "
-        f"writes cost {writes:.1f} s on their own; the float64 statistics and the report add {stats_cost:.1f} s "
-        f"to the bare forward ({fwd:.1f} s); the background writer hides {hidden:.1f} s of the {writes:.1f} s of "
-        f"writes.",
-        "",
-        "Where the time goes (one instrumented run; the writer-thread row overlaps the others):",
-        "",
-        profile,
-    ])  # fmt: skip
+        f"**audit with store ÷ (bare forward + h5py) = {min(wall['audit with feature store']) / min(wall[ref]):.2f}×** "
+        f"(minima; medians {statistics.median(wall['audit with feature store']) / statistics.median(wall[ref]):.2f}×); "
+        f"**audit --no-features ÷ bare forward = {min(wall['audit, no feature store']) / min(wall[fwd]):.2f}×** "
+        f"(medians {statistics.median(wall['audit, no feature store']) / statistics.median(wall[fwd]):.2f}×).",
+    ]
+    serial = "forward + folds, serial, 1 thread per pool"
+    if serial in cpu:
+        budget = min(cpu[serial]) + min(cpu[ref]) - min(cpu[fwd])
+        lines += ["", f"CPU check: the audit with store used {min(cpu['audit with feature store']):.1f} s CPU against "
+                  f"forward + Gram + report ({min(cpu[serial]):.1f} s, the serial one-thread run) + write "
+                  f"({min(cpu[ref]) - min(cpu[fwd]):.1f} s) = {budget:.1f} s: "
+                  f"{min(cpu['audit with feature store']) / budget:.2f}× (≤ 1.10 means no CPU spent spinning)."]  # fmt: skip
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

@@ -16,7 +16,7 @@ from typing import Any, Callable, Iterable
 import torch
 
 from nrc_audit import __version__
-from nrc_audit.engine import distributed
+from nrc_audit.engine import distributed, overlap, threads
 from nrc_audit.core.conditions import layer_metrics, target_summary
 from nrc_audit.core.verdicts import collapse_onset, gate
 from nrc_audit.config import AnalysisOptions, AuditConfig
@@ -27,7 +27,7 @@ from nrc_audit.models.architecture import resolve_model
 from nrc_audit.io.checkpoint import load_checkpoint, sha256_file
 from nrc_audit.io.dataset import HDF5Dataset
 from nrc_audit.outputs.report import Gate, LayerReport, Report, Summary
-from nrc_audit.core.stats import PassStatistics
+from nrc_audit.core.stats import JointAccumulator, PassStatistics
 from nrc_audit.io.store import FeatureStore, FeatureStoreWriter
 
 ProgressHook = Callable[[int, int], None]  # (rows done, rows total)
@@ -182,9 +182,12 @@ def extraction_pass(
     float64 statistics of every layer, and hand the features to the store writer (if any)."""
     stats, writer = PassStatistics(), None
     dtype = _model_dtype(model)
+    plan = threads.plan() if device.type == "cpu" else threads.ThreadPlan(None, None, False)
     reader = _Prefetcher(batches, pin=device.type == "cuda")  # reads batch k+1 while batch k is computed
+    folder = overlap.FoldWorker(stats.update) if plan.pipelined else None  # folds batch k during forward k+1
+    fold = folder.put if folder is not None else stats.update
     try:
-        with FeatureExtractor(model, modules) as extractor:
+        with threads.applied(plan), FeatureExtractor(model, modules) as extractor:
             for start, x, y in reader:
                 x = x.to(device, dtype=dtype if x.is_floating_point() else None, non_blocking=True)
                 y = y.to(device, dtype=torch.float64, non_blocking=True).reshape(len(y), -1)  # (B, t)
@@ -195,18 +198,20 @@ def extraction_pass(
                     writer = writer_factory(layers)
                 if writer is not None:  # queued first: the writer thread works while this batch's Grams run
                     writer.write(start, out, y, feats)
-                stats.update(layers, out, y, feats)
+                fold(layers, out, y, feats)
                 if progress is not None:
                     progress(start + len(y), num_rows or 0)
+            if folder is not None:
+                folder.finish()
         stats.flush()
     except NrcAuditError:
-        reader.close()
+        _stop(reader, folder)
         if writer is not None:  # unusable input: leave no partial output behind
             writer.close(complete=False)
             Path(writer.path).unlink(missing_ok=True)
         raise
     except BaseException:
-        reader.close()
+        _stop(reader, folder)
         if writer is not None:  # interrupted: keep the store, marked incomplete
             writer.close(complete=False)
         raise
@@ -214,6 +219,12 @@ def extraction_pass(
     if writer is not None:
         writer.close(complete=True)
     return stats
+
+
+def _stop(reader: "_Prefetcher", folder: overlap.FoldWorker | None) -> None:
+    reader.close()
+    if folder is not None:
+        folder.cancel()
 
 
 class _Prefetcher:
@@ -329,11 +340,13 @@ def build_report(stats: PassStatistics, analysis: AnalysisOptions, context: dict
     model_info = dict(context["model"], assumptions=list(context["model"].get("assumptions", [])))
     if any(layer.pooled for layer in stats.layers) and POOLING_NOTE not in model_info["assumptions"]:
         model_info["assumptions"].append(POOLING_NOTE)
-    rows = []
-    for layer, acc in zip(stats.layers, stats.joint):
+    def analyse(pair: tuple[LayerInfo, JointAccumulator]) -> LayerReport:
+        layer, acc = pair
         m = layer_metrics(acc.finalize(), layer.weight.numpy(), k, model_mse, analysis.pinv_rtol, analysis.thresholds)
-        rows.append(LayerReport.from_metrics(layer.index, layer.name, layer.kind, layer.in_dim, layer.out_dim,
-                                             layer.pooled, m))  # fmt: skip
+        return LayerReport.from_metrics(layer.index, layer.name, layer.kind, layer.in_dim, layer.out_dim,
+                                        layer.pooled, m)  # fmt: skip
+
+    rows = threads.parallel_map(analyse, zip(stats.layers, stats.joint))  # O(h³) per layer: layers in parallel
     collapsed = [r.collapsed for r in rows]
     passed, failing = gate(collapsed, analysis.require_collapsed)
     summary = Summary(

@@ -1,0 +1,71 @@
+"""The float64 folds on a worker thread, fed by a bounded queue, so that they overlap the forward pass.
+
+The forward of batch k+1 (float32, torch's pool, main thread) and the folds of batch k (float64 syrk,
+numpy's BLAS, this worker) run on different cores; both release the GIL in their heavy loops. One worker
+folds the batches in their order, so the result is the one the serial pass computes, bit for bit.
+Memory stays bounded: at most ``depth`` batches of features wait in the queue.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+from typing import Callable
+
+_STOP = object()
+
+
+class FoldWorker:
+    """Calls ``fold(*item)`` on a background thread for every item :meth:`put`, in order.
+
+    An exception raised by ``fold`` is re-raised on the caller's thread by the next :meth:`put` or by
+    :meth:`finish`; :meth:`cancel` drops what is queued and stops the thread. Either is safe to call twice.
+    """
+
+    def __init__(self, fold: Callable[..., None], depth: int = 2) -> None:
+        self._fold = fold
+        self._queue: queue.Queue = queue.Queue(maxsize=depth)
+        self._error: BaseException | None = None
+        self._cancelled = threading.Event()
+        self._done = False
+        self._thread = threading.Thread(target=self._run, name="nrc-audit-fold", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while (item := self._queue.get()) is not _STOP:
+            if self._error is None and not self._cancelled.is_set():
+                try:
+                    self._fold(*item)
+                except BaseException as exc:  # handed to the main thread
+                    self._error = exc
+
+    def put(self, *item: object) -> None:
+        """Queue one batch for folding (blocks while ``depth`` batches wait)."""
+        self._raise_if_failed()
+        while True:
+            try:
+                self._queue.put(item, timeout=0.1)
+                return
+            except queue.Full:
+                self._raise_if_failed()  # a dead fold must not leave the forward waiting forever
+
+    def finish(self) -> None:
+        """Fold everything queued, stop the thread, raise the fold's error if there was one."""
+        self._stop()
+        self._raise_if_failed()
+
+    def cancel(self) -> None:
+        """Drop the queued batches and stop the thread (after an error or an interrupt)."""
+        self._cancelled.set()
+        self._stop()
+
+    def _stop(self) -> None:
+        if not self._done:
+            self._done = True
+            self._queue.put(_STOP)
+            self._thread.join()
+
+    def _raise_if_failed(self) -> None:
+        if self._error is not None:
+            error, self._error = self._error, None
+            raise error

@@ -1,0 +1,126 @@
+"""How the audit shares the CPU cores: torch's pool runs the forward, numpy's BLAS the float64 folds.
+
+On the CPU the pass is pipelined (``engine.overlap.FoldWorker``): the main thread runs the float32 forward
+while a worker thread folds the previous batch's float64 statistics. The two thread pools are therefore
+sized to split the cores between them instead of each claiming them all — two pools of 2 threads on 2
+cores spend most of their CPU spinning and synchronising against each other.
+
+Override with ``NRC_AUDIT_THREADS``:
+
+* ``auto`` (default): torch gets ⌈cores/2⌉ threads, BLAS the rest (at least 1 each); folds overlapped;
+* ``T,B``: torch T threads, BLAS B threads; folds overlapped;
+* ``serial``: leave both pools as they are and fold on the main thread (the unpipelined pass).
+
+Idle OpenMP/OpenBLAS threads spin for a while after each call before they sleep, which on a machine
+with as many threads as cores steals the other pool's core. :func:`quiet_idle_threads` sets the wait
+settings that stop it; they are read when the libraries load, so the CLI calls it before importing numpy
+or torch (a user's own ``OMP_WAIT_POLICY`` / ``OPENBLAS_THREAD_TIMEOUT`` win).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+from dataclasses import dataclass
+from concurrent.futures import ThreadPoolExecutor
+from typing import Callable, Iterable, Iterator, TypeVar
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+ENV = "NRC_AUDIT_THREADS"
+IDLE_SETTINGS = {"OMP_WAIT_POLICY": "PASSIVE", "OPENBLAS_THREAD_TIMEOUT": "4"}  # 2⁴ cycles: sleep at once
+
+
+def quiet_idle_threads(environ: dict | None = None) -> bool:
+    """Set the no-spin wait settings unless the user set them or numpy/torch are already loaded."""
+    env = os.environ if environ is None else environ
+    if "numpy" in sys.modules or "torch" in sys.modules:
+        return False  # too late: the libraries have read their settings
+    for key, value in IDLE_SETTINGS.items():
+        env.setdefault(key, value)
+    return True
+
+
+@dataclass(frozen=True)
+class ThreadPlan:
+    """torch_threads for the forward, blas_threads for the folds; pipelined: folds on a worker thread."""
+
+    torch_threads: int | None
+    blas_threads: int | None
+    pipelined: bool
+
+
+def plan(spec: str | None = None, cores: int | None = None) -> ThreadPlan:
+    """The plan for ``spec`` (default: ``$NRC_AUDIT_THREADS`` or ``auto``) on ``cores`` usable cores.
+
+    Example:
+        >>> plan("auto", cores=2), plan("3,1", cores=2).torch_threads, plan("serial").pipelined
+        (ThreadPlan(torch_threads=1, blas_threads=1, pipelined=True), 3, False)
+    """
+    from nrc_audit.errors import OptionsError
+
+    spec = (spec if spec is not None else os.environ.get(ENV, "auto")).strip().lower() or "auto"
+    if spec == "serial":
+        return ThreadPlan(None, None, False)
+    if spec == "auto":
+        n = cores or _usable_cores()
+        forward = max(1, (n + 1) // 2)
+        return ThreadPlan(forward, max(1, n - forward), True)
+    try:
+        forward, blas = (int(v) for v in spec.split(","))
+        if forward < 1 or blas < 1:
+            raise ValueError
+    except ValueError:
+        raise OptionsError(
+            f"{ENV}={spec!r} is not a thread plan; use auto, serial, or TORCH,BLAS thread counts such as 1,1."
+        ) from None
+    return ThreadPlan(forward, blas, True)
+
+
+def _usable_cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+@contextlib.contextmanager
+def applied(p: ThreadPlan) -> Iterator[ThreadPlan]:
+    """Size torch's and numpy's BLAS pools for the pass, and restore them afterwards."""
+    import torch
+
+    if p.torch_threads is None:
+        yield p
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(p.torch_threads)
+    try:
+        with _blas_limit(p.blas_threads):
+            yield p
+    finally:
+        torch.set_num_threads(before)
+
+
+def _blas_limit(threads: int | None):
+    """numpy's OpenBLAS only (internal_api "openblas"): torch's MKL follows ``torch.set_num_threads``."""
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:  # optional: without it numpy's BLAS keeps its own size
+        return contextlib.nullcontext()
+    return threadpool_limits(limits={"openblas": threads}) if threads else contextlib.nullcontext()
+
+
+def parallel_map(fn: Callable[[T], R], items: Iterable[T], cores: int | None = None) -> list[R]:
+    """``[fn(x) for x in items]`` on one thread per core, numpy's BLAS one thread each (LAPACK releases the GIL).
+
+    The per-layer analysis (eigh of Σ_H, SVD of W: O(h³), independent of N) runs layer-parallel this way
+    instead of one layer at a time on a multi-threaded LAPACK that scales poorly at these sizes.
+    """
+    items = list(items)
+    workers = min(len(items), cores or _usable_cores())
+    if workers <= 1:
+        return [fn(x) for x in items]
+    with _blas_limit(1), ThreadPoolExecutor(max_workers=workers, thread_name_prefix="nrc-audit-analysis") as pool:
+        return list(pool.map(fn, items))
