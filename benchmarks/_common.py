@@ -119,6 +119,38 @@ def make_workload(folder: Path, n: int, seed: int = 0, train_steps: int = 0, wid
     return model_path, data
 
 
+CONV_NETS = {  # name: (make_resnet arguments, image side)
+    "conv": (dict(block="basic", blocks=(1, 1, 1), widths=(16, 32, 64)), 16),
+    "resnet50": (dict(block="bottleneck", blocks=(3, 4, 6, 3), widths=(64, 128, 256, 512)), 32),  # 23.5M params
+}
+
+
+def make_conv_workload(folder: Path, n: int, name: str = "conv", seed: int = 0) -> tuple[Path, Path]:
+    """A torchvision-style ResNet (``CONV_NETS[name]``, CIFAR stem, 4 outputs) and N random images."""
+    import nrc_audit
+    from nrc_audit.models.resnet import make_resnet
+
+    kwargs, side = CONV_NETS[name]
+    data = folder / f"images-{name}-{n}.h5"
+    if not data.exists():
+        teacher = np.random.default_rng(seed).standard_normal((3, 4))
+        with h5py.File(data, "w") as fh:
+            x_ds = fh.create_dataset("X", shape=(n, 3, side, side), dtype=np.float32)
+            y_ds = fh.create_dataset("Y", shape=(n, 4), dtype=np.float32)
+            step = max(1, (64 << 20) // (3 * side * side * 4))
+            for a in range(0, n, step):
+                rng = np.random.default_rng([seed, a])
+                x = rng.standard_normal((min(step, n - a), 3, side, side)).astype(np.float32)
+                x_ds[a : a + len(x)] = x
+                y_ds[a : a + len(x)] = (np.tanh(x.mean(axis=(2, 3)) @ teacher) + 0.05 * rng.standard_normal((len(x), 4)))
+    model_path = folder / f"{name}-s{seed}.safetensors"
+    if not model_path.exists():
+        torch.manual_seed(seed)
+        model = make_resnet(**kwargs, num_outputs=4, cifar_stem=True).eval()
+        nrc_audit.save_checkpoint(model, model_path, arch={"family": "resnet"})
+    return model_path, data
+
+
 # ----------------------------------------------------------------------------- measuring
 
 

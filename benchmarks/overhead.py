@@ -43,7 +43,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from _common import Machine, drop_dirty_pages, load_average, make_workload, markdown_table, stamp, update_doc_section
+from _common import CONV_NETS, Machine, drop_dirty_pages, make_conv_workload, load_average, make_workload, markdown_table, stamp, update_doc_section
 from nrc_audit.engine import pipeline, threads
 from nrc_audit.config import AuditConfig, DataOptions, ModelOptions
 from nrc_audit.models.architecture import resolve_model
@@ -51,22 +51,25 @@ from nrc_audit.io.checkpoint import load_checkpoint
 
 
 def bare_pass(model_path: Path, data: Path, n: int, batch_size: int, device: torch.device, out_path: Path | None) -> float:
-    """Forward over the first n rows with input hooks on every Linear; optionally write it all with h5py."""
+    """Forward over the first n rows with input hooks on every Linear/Conv2d; optionally write it all with h5py.
+
+    Conv2d inputs are averaged over H×W in the hook, as the audit's features are (its store holds those).
+    """
     start = time.perf_counter()
     model = resolve_model(load_checkpoint(model_path), ModelOptions()).module.to(device).eval()
-    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    audited = [m for m in model.modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
     captured: list[torch.Tensor] = []
-    hooks = [m.register_forward_pre_hook(lambda mod, inp: captured.append(inp[0].detach())) for m in linears]
+
+    def keep(mod: nn.Module, inp: tuple) -> None:
+        h = inp[0].detach()
+        captured.append(h.mean(dim=(2, 3)) if isinstance(mod, nn.Conv2d) else h)
+
+    hooks = [m.register_forward_pre_hook(keep) for m in audited]
     out_fh = h5py.File(out_path, "w") if out_path is not None else None
+    sinks: list[h5py.Dataset] = []
     try:
         with h5py.File(data, "r") as fh:
             x_ds, y_ds = fh["X"], fh["Y"]
-            t = y_ds.shape[1]
-            if out_fh is not None:
-                outputs = out_fh.create_dataset("outputs", (n, t), np.float32)
-                targets = out_fh.create_dataset("targets", (n, t), np.float64)
-                layers = [out_fh.create_dataset(f"layers/{i:02d}", (n, m.in_features), np.float32)
-                          for i, m in enumerate(linears)]  # fmt: skip
             for a in range(0, n, batch_size):
                 b = min(a + batch_size, n)
                 x = torch.from_numpy(x_ds[a:b]).to(device)
@@ -74,10 +77,12 @@ def bare_pass(model_path: Path, data: Path, n: int, batch_size: int, device: tor
                 with torch.inference_mode():
                     out = model(x)
                 if out_fh is not None:
-                    outputs[a:b] = out.cpu().numpy()
-                    targets[a:b] = y
-                    for ds, f in zip(layers, captured):
-                        ds[a:b] = f.cpu().numpy()
+                    arrays = [out.cpu().numpy(), y, *[f.cpu().numpy() for f in captured]]
+                    if not sinks:  # contiguous datasets, created once the widths are known
+                        names = ["outputs", "targets", *[f"layers/{i:02d}" for i in range(len(captured))]]
+                        sinks = [out_fh.create_dataset(k, (n, v.shape[1]), v.dtype) for k, v in zip(names, arrays)]
+                    for ds, v in zip(sinks, arrays):
+                        ds[a:b] = v
                 captured.clear()
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
@@ -120,6 +125,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--n", type=int, default=200_000)
     p.add_argument("--batch-size", type=int, default=4096)
     p.add_argument("--width", type=int, default=512, help="hidden width W of the 8-layer MLP (default 512)")
+    p.add_argument("--arch", choices=sorted(CONV_NETS) + ["mlp"], default="mlp",
+                   help="mlp (default), conv (a small ResNet on 16×16 images) or resnet50 (ResNet-50-sized, 32×32)")
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--device", default="cpu")
     p.add_argument("--dir", type=Path, default=None, help="work folder on the disk to measure (default: a temp dir)")
@@ -130,7 +137,10 @@ def main(argv: list[str] | None = None) -> None:
     machine = Machine.here()
     with tempfile.TemporaryDirectory(prefix="nrc-overhead-", dir=args.dir) as tmp:
         folder = Path(tmp)
-        model, data = make_workload(folder, args.n, width=args.width)
+        if args.arch == "mlp":
+            model, data = make_workload(folder, args.n, width=args.width)
+        else:
+            model, data = make_conv_workload(folder, args.n, args.arch)
         store_path, bare_path = folder / "store.h5", folder / "bare.h5"
         audit_pass(model, data, 4 * args.batch_size, args.batch_size, device, store_path)  # warm-up
         runs = {
@@ -173,7 +183,8 @@ def render(args, machine: Machine, seen: dict[str, list[tuple[float, float]]], s
     table = markdown_table(["run", "wall min", "wall median", "CPU min", "CPU median", "wall min ÷ ref",
                             "wall median ÷ ref"], rows)  # fmt: skip
     lines = [
-        f"{stamp(machine)} Device `{args.device}`, N = {args.n:,}, width {args.width}, batch {args.batch_size}, "
+        f"{stamp(machine)} Device `{args.device}`, model {args.arch if args.arch != 'mlp' else f'MLP width {args.width}'}, "
+        f"N = {args.n:,}, batch {args.batch_size}, "
         f"{args.reps} interleaved repetitions; the feature store is {store_mib:,.0f} MiB; thread plan "
         f"{threads.plan()}. 1-min load average during the runs: {min_load:.2f}–{max_load:.2f}. Seconds; "
         "ref = bare forward + h5py writes.",

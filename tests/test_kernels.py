@@ -30,6 +30,7 @@ from nrc_audit.engine.pipeline import run_audit
 
 PINNED = settings(derandomize=True, database=None, deadline=None, max_examples=40)
 KERNELS = ["host", "device"]
+DEVICE = torch.device(os.environ.get("NRC_AUDIT_TEST_DEVICE", "cpu"))  # benchmarks/gpu.py sets cuda
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -37,8 +38,14 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 def use_kernel(monkeypatch, kind: str, block_rows: int = 8) -> None:
     """Small CPU blocks (so a stream folds many of them), or the device kernel on CPU tensors."""
     monkeypatch.setattr(kernels, "MAX_BLOCK_ROWS", block_rows)
-    if kind == "device":
+    if kind == "device" and DEVICE.type == "cpu":
         monkeypatch.setattr(stats, "kernel_for", lambda device: kernels._DeviceFolder())
+
+
+def on(kind: str, x: np.ndarray) -> torch.Tensor:
+    """The rows as a tensor where ``kind``'s kernel runs (CUDA for the device kernel when a GPU is given)."""
+    t = torch.from_numpy(np.ascontiguousarray(x))
+    return t.to(DEVICE) if kind == "device" else t
 
 
 def two_pass(x: np.ndarray) -> tuple[int, np.ndarray, np.ndarray]:
@@ -69,7 +76,7 @@ def test_stream_over_many_blocks_matches_two_pass(monkeypatch, kind, batch):
     x = shifted(300, 6, seed=batch)  # 300 rows in blocks of 8: ≈ 38 folds, each with its own correction
     acc = Accumulator()
     for a in range(0, len(x), batch):
-        acc.update(torch.from_numpy(x[a : a + batch]))
+        acc.update(on(kind, x[a : a + batch]))
     assert_close(acc.moments, x)
 
 
@@ -79,7 +86,7 @@ def test_joint_stream_over_many_blocks_matches_two_pass(monkeypatch, kind):
     h, y = shifted(257, 5, seed=1).astype(np.float32), shifted(257, 2, seed=2, offset=-30.0)
     acc = JointAccumulator(5)
     for a in range(0, 257, 11):
-        acc.update_pair(torch.from_numpy(h[a : a + 11]), torch.from_numpy(y[a : a + 11]))
+        acc.update_pair(on(kind, h[a : a + 11]), on(kind, y[a : a + 11]))
     s = acc.finalize()
     z = np.hstack([h.astype(np.float64), y])
     _, mean, scatter = two_pass(z)
@@ -95,7 +102,7 @@ def test_kernels_count_nonfinite_rows_across_blocks(monkeypatch, kind):
     x[[4, 40, 41, 97], [0, 2, 1, 0]] = [np.nan, np.inf, np.nan, -np.inf]
     acc = Accumulator()
     for a in range(0, 100, 9):
-        acc.update(torch.from_numpy(x[a : a + 9]))
+        acc.update(on(kind, x[a : a + 9]))
     assert acc.nonfinite_rows == 4
 
 
@@ -112,7 +119,7 @@ def test_merge_law_on_the_production_kernels(n, p, cuts, batch, kind, seed):
         for a, b in zip(edges, edges[1:]):
             acc = Accumulator()
             for i in range(a, b, batch):
-                acc.update(torch.from_numpy(x[i : min(i + batch, b)]))
+                acc.update(on(kind, x[i : min(i + batch, b)]))
             shards.append(acc)
         total = Accumulator()
         for acc in shards:

@@ -7,7 +7,11 @@ the count, the mean and the *centred* scatter S = Σ_i (z_i − μ)(z_i − μ)�
     μ  = μ_a + δ · n_b / n,                δ = μ_b − μ_a     (weighted mean)
     S  = S_a + S_b + δ δᵀ · n_a n_b / n                       (Chan, Golub & LeVeque 1979)
 
-so batches, shards and saved partial states all combine with the one function :func:`merge`.
+so batches, shards and saved partial states all combine by one law, written once in
+:func:`nrc_audit.core.kernels.fold_block`: the CPU kernel's staged blocks, the device kernel's batches,
+:func:`merge`, :meth:`Accumulator.merge_from`, :meth:`PassStatistics.merge_from` and the ranks' merge all
+call it. Each piece of state declares its rule (``state_field(SUM | CHAN | SAME)``, after torchmetrics'
+``add_state(..., dist_reduce_fx=...)``), and the merges read the declarations.
 A batch is reduced by centring on its *own* mean before the Gram product, in float64; a raw uncentred
 ZᵀZ − nμμᵀ would lose most digits under the large means of ReLU features.
 
@@ -16,8 +20,8 @@ blocks of up to 4096 (so that the Gram block does not depend on the caller's bat
 feature block as H_cᵀH_c on one buffer, which numpy hands to BLAS ``syrk`` (half the flops of the GEMM
 torch would call); the small H–Y and Y–Y blocks are separate products, so [H | Y] is never concatenated.
 Staged rows are folded in before anything reads the state.
-The batch's Chan correction δδᵀ·n_a n_b/n rides along as one extra row √(n_a n_b/n)·δ appended to the
-centred batch, so each block is updated by a single in-place add. On a GPU the state stays on the device
+The block's Chan correction rides along as one extra row √(n_a n_b/n)·δ appended to the centred block,
+so each scatter block is updated by a single in-place product. On a GPU the state stays on the device
 (torch float64, ``addmm_``/``addr_`` in place, no host synchronisation per batch) until :meth:`Moments.to_numpy`.
 """
 
