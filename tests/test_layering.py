@@ -20,7 +20,7 @@ WITHIN = {
     "io": ["files", "settings_file", "checkpoint", "dataset", "store"],
     "models": ["base", "mlp", "resnet", "architecture"],
     "outputs": ["records", "render", "markdown", "plot", "report", "baseline", "trend", "emit"],
-    "engine": ["threads", "overlap", "extract", "distributed", "pipeline", "api", "monitor"],
+    "engine": ["threads", "overlap", "extract", "context", "distributed", "pipeline", "api", "monitor"],
     "cli": ["common", "commands", "app"],
 }
 TOP = {"__init__", "__main__"}

@@ -16,6 +16,7 @@ from nrc_audit.config import AnalysisOptions, Thresholds
 from nrc_audit.errors import DatasetError
 from nrc_audit.engine.extract import candidate_layers
 from nrc_audit.engine.pipeline import build_report, extraction_pass, resolve_device
+from nrc_audit.engine.context import DataContext, ModelContext, RunContext
 from nrc_audit.outputs.report import Report
 
 IN_MEMORY = "<in-memory>"
@@ -76,14 +77,12 @@ def audit(
     finally:
         model.to(home)
         model.train(was_training)
-    context = {
-        "model": {"path": IN_MEMORY, "sha256": _state_sha256(model), "format": "safetensors",
-                  "architecture": type(model).__name__, "num_parameters": sum(p.numel() for p in model.parameters()),
-                  "assumptions": ["audited in memory through nrc_audit.audit()"]},
-        "data": {"path": IN_MEMORY, "sha256": hasher.hexdigest(), "x_key": "x", "y_key": "y", "num_samples": stats.n,
-                 "input_shape": list(x0.shape[1:]), "target_dim": int(y0.shape[1])},
-        "device": str(target), "batch_size": int(x0.shape[0]),
-    }  # fmt: skip
+    context = RunContext(
+        ModelContext(IN_MEMORY, _state_sha256(model), "safetensors", type(model).__name__,
+                     sum(p.numel() for p in model.parameters()), ("audited in memory through nrc_audit.audit()",)),
+        DataContext(IN_MEMORY, hasher.hexdigest(), "x", "y", stats.n, tuple(x0.shape[1:]), int(y0.shape[1])),
+        str(target), int(x0.shape[0]),
+    )  # fmt: skip
     return build_report(stats, analysis, context)
 
 

@@ -1,4 +1,7 @@
-"""The float64 folds on a worker thread, fed by a bounded queue, so that they overlap the forward pass.
+"""Threads that overlap the pass's stages: the reader one batch ahead, the float64 folds one batch behind.
+
+:class:`Prefetcher` reads batch k+1 from the data file while batch k is computed. :class:`FoldWorker`
+runs the float64 folds on a worker thread, fed by a bounded queue, so that they overlap the forward pass.
 
 The forward of batch k+1 (float32, torch's pool, main thread) and the folds of batch k (float64 syrk,
 numpy's BLAS, this worker) run on different cores; both release the GIL in their heavy loops. One worker
@@ -10,7 +13,9 @@ from __future__ import annotations
 
 import queue
 import threading
-from typing import Callable
+from typing import Callable, Iterable
+
+import torch
 
 _STOP = object()
 
@@ -69,3 +74,60 @@ class FoldWorker:
         if self._error is not None:
             error, self._error = self._error, None
             raise error
+
+
+class Prefetcher:
+    """Iterates ``batches`` on a background thread, ``depth`` items ahead, in order.
+
+    An exception raised by the source is re-raised by ``__next__`` at the position where it occurred, so
+    errors such as "NaN at row r" surface exactly as they would without prefetching. With ``pin`` the CPU
+    tensors of each ``(start, x, y)`` item are copied to page-locked memory on the thread, so that the
+    transfer to the GPU can be asynchronous. :meth:`close` stops the thread (it finishes the item it is
+    producing) and is safe to call more than once.
+    """
+
+    _END = object()
+
+    def __init__(self, batches: Iterable, depth: int = 2, pin: bool = False) -> None:
+        self._queue: queue.Queue = queue.Queue(maxsize=depth)
+        self._stop = threading.Event()
+        self._pin = pin
+        self._thread = threading.Thread(target=self._run, args=(batches,), name="nrc-audit-reader", daemon=True)
+        self._thread.start()
+
+    def _run(self, batches: Iterable) -> None:
+        try:
+            for item in batches:
+                if self._pin:
+                    item = tuple(t.pin_memory() if isinstance(t, torch.Tensor) and t.device.type == "cpu" else t
+                                 for t in item)  # fmt: skip
+                if not self._put((item, None)):
+                    return
+        except BaseException as exc:  # handed to the consumer, raised there
+            self._put((None, exc))
+            return
+        self._put((self._END, None))
+
+    def _put(self, entry: tuple) -> bool:
+        while not self._stop.is_set():
+            try:
+                self._queue.put(entry, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def __iter__(self) -> "Prefetcher":
+        return self
+
+    def __next__(self):
+        item, exc = self._queue.get()
+        if exc is not None:
+            raise exc
+        if item is self._END:
+            raise StopIteration
+        return item
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join()

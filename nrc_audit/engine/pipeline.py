@@ -7,16 +7,17 @@ alone, so a saved store re-analyses to the same report (:func:`reanalyze`).
 
 from __future__ import annotations
 
+import contextlib
 import functools
-import queue
-import threading
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Callable, Iterable, Iterator
 
 import torch
 
 from nrc_audit import __version__
 from nrc_audit.engine import distributed, overlap, threads
+from nrc_audit.engine.context import DataContext, ModelContext, RunContext
 from nrc_audit.core.conditions import layer_metrics, target_summary
 from nrc_audit.core.verdicts import collapse_onset, gate
 from nrc_audit.config import AnalysisOptions, AuditConfig
@@ -88,16 +89,26 @@ def run_audit(config: AuditConfig, progress: ProgressHook | None = None) -> Repo
     config.validate()
     device = resolve_device(config.device)
     ctx = distributed.from_env(device)
+    if ctx is None:
+        return _audit(config, device, progress)
     try:
-        if ctx is not None:
-            device = distributed.local_device(device)
-        return _audit(config, device, ctx, progress)
+        return _audit_sharded(config, distributed.local_device(device), ctx, progress)
     finally:
         distributed.close(ctx)
 
 
-def _audit(config: AuditConfig, device: torch.device, ctx: distributed.DistContext | None,
-           progress: ProgressHook | None) -> Report:  # fmt: skip
+@dataclass
+class _Inputs:
+    """The opened model and data of one audit, and what the report will say about them."""
+
+    model: torch.nn.Module
+    modules: dict[str, torch.nn.Module]
+    ds: HDF5Dataset
+    context: RunContext
+
+
+@contextlib.contextmanager
+def _opened(config: AuditConfig, device: torch.device) -> Iterator[_Inputs]:
     ckpt = load_checkpoint(config.model_path)
     resolved = resolve_model(ckpt, config.model)
     model = resolved.module.to(device)
@@ -105,60 +116,78 @@ def _audit(config: AuditConfig, device: torch.device, ctx: distributed.DistConte
         info = ds.info
         _check_input_width(model, info.input_shape)
         modules = candidate_layers(model, config.layers, config.exclude)
-        context = {
-            "model": {"path": str(config.model_path), "sha256": sha256_file(config.model_path), "format": ckpt.format,
-                      "architecture": resolved.architecture, "num_parameters": resolved.num_parameters,
-                      "assumptions": list(resolved.assumptions)},
-            "data": {"path": str(config.data_path), "sha256": sha256_file(config.data_path), "x_key": info.x_key,
-                     "y_key": info.y_key, "num_samples": info.num_samples, "input_shape": list(info.input_shape),
-                     "target_dim": info.target_dim},
-            "device": str(device), "batch_size": config.batch_size,
-        }  # fmt: skip
-        start, stop = 0, info.num_samples
-        if ctx is not None:
-            distributed.agree(ctx, "checkpoints (sha256)", context["model"]["sha256"])
-            distributed.agree(ctx, "data files (sha256)", context["data"]["sha256"])
-            context["world_size"] = ctx.world_size
-            start, stop = distributed.shard(info.num_samples, config.batch_size, ctx)
-            if start >= stop:
-                raise OptionsError(
-                    f"{info.num_samples} rows in batches of {config.batch_size} leave rank {ctx.rank} of "
-                    f"{ctx.world_size} without data; lower --batch-size or use fewer processes."
-                )
-        writer_factory = None
-        store_path = config.features_path
-        if store_path is not None:
-            store_attrs = {"model_sha256": context["model"]["sha256"], "data_sha256": context["data"]["sha256"],
-                           "context": context}  # fmt: skip
-            if ctx is not None:
-                store_path = Path(distributed.shard_path(store_path, ctx))
-            writer_factory = functools.partial(FeatureStoreWriter, store_path, stop - start, attrs=store_attrs,
-                                               compression=config.features_compression)  # fmt: skip
-        batches = ((a - start, x, y) for a, x, y in ds.batches(config.batch_size, start, stop))  # shard-local rows
-        error: NrcAuditError | None = None
+        context = RunContext(
+            ModelContext(str(config.model_path), sha256_file(config.model_path), ckpt.format, resolved.architecture,
+                         resolved.num_parameters, tuple(resolved.assumptions)),
+            DataContext(str(config.data_path), sha256_file(config.data_path), info.x_key, info.y_key,
+                        info.num_samples, tuple(info.input_shape), info.target_dim),
+            str(device), config.batch_size,
+        )  # fmt: skip
+        yield _Inputs(model, modules, ds, context)
+
+
+def _pass_rows(config: AuditConfig, inputs: _Inputs, device: torch.device, rows: tuple[int, int],
+               store_path: Path | None, progress: ProgressHook | None) -> PassStatistics:  # fmt: skip
+    """The one pass over rows [start, stop) of the data, writing them (renumbered from 0) to ``store_path``."""
+    (start, stop), info, context = rows, inputs.ds.info, inputs.context
+    writer_factory = None
+    if store_path is not None:
+        store_attrs = {"model_sha256": context.model.sha256, "data_sha256": context.data.sha256,
+                       "context": context.to_dict()}  # fmt: skip
+        writer_factory = functools.partial(FeatureStoreWriter, store_path, stop - start, attrs=store_attrs,
+                                           compression=config.features_compression)  # fmt: skip
+    batches = ((a - start, x, y) for a, x, y in inputs.ds.batches(config.batch_size, start, stop))  # local rows
+    return extraction_pass(inputs.model, inputs.modules, batches, device=device, target_dim=info.target_dim,
+                           input_shape=info.input_shape, num_rows=stop - start, writer_factory=writer_factory,
+                           progress=progress)  # fmt: skip
+
+
+def _audit(config: AuditConfig, device: torch.device, progress: ProgressHook | None) -> Report:
+    """The single-process audit: one pass over every row, then the report."""
+    with _opened(config, device) as inputs:
+        stats = _pass_rows(config, inputs, device, (0, inputs.ds.info.num_samples), config.features_path, progress)
+    return _report(stats, config, inputs.context, config.features_path)
+
+
+def _audit_sharded(config: AuditConfig, device: torch.device, ctx: distributed.DistContext,
+                   progress: ProgressHook | None) -> Report:  # fmt: skip
+    """The single-process pass on this rank's shard of whole batches, wrapped in the exact merge over ranks."""
+    error: NrcAuditError | None = None
+    with _opened(config, device) as inputs:
+        num_samples = inputs.ds.info.num_samples
+        distributed.agree(ctx, "checkpoints (sha256)", inputs.context.model.sha256)
+        distributed.agree(ctx, "data files (sha256)", inputs.context.data.sha256)
+        context = replace(inputs.context, world_size=ctx.world_size)
+        start, stop = distributed.shard(num_samples, config.batch_size, ctx)
+        if start >= stop:
+            raise OptionsError(
+                f"{num_samples} rows in batches of {config.batch_size} leave rank {ctx.rank} of "
+                f"{ctx.world_size} without data; lower --batch-size or use fewer processes."
+            )
+        store = None if config.features_path is None else Path(distributed.shard_path(config.features_path, ctx))
         try:
-            stats = extraction_pass(model, modules, batches, device=device, target_dim=info.target_dim,
-                                    input_shape=info.input_shape, num_rows=stop - start, writer_factory=writer_factory,
-                                    progress=progress if ctx is None or ctx.is_main else None)  # fmt: skip
+            stats = _pass_rows(config, replace(inputs, context=context), device, (start, stop), store,
+                               progress if ctx.is_main else None)  # fmt: skip
         except NrcAuditError as exc:
-            if ctx is None:
-                raise
             error = exc
-    if ctx is not None:
-        distributed.sync_errors(ctx, error)
-        distributed.merge_pass(ctx, stats, device)
-        if config.features_path is not None:
-            distributed.barrier(ctx)
-            if ctx.is_main:
-                shards = [distributed.shard_path(config.features_path, distributed.DistContext(r, ctx.world_size, "", False))
-                          for r in range(ctx.world_size)]  # fmt: skip
-                distributed.write_master_store(config.features_path, shards, info.num_samples)
-            distributed.barrier(ctx)
+    distributed.sync_errors(ctx, error)
+    distributed.merge_pass(ctx, stats, device)
+    if config.features_path is not None:
+        distributed.barrier(ctx)
+        if ctx.is_main:
+            shards = [distributed.shard_path(config.features_path, distributed.DistContext(r, ctx.world_size, "", False))
+                      for r in range(ctx.world_size)]  # fmt: skip
+            distributed.write_master_store(config.features_path, shards, num_samples)
+        distributed.barrier(ctx)
+    return _report(stats, config, context, config.features_path if ctx.is_main else None)
+
+
+def _report(stats: PassStatistics, config: AuditConfig, context: RunContext, store: Path | None) -> Report:
     try:
         return build_report(stats, config.analysis, context)
     except NrcAuditError:  # unusable after all (e.g. constant targets): leave no output behind
-        if config.features_path is not None and (ctx is None or ctx.is_main):
-            Path(config.features_path).unlink(missing_ok=True)
+        if store is not None:
+            Path(store).unlink(missing_ok=True)
         raise
 
 
@@ -183,7 +212,7 @@ def extraction_pass(
     stats, writer = PassStatistics(), None
     dtype = _model_dtype(model)
     plan = threads.plan() if device.type == "cpu" else threads.ThreadPlan(None, None, False)
-    reader = _Prefetcher(batches, pin=device.type == "cuda")  # reads batch k+1 while batch k is computed
+    reader = overlap.Prefetcher(batches, pin=device.type == "cuda")  # reads batch k+1 while batch k is computed
     folder = overlap.FoldWorker(stats.update) if plan.pipelined else None  # folds batch k during forward k+1
     fold = folder.put if folder is not None else stats.update
     try:
@@ -221,67 +250,10 @@ def extraction_pass(
     return stats
 
 
-def _stop(reader: "_Prefetcher", folder: overlap.FoldWorker | None) -> None:
+def _stop(reader: overlap.Prefetcher, folder: overlap.FoldWorker | None) -> None:
     reader.close()
     if folder is not None:
         folder.cancel()
-
-
-class _Prefetcher:
-    """Iterates ``batches`` on a background thread, ``depth`` items ahead, in order.
-
-    An exception raised by the source is re-raised by ``__next__`` at the position where it occurred, so
-    errors such as "NaN at row r" surface exactly as they would without prefetching. With ``pin`` the CPU
-    tensors of each ``(start, x, y)`` item are copied to page-locked memory on the thread, so that the
-    transfer to the GPU can be asynchronous. :meth:`close` stops the thread (it finishes the item it is
-    producing) and is safe to call more than once.
-    """
-
-    _END = object()
-
-    def __init__(self, batches: Iterable, depth: int = 2, pin: bool = False) -> None:
-        self._queue: queue.Queue = queue.Queue(maxsize=depth)
-        self._stop = threading.Event()
-        self._pin = pin
-        self._thread = threading.Thread(target=self._run, args=(batches,), name="nrc-audit-reader", daemon=True)
-        self._thread.start()
-
-    def _run(self, batches: Iterable) -> None:
-        try:
-            for item in batches:
-                if self._pin:
-                    item = tuple(t.pin_memory() if isinstance(t, torch.Tensor) and t.device.type == "cpu" else t
-                                 for t in item)  # fmt: skip
-                if not self._put((item, None)):
-                    return
-        except BaseException as exc:  # handed to the consumer, raised there
-            self._put((None, exc))
-            return
-        self._put((self._END, None))
-
-    def _put(self, entry: tuple) -> bool:
-        while not self._stop.is_set():
-            try:
-                self._queue.put(entry, timeout=0.1)
-                return True
-            except queue.Full:
-                continue
-        return False
-
-    def __iter__(self) -> "_Prefetcher":
-        return self
-
-    def __next__(self):
-        item, exc = self._queue.get()
-        if exc is not None:
-            raise exc
-        if item is self._END:
-            raise StopIteration
-        return item
-
-    def close(self) -> None:
-        self._stop.set()
-        self._thread.join()
 
 
 def _forward(extractor: FeatureExtractor, x: torch.Tensor, start: int, shape: tuple[int, ...]
@@ -304,7 +276,7 @@ def reanalyze(store_path: Path, analysis: AnalysisOptions, batch_size: int = 409
     analysis.validate()
     stats = PassStatistics()
     with FeatureStore(store_path) as store:
-        context = dict(store.context)
+        context = RunContext.from_dict(store.context)
         for start, out, y, feats in store.batches(batch_size):
             stats.update(store.layers, out, y, feats)
             if progress is not None:
@@ -312,7 +284,7 @@ def reanalyze(store_path: Path, analysis: AnalysisOptions, batch_size: int = 409
     return build_report(stats, analysis, context)
 
 
-def build_report(stats: PassStatistics, analysis: AnalysisOptions, context: dict[str, Any]) -> Report:
+def build_report(stats: PassStatistics, analysis: AnalysisOptions, context: RunContext) -> Report:
     """Statistics + options → the typed report (conditions per layer, target block, summary, gate)."""
     tm = stats.targets.moments
     if tm is None:
@@ -337,7 +309,7 @@ def build_report(stats: PassStatistics, analysis: AnalysisOptions, context: dict
             f"pass a number between 0 and {len(stats.layers)}."
         )
     model_mse = stats.sse / (n * t)
-    model_info = dict(context["model"], assumptions=list(context["model"].get("assumptions", [])))
+    model_info = context.model.to_dict()
     if any(layer.pooled for layer in stats.layers) and POOLING_NOTE not in model_info["assumptions"]:
         model_info["assumptions"].append(POOLING_NOTE)
     def analyse(pair: tuple[LayerInfo, JointAccumulator]) -> LayerReport:
@@ -357,14 +329,14 @@ def build_report(stats: PassStatistics, analysis: AnalysisOptions, context: dict
         gate=Gate(analysis.require_collapsed, passed, failing),
     )
     settings = {
-        **({"world_size": context["world_size"]} if "world_size" in context else {}),
-        "rank": k, "rank_source": source, "device": context.get("device", "cpu"),
-        "batch_size": context.get("batch_size", 0), "pinv_rtol": analysis.pinv_rtol,
+        **({"world_size": context.world_size} if context.world_size is not None else {}),
+        "rank": k, "rank_source": source, "device": context.device,
+        "batch_size": context.batch_size, "pinv_rtol": analysis.pinv_rtol,
         "rank_energy": analysis.rank_energy, "require_collapsed": analysis.require_collapsed,
         "thresholds": analysis.thresholds.to_dict(),
     }  # fmt: skip
     return Report(
         tool={"name": "nrc-audit", "version": __version__},
-        model=model_info, data=context["data"], settings=settings, target=target,
+        model=model_info, data=context.data.to_dict(), settings=settings, target=target,
         model_mse=model_mse, layers=rows, summary=summary,
     )  # fmt: skip
