@@ -120,7 +120,7 @@ class Prefetcher:
     def __iter__(self) -> "Prefetcher":
         return self
 
-    def __next__(self):
+    def __next__(self) -> tuple:
         item, exc = self._queue.get()
         if exc is not None:
             raise exc

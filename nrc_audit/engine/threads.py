@@ -103,7 +103,7 @@ def applied(p: ThreadPlan) -> Iterator[ThreadPlan]:
         torch.set_num_threads(before)
 
 
-def _blas_limit(threads: int | None):
+def _blas_limit(threads: int | None) -> contextlib.AbstractContextManager:
     """numpy's OpenBLAS only (internal_api "openblas"): torch's MKL follows ``torch.set_num_threads``."""
     try:
         from threadpoolctl import threadpool_limits
