@@ -19,7 +19,7 @@ WITHIN = {
     "core": ["layer", "kernels", "stats", "conditions", "verdicts"],
     "io": ["files", "settings_file", "checkpoint", "dataset", "store"],
     "models": ["base", "mlp", "resnet", "architecture"],
-    "outputs": ["records", "render", "markdown", "plot", "report", "baseline", "trend", "emit"],
+    "outputs": ["records", "render", "markdown", "model_card", "plot", "report", "baseline", "ci", "trend", "emit"],
     "engine": ["extract", "distributed", "pipeline", "api", "monitor"],
     "cli": ["common", "commands", "app"],
 }
