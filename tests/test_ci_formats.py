@@ -222,3 +222,47 @@ def test_help_lists_subcommands_and_does_not_import_torch():
 def test_subcommand_help_is_fast_too(sub):
     result = _cli(sub, "--help")
     assert result.returncode == 0 and f"nrc-audit {sub}" in result.stdout
+
+
+# ---------------------------------------------------------------- Report views and figures
+
+def test_report_to_table_carries_k_onset_and_gate_and_to_markdown_exists(mlp_case, tmp_path):
+    from rich.console import Console
+
+    from nrc_audit.outputs.report import Report
+
+    out = tmp_path / "r.json"
+    assert run(*base(mlp_case), "--json", out, "--require-collapsed", "2").exit_code == 1
+    report = Report.from_dict(json.loads(out.read_text()))
+    console = Console(record=True, width=160)
+    console.print(report.to_table())
+    text = " ".join(console.export_text().split())  # the caption wraps at the table's width
+    assert "k = 3 (target_dim) · collapse onset: none · gate: FAILED (layers 2, 3)" in text
+    assert report.to_markdown().startswith("## Deep Neural Regression Collapse audit")
+
+
+def test_plot_is_2x2_at_800px_with_fixed_axes(mlp_case, tmp_path, monkeypatch):
+    pytest.importorskip("matplotlib")
+    import matplotlib.figure
+
+    from nrc_audit.outputs import plot
+
+    seen = {}
+    real = matplotlib.figure.Figure.savefig
+
+    def spy(fig, *args, **kwargs):  # capture the axes as drawn, before the figure is closed
+        seen["axes"] = [(ax.get_ylim(), ax.get_yscale(), ax.get_ylabel(), ax.get_title()) for ax in fig.axes]
+        return real(fig, *args, **kwargs)
+
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", spy)
+    png = tmp_path / "fig.png"
+    assert run(*base(mlp_case), "--plot", png, "--require-collapsed", "0").exit_code == 0
+    from PIL import Image
+
+    assert Image.open(png).size == (800, 640)
+    axes = seen["axes"]
+    assert len(axes) == 4 and all(label for _, _, label, _ in axes)
+    for (low, high), scale, _, _ in axes[:3]:
+        assert scale == "linear" and low <= 0 and 1 <= high <= 1.05  # NRC1–3 on [0, 1]
+    assert axes[3][1] == "log" and "pass ≤ 2×" in axes[3][3]
+    assert plot.WIDTH_IN * plot.DPI == 800
