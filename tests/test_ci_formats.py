@@ -266,3 +266,36 @@ def test_plot_is_2x2_at_800px_with_fixed_axes(mlp_case, tmp_path, monkeypatch):
         assert scale == "linear" and low <= 0 and 1 <= high <= 1.05  # NRC1–3 on [0, 1]
     assert axes[3][1] == "log" and "pass ≤ 2×" in axes[3][3]
     assert plot.WIDTH_IN * plot.DPI == 800
+
+
+def test_readme_ci_examples_run_as_written(tmp_path):
+    """The README's GitHub Actions and GitLab CI steps (audit, then summary/artifacts) on the shipped sample,
+    also when the audit cannot run (exit 2): the summary step still finds its card."""
+    yaml = pytest.importorskip("yaml")
+    import shutil
+
+    from conftest import REPO
+
+    text = (REPO / "README.md").read_text(encoding="utf-8")
+    github, gitlab = [yaml.safe_load(b) for b in re.findall(r"```yaml\n(.*?)```", text, re.S)[:2]]
+    steps = {s.get("name"): s for s in github["jobs"]["audit"]["steps"]}
+    audit, summary = steps["Deep NRC audit"]["run"], steps["Job summary"]["run"]
+    gitlab_audit = gitlab["nrc-audit"]["script"][-1]
+    shutil.copytree(REPO / "sample_checkpoints", tmp_path / "sample_checkpoints",
+                    ignore=shutil.ignore_patterns("*.png", "trend", "images.h5", "resnet*"))  # fmt: skip
+    nrc = f"{sys.executable} -m nrc_audit"
+    env = dict(os.environ, GITHUB_STEP_SUMMARY=str(tmp_path / "summary.md"))
+
+    def sh(command: str) -> int:
+        return subprocess.run(["bash", "-c", command.replace("nrc-audit sample", f"{nrc} sample")], cwd=tmp_path,
+                              env=env, capture_output=True, text=True, timeout=120).returncode  # fmt: skip
+
+    assert sh(audit) == 0 and sh(summary) == 0
+    assert "**Gate passed**" in (tmp_path / "summary.md").read_text()
+    # GitLab runs the same audit without the annotations; its artifacts are the files the audit wrote
+    assert " ".join(gitlab_audit.split()) == " ".join(audit.replace(" --format github", "").split())
+    assert all((tmp_path / p).exists() for p in gitlab["nrc-audit"]["artifacts"]["paths"])
+    assert (tmp_path / gitlab["nrc-audit"]["artifacts"]["reports"]["junit"]).exists()
+    (tmp_path / "sample_checkpoints" / "data.h5").unlink()
+    assert sh(audit) == 2 and sh(summary) == 0
+    assert "**The audit could not run**" in (tmp_path / "summary.md").read_text()
