@@ -21,7 +21,7 @@ WITHIN = {
     "models": ["base", "mlp", "resnet", "architecture"],
     "outputs": ["records", "render", "markdown", "model_card", "plot", "report", "baseline", "ci", "trend", "emit"],
     "engine": ["extract", "distributed", "pipeline", "api", "monitor"],
-    "cli": ["common", "commands", "app"],
+    "cli": ["common", "commands", "app", "reference"],
 }
 TOP = {"__init__", "__main__"}
 

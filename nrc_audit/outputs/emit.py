@@ -15,6 +15,7 @@ from rich.table import Table
 from rich.text import Text
 
 from nrc_audit.outputs.baseline import Regression, compare, load_baseline
+from nrc_audit.config import BaselineOptions
 from nrc_audit.errors import ExitCode, NrcAuditError, OptionsError
 from nrc_audit.io.files import write_atomic
 from nrc_audit.outputs.model_card import HubCard
@@ -32,7 +33,7 @@ class Outputs:
     model_index_path: Path | None = None
     plot_path: Path | None = None
     baseline_path: Path | None = None
-    baseline_tolerance: float = 0.05
+    baseline_tolerance: float = BaselineOptions.baseline_tolerance
     exit_zero: bool = False
     is_main: bool = True  # False on torchrun ranks other than 0: they write and print nothing
     junit_path: Path | None = None
