@@ -126,10 +126,12 @@ def test_model_card_with_broken_front_matter_exits_2_before_the_pass(mlp_case, t
 
 def test_card_and_junit_after_exit_2_say_the_audit_could_not_run(mlp_case, tmp_path):
     junitparser = pytest.importorskip("junitparser")
-    md, xml = tmp_path / "card.md", tmp_path / "junit.xml"
+    md, xml, card = tmp_path / "card.md", tmp_path / "junit.xml", tmp_path / "README.md"
+    card.write_text(EXISTING)
     result = run(mlp_case["ckpt"], tmp_path / "missing.h5", "--no-features", "-q", "--markdown", md,
-                 "--junit-xml", xml, "--json", tmp_path / "r.json", "--format", "github")  # fmt: skip
+                 "--junit-xml", xml, "--json", tmp_path / "r.json", "--format", "github", "--model-card", card)  # fmt: skip
     assert result.exit_code == 2
+    assert card.read_text() == EXISTING  # a published card keeps its last real audit
     assert "**The audit could not run**" in md.read_text() and "missing.h5" in md.read_text()
     suite = next(iter(junitparser.JUnitXml.fromfile(str(xml))))
     assert suite.errors == 1 and suite.tests == 1

@@ -128,7 +128,7 @@ def emit(report: Report, out: Outputs) -> ExitCode:
 
         write_atomic(out.model_index_path, to_model_index(report, out.card))
     if out.model_card_path is not None:
-        _write_card(out, report)
+        _write_card(out.model_card_path, report, out)
     if out.junit_path is not None:
         from nrc_audit.outputs.ci import junit_xml
 
@@ -155,19 +155,18 @@ def emit(report: Report, out: Outputs) -> ExitCode:
     return ExitCode.GATE_FAILED if failed and not out.exit_zero else ExitCode.OK
 
 
-def _write_card(out: Outputs, report: Report | None, section: str | None = None) -> None:
+def _write_card(path: Path, report: Report, out: Outputs) -> None:
     from nrc_audit.outputs.model_card import merge_model_card
 
-    path = out.model_card_path
-    assert path is not None
     existing = path.read_text(encoding="utf-8") if path.exists() else ""
-    write_atomic(path, merge_model_card(existing, report, out.card, section, where=path))
+    write_atomic(path, merge_model_card(existing, report, out.card, where=path))
 
 
 def emit_failure(out: Outputs, message: str) -> None:
-    """An audit that could not run (exit 2) still leaves what CI reads next: the markdown section and the
-    model card say so, the JUnit file holds one testcase in error, ``--format github`` prints an ``::error``.
-    No JSON report and no figure are written: there are no metrics."""
+    """An audit that could not run (exit 2) still leaves what CI reads next: the markdown section says so
+    (replacing an earlier one: a stale verdict in a job summary would mislead), the JUnit file holds one
+    testcase in error, ``--format github`` prints an ``::error``. No JSON report, figure or model-index is
+    written, and a ``--model-card`` is left as it was: a published card keeps its last real audit."""
     from nrc_audit.outputs.ci import github_failure, junit_failure
     from nrc_audit.outputs.markdown import failure_markdown
 
@@ -175,7 +174,6 @@ def emit_failure(out: Outputs, message: str) -> None:
         return
     section = failure_markdown(message)
     writers = [(out.markdown_path, lambda p: write_atomic(p, section)),
-               (out.model_card_path, lambda p: _write_card(out, None, section)),
                (out.junit_path, lambda p: write_atomic(p, junit_failure(message, out.card.model_name or "nrc-audit")))]
     for path, write in writers:  # fmt: skip
         if path is None or not path.resolve().parent.is_dir():

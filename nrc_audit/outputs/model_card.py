@@ -125,20 +125,13 @@ def _merge_body(body: str, section: str) -> str:
     return body[:start] + block + tail.lstrip("\n")
 
 
-def merge_model_card(existing: str, report: Report | None, card: HubCard, section: str | None = None,
-                     where: Path | str = "the card") -> str:  # fmt: skip
-    """The card ``existing`` with nrc-audit's results merged in.
-
-    Args:
-        existing: the card's text ('' for a new card).
-        report: the audit; None when the audit could not run (then only ``section`` is placed).
-        card: the Hub fields the user stated; without ``dataset_id`` the front matter is left as it is.
-        section: the body section (default: :func:`to_markdown` of the report).
-    """
+def merge_model_card(existing: str, report: Report, card: HubCard, where: Path | str = "the card") -> str:
+    """The card ``existing`` ('' for a new card) with the audit merged in: the model-index result (only with
+    ``card.dataset_id``; the front matter is otherwise left as it is) and the :func:`to_markdown` section."""
     meta, body = split_card(existing, where)
-    if report is not None and card.dataset_id:
+    if card.dataset_id:
         _merge_results(meta, model_index(report, card))
-    text = _merge_body(body, section if section is not None else to_markdown(report) if report else "")
+    text = _merge_body(body, to_markdown(report))
     return (f"---\n{_dump(meta)}---\n" if meta else "") + text
 
 
