@@ -28,7 +28,7 @@ class Thresholds:
                 )
         if not self.nrc4_ratio_max > 0:
             raise OptionsError(
-                f"Threshold nrc4_ratio_max={self.nrc4_ratio_max} must be positive (default 2.0)."
+                f"Threshold nrc4_ratio_max={self.nrc4_ratio_max} must be positive (default {Thresholds.nrc4_ratio_max})."
             )
         return self
 
@@ -73,14 +73,21 @@ class AnalysisOptions:
         if isinstance(self.rank, str) and self.rank != "auto":
             raise OptionsError(f"--rank {self.rank!r} is not understood; pass an integer ≥ 1 or 'auto'.")
         if not 0.0 < self.pinv_rtol < 1.0:
-            raise OptionsError(f"--pinv-rtol {self.pinv_rtol} must lie in (0, 1) (default 1e-3).")
+            raise OptionsError(f"--pinv-rtol {self.pinv_rtol} must lie in (0, 1) (default {AnalysisOptions.pinv_rtol:g}).")
         if not 0.0 < self.rank_energy <= 1.0:
-            raise OptionsError(f"--rank-energy {self.rank_energy} must lie in (0, 1] (default 0.99).")
+            raise OptionsError(f"--rank-energy {self.rank_energy} must lie in (0, 1] (default {AnalysisOptions.rank_energy}).")
         if self.require_collapsed < 0:
             raise OptionsError(
                 f"--require-collapsed {self.require_collapsed} is negative; pass 0 to disable the gate."
             )
         return self
+
+
+@dataclass(frozen=True)
+class BaselineOptions:
+    """How a report is compared with an earlier one (``--baseline``)."""
+
+    baseline_tolerance: float = 0.05  # allowed worsening: NRC1–3 absolute, the NRC4 ratio relative
 
 
 @dataclass(frozen=True)

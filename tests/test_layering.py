@@ -19,9 +19,9 @@ WITHIN = {
     "core": ["layer", "kernels", "stats", "conditions", "verdicts"],
     "io": ["files", "settings_file", "checkpoint", "dataset", "store"],
     "models": ["base", "mlp", "resnet", "architecture"],
-    "outputs": ["records", "render", "markdown", "plot", "report", "baseline", "trend", "emit"],
+    "outputs": ["records", "render", "markdown", "model_card", "plot", "report", "baseline", "ci", "trend", "emit"],
     "engine": ["threads", "overlap", "extract", "context", "distributed", "pipeline", "api", "monitor"],
-    "cli": ["common", "commands", "app"],
+    "cli": ["common", "commands", "app", "reference"],
 }
 TOP = {"__init__", "__main__"}
 

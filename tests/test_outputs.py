@@ -48,14 +48,6 @@ def test_markdown_is_a_github_table_naming_failing_layers(mlp_case, tmp_path):
     assert "sha256" in text and "How to read this" in text
 
 
-def test_model_index_fragment(mlp_case, tmp_path):
-    frag = tmp_path / "model-index.yaml"
-    assert run(*base(mlp_case), "--model-index", frag, *LOOSE).exit_code == 0
-    text = frag.read_text()
-    assert text.startswith("model-index:\n- name: \"mlp\"")
-    assert "type: nrc_collapse_onset" in text and "value: 0" in text and "type: nrc3_last_layer" in text
-
-
 def test_plot_writes_a_png(mlp_case, tmp_path):
     pytest.importorskip("matplotlib")
     png = tmp_path / "fig.png"

@@ -9,74 +9,90 @@ import sys
 import typer
 
 from nrc_audit.cli.common import (
-    BaselineOpt, BatchOpt, ConfigOpt, EnergyOpt, ExitZeroOpt, FormatOpt, JsonOpt, MarkdownOpt, ModelIndexOpt,
-    Nrc1Opt, Nrc2Opt, Nrc3Opt, Nrc4Opt, OutputFormat, PlotOpt, QuietOpt, RankOpt, RequireOpt, RtolOpt,
-    ToleranceOpt, analysis_options, is_main, guarded, json_object, make_app, settings, with_progress,
+    MODEL, ANALYSIS, OUTPUTS, ActivationOpt, BaselineOpt, BatchOpt, ChannelsLastOpt, ConfigOpt, DatasetIdOpt,
+    DatasetNameOpt, DeviceOpt, EnergyOpt, ExitZeroOpt, FormatOpt, HubTaskOpt, JsonOpt, JunitOpt, LimitOpt,
+    MarkdownOpt, ModelCardOpt, ModelIndexOpt, Nrc1Opt, Nrc2Opt, Nrc3Opt, Nrc4Opt, OutputFormat, PlotOpt, QuietFlag,
+    QuietOpt, RankOpt, RequireOpt, RtolOpt, ScaleUint8Opt, ToleranceOpt, VersionOpt, XKeyOpt, YKeyOpt, flag,
+    guarded, json_object, make_app, opt, outputs, settings, with_progress, analysis_options,
 )  # fmt: skip
 from nrc_audit.cli.commands import SUBCOMMANDS
-from nrc_audit.config import AuditConfig, DataOptions, ModelOptions
 from nrc_audit.errors import ExitCode
-from nrc_audit.outputs.emit import Outputs, emit
-audit_app = make_app("Audit a trained regression network for Deep Neural Regression Collapse (NRC1–NRC4).")
 
-@audit_app.command()
+audit_app = make_app("Audit a trained regression network for Deep Neural Regression Collapse (NRC1–NRC4).")
+EPILOG = ("Subcommands (each with its own --help): nrc-audit trend CHECKPOINTS… --data DATA: collapse over "
+          "training · nrc-audit reanalyze STORE: a new report from a saved feature store · nrc-audit validate "
+          "REPORT…: check reports against the JSON Schema.")  # fmt: skip
+
+
+@audit_app.command(epilog=EPILOG)
 def audit(
-    model: Annotated[Path, typer.Argument(help="Checkpoint: .safetensors, or a .pt/.pth state dict.")],
-    data: Annotated[Path, typer.Argument(help="HDF5 file with inputs and targets.")],
-    json_path: JsonOpt = None,
-    fmt: FormatOpt = OutputFormat.table,
-    markdown: MarkdownOpt = None,
-    model_index: ModelIndexOpt = None,
-    plot: PlotOpt = None,
-    baseline: BaselineOpt = None,
-    baseline_tolerance: ToleranceOpt = None,
-    features: Annotated[Optional[Path], typer.Option("--features", help="Feature store path (default: MODEL-STEM.features.h5 in the current folder).")] = None,
-    no_features: Annotated[bool, typer.Option("--no-features", help="Do not write the feature store.")] = False,
-    features_compression: Annotated[Optional[str], typer.Option("--features-compression", help="gzip or lzf (default: none).")] = None,
-    x_key: Annotated[Optional[str], typer.Option("--x-key", help="HDF5 path of the inputs (default X).")] = None,
-    y_key: Annotated[Optional[str], typer.Option("--y-key", help="HDF5 path of the targets (default Y).")] = None,
-    channels_last: Annotated[bool, typer.Option("--channels-last", help="Images are (N, H, W, C).")] = False,
-    scale_uint8: Annotated[bool, typer.Option("--scale-uint8", help="Divide uint8 images by 255.")] = False,
-    limit: Annotated[Optional[int], typer.Option("--limit", help="Audit only the first N rows.")] = None,
-    batch_size: BatchOpt = None,
-    device: Annotated[Optional[str], typer.Option("--device", help="auto, cpu, cuda or cuda:INDEX (default auto).")] = None,
-    model_def: Annotated[Optional[str], typer.Option("--model-def", help="file.py:callable or package.module:callable returning the nn.Module. EXECUTES that code.")] = None,
-    model_kwargs: Annotated[Optional[str], typer.Option("--model-kwargs", help="JSON object of keyword arguments for --model-def.")] = None,
-    activation: Annotated[Optional[str], typer.Option("--activation", help="MLP activation when the checkpoint does not say (default relu).")] = None,
-    layers: Annotated[Optional[list[str]], typer.Option("--layers", help="Glob of layer names to audit (repeatable).")] = None,
-    exclude: Annotated[Optional[list[str]], typer.Option("--exclude", help="Glob of layer names to skip (repeatable; default '*downsample*').")] = None,
+    model: Annotated[Path, typer.Argument(metavar="MODEL", help="Checkpoint: .safetensors, or a .pt/.pth state dict.", show_default=False)],
+    data: Annotated[Path, typer.Argument(metavar="DATA", help="HDF5 file with inputs and targets.", show_default=False)],
+    x_key: XKeyOpt = None,
+    y_key: YKeyOpt = None,
+    channels_last: ChannelsLastOpt = False,
+    scale_uint8: ScaleUint8Opt = False,
+    limit: LimitOpt = None,
+    config: ConfigOpt = None,
+    model_def: Annotated[Optional[str], opt("--model-def", help="file.py:callable or package.module:callable returning the nn.Module. EXECUTES that code.", panel=MODEL, show="built-in MLP/ResNet from the state dict")] = None,
+    model_kwargs: Annotated[Optional[str], opt("--model-kwargs", help="JSON object of keyword arguments for --model-def.", panel=MODEL, show=False)] = None,
+    activation: ActivationOpt = None,
+    layers: Annotated[Optional[list[str]], opt("--layers", help="Glob of layer names to audit (repeatable).", panel=ANALYSIS, show="every Linear/Conv2d layer")] = None,
+    exclude: Annotated[Optional[list[str]], opt("--exclude", help="Glob of layer names to skip (repeatable).", panel=ANALYSIS, key="exclude")] = None,
     rank: RankOpt = None,
+    pinv_rtol: RtolOpt = None,
+    rank_energy: EnergyOpt = None,
+    batch_size: BatchOpt = None,
+    device: DeviceOpt = None,
     nrc1_max: Nrc1Opt = None,
     nrc2_min: Nrc2Opt = None,
     nrc3_min: Nrc3Opt = None,
     nrc4_ratio_max: Nrc4Opt = None,
-    pinv_rtol: RtolOpt = None,
-    rank_energy: EnergyOpt = None,
-    require_collapsed: RequireOpt = None,
-    config: ConfigOpt = None,
-    exit_zero: ExitZeroOpt = False,
+    json_path: JsonOpt = None,
+    fmt: FormatOpt = OutputFormat.table,
+    markdown: MarkdownOpt = None,
+    model_index: ModelIndexOpt = None,
+    model_card: ModelCardOpt = None,
+    dataset_id: DatasetIdOpt = None,
+    dataset_name: DatasetNameOpt = None,
+    hub_task: HubTaskOpt = None,
+    plot: PlotOpt = None,
+    features: Annotated[Optional[Path], opt("--features", help="Feature store path.", panel=OUTPUTS, show="MODEL-STEM.features.h5 in the current folder")] = None,
+    no_features: Annotated[bool, flag("--no-features", help="Do not write the feature store.", panel=OUTPUTS)] = False,
+    features_compression: Annotated[Optional[str], opt("--features-compression", help="gzip or lzf.", panel=OUTPUTS, show="none")] = None,
     no_progress: QuietOpt = False,
+    quiet: QuietFlag = False,
+    version: VersionOpt = False,
+    junit_xml: JunitOpt = None,
+    require_collapsed: RequireOpt = None,
+    baseline: BaselineOpt = None,
+    baseline_tolerance: ToleranceOpt = None,
+    exit_zero: ExitZeroOpt = False,
 ) -> None:
     """Audit MODEL on DATA: per-layer NRC1–NRC4, the Frobenius bound, a table, a JSON report and a gate."""
     given = dict(locals())  # the options as typed (None: not given), resolved against the settings file
 
     def body() -> ExitCode:
+        # heavy imports (torch) only once a command runs: --help and --version stay fast
+        from nrc_audit.config import AuditConfig, DataOptions, ModelOptions
         from nrc_audit.engine.pipeline import run_audit
+        from nrc_audit.outputs.emit import emit, failure_reports
 
-        s = settings(config, given)
-        out = Outputs(fmt.value, json_path, markdown, model_index, plot, baseline, float(s["baseline_tolerance"]),
-                      exit_zero, is_main=is_main())  # fmt: skip
-        out.check_before_run()
-        store = None if no_features else (features or Path(f"{model.stem}.features.h5"))
-        cfg = AuditConfig(
-            model_path=model, data_path=data,
-            data=DataOptions(s["x_key"], s["y_key"], channels_last, scale_uint8, limit),
-            model=ModelOptions(model_def, json_object(model_kwargs), s["activation"]),
-            analysis=analysis_options(s), layers=tuple(s["layers"]), exclude=tuple(s["exclude"]),
-            device=s["device"], batch_size=int(s["batch_size"]), features_path=store,
-            features_compression=features_compression,
-        )  # fmt: skip
-        report = with_progress(not no_progress, lambda hook: run_audit(cfg, hook))
+        out = outputs(given, model)
+        with failure_reports(out):
+            s = settings(config, given)
+            out = out.with_tolerance(float(s["baseline_tolerance"]))
+            out.check_before_run()
+            store = None if no_features else (features or Path(f"{model.stem}.features.h5"))
+            cfg = AuditConfig(
+                model_path=model, data_path=data,
+                data=DataOptions(s["x_key"], s["y_key"], channels_last, scale_uint8, limit),
+                model=ModelOptions(model_def, json_object(model_kwargs), s["activation"]),
+                analysis=analysis_options(s), layers=tuple(s["layers"]), exclude=tuple(s["exclude"]),
+                device=s["device"], batch_size=int(s["batch_size"]), features_path=store,
+                features_compression=features_compression,
+            )  # fmt: skip
+            report = with_progress(not (no_progress or quiet), lambda hook: run_audit(cfg, hook))
         return emit(report, out)
 
     guarded(body)

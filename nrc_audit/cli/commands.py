@@ -8,16 +8,15 @@ from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
-from rich.console import Console
 
 from nrc_audit.cli.common import (
-    BaselineOpt, BatchOpt, ConfigOpt, EnergyOpt, ExitZeroOpt, FormatOpt, JsonOpt, MarkdownOpt, ModelIndexOpt,
-    Nrc1Opt, Nrc2Opt, Nrc3Opt, Nrc4Opt, OutputFormat, PlotOpt, QuietOpt, RankOpt, RequireOpt, RtolOpt,
-    ToleranceOpt, analysis_options, is_main, err_console, guarded, make_app, settings, with_progress,
+    INPUTS, OUTPUTS, BaselineOpt, BatchOpt, ChannelsLastOpt, ConfigOpt, DatasetIdOpt, DatasetNameOpt, DeviceOpt,
+    EnergyOpt, ExitZeroOpt, FormatOpt, HubTaskOpt, JsonOpt, JunitOpt, LimitOpt, MarkdownOpt, ModelCardOpt,
+    ModelIndexOpt, Nrc1Opt, Nrc2Opt, Nrc3Opt, Nrc4Opt, OutputFormat, PlotOpt, QuietFlag, QuietOpt, RankOpt,
+    RequireOpt, RtolOpt, ScaleUint8Opt, ToleranceOpt, XKeyOpt, YKeyOpt, analysis_options, err_console, guarded,
+    make_app, opt, outputs, settings, with_progress,
 )  # fmt: skip
-from nrc_audit.config import AuditConfig, DataOptions, ModelOptions
 from nrc_audit.errors import ExitCode, OptionsError
-from nrc_audit.outputs.emit import Outputs, emit
 
 reanalyze_app = make_app("Recompute the audit report from a saved feature store, without the model or the data.")
 trend_app = make_app("Collapse over training: audit several checkpoints of one run (or a monitor history).")
@@ -26,12 +25,17 @@ validate_app = make_app("Validate JSON reports against the shipped nrc-audit-rep
 
 @reanalyze_app.command()
 def reanalyze(
-    store: Annotated[Path, typer.Argument(help="Feature store written by a previous audit (--features).")],
+    store: Annotated[Path, typer.Argument(metavar="STORE", help="Feature store written by a previous audit (--features).", show_default=False)],
     json_path: JsonOpt = None,
     fmt: FormatOpt = OutputFormat.table,
     markdown: MarkdownOpt = None,
     model_index: ModelIndexOpt = None,
+    model_card: ModelCardOpt = None,
+    dataset_id: DatasetIdOpt = None,
+    dataset_name: DatasetNameOpt = None,
+    hub_task: HubTaskOpt = None,
     plot: PlotOpt = None,
+    junit_xml: JunitOpt = None,
     baseline: BaselineOpt = None,
     baseline_tolerance: ToleranceOpt = None,
     batch_size: BatchOpt = None,
@@ -46,21 +50,25 @@ def reanalyze(
     config: ConfigOpt = None,
     exit_zero: ExitZeroOpt = False,
     no_progress: QuietOpt = False,
+    quiet: QuietFlag = False,
 ) -> None:
     """Recompute the report from STORE alone (new thresholds or rank allowed)."""
     given = dict(locals())
 
     def body() -> ExitCode:
         from nrc_audit.engine.pipeline import reanalyze as run_reanalysis
+        from nrc_audit.outputs.emit import emit, failure_reports
 
-        s = settings(config, given)
-        if int(s["batch_size"]) < 1:
-            raise OptionsError(f"--batch-size {s['batch_size']} must be ≥ 1.")
-        out = Outputs(fmt.value, json_path, markdown, model_index, plot, baseline, float(s["baseline_tolerance"]),
-                      exit_zero, is_main=is_main())  # fmt: skip
-        out.check_before_run()
-        analysis = analysis_options(s)
-        report = with_progress(not no_progress, lambda hook: run_reanalysis(store, analysis, int(s["batch_size"]), hook))
+        out = outputs(given)
+        with failure_reports(out):
+            s = settings(config, given)
+            if int(s["batch_size"]) < 1:
+                raise OptionsError(f"--batch-size {s['batch_size']} must be ≥ 1.")
+            out = out.with_tolerance(float(s["baseline_tolerance"]))
+            out.check_before_run()
+            analysis = analysis_options(s)
+            report = with_progress(not (no_progress or quiet),
+                                   lambda hook: run_reanalysis(store, analysis, int(s["batch_size"]), hook))  # fmt: skip
         return emit(report, out)
 
     guarded(body)
@@ -68,18 +76,18 @@ def reanalyze(
 
 @trend_app.command()
 def trend(
-    checkpoints: Annotated[Optional[list[Path]], typer.Argument(help="Checkpoints of one run, in training order.")] = None,
-    data: Annotated[Optional[Path], typer.Option("--data", help="HDF5 dataset to audit every checkpoint on.")] = None,
-    history: Annotated[Optional[Path], typer.Option("--history", help="Render a JSON-lines history (from CollapseMonitor) instead.")] = None,
-    json_path: Annotated[Optional[Path], typer.Option("--json", help="Write all reports as one JSON document.")] = None,
+    checkpoints: Annotated[Optional[list[Path]], typer.Argument(metavar="CHECKPOINTS...", help="Checkpoints of one run, in training order.", show_default=False)] = None,
+    data: Annotated[Optional[Path], opt("--data", help="HDF5 dataset to audit every checkpoint on.", panel=INPUTS, show=False)] = None,
+    history: Annotated[Optional[Path], opt("--history", help="Render a JSON-lines history (from CollapseMonitor) instead.", panel=INPUTS, show=False)] = None,
+    json_path: Annotated[Optional[Path], opt("--json", help="Write all reports as one JSON document.", panel=OUTPUTS, show=False)] = None,
     plot: PlotOpt = None,
-    x_key: Annotated[Optional[str], typer.Option("--x-key")] = None,
-    y_key: Annotated[Optional[str], typer.Option("--y-key")] = None,
-    scale_uint8: Annotated[bool, typer.Option("--scale-uint8")] = False,
-    channels_last: Annotated[bool, typer.Option("--channels-last")] = False,
-    limit: Annotated[Optional[int], typer.Option("--limit")] = None,
+    x_key: XKeyOpt = None,
+    y_key: YKeyOpt = None,
+    scale_uint8: ScaleUint8Opt = False,
+    channels_last: ChannelsLastOpt = False,
+    limit: LimitOpt = None,
     batch_size: BatchOpt = None,
-    device: Annotated[Optional[str], typer.Option("--device")] = None,
+    device: DeviceOpt = None,
     rank: RankOpt = None,
     nrc1_max: Nrc1Opt = None,
     nrc2_min: Nrc2Opt = None,
@@ -89,12 +97,17 @@ def trend(
     rank_energy: EnergyOpt = None,
     config: ConfigOpt = None,
     no_progress: QuietOpt = False,
+    quiet: QuietFlag = False,
 ) -> None:
     """Audit each checkpoint (one data pass each) and show every condition per layer against checkpoint."""
     given = dict(locals()) | {"require_collapsed": 0}  # trend reports findings; it has no gate
 
     def body() -> ExitCode:
+        from rich.console import Console
+
+        from nrc_audit.config import AuditConfig, DataOptions, ModelOptions
         from nrc_audit.engine.pipeline import run_audit
+        from nrc_audit.outputs.emit import Outputs
         from nrc_audit.outputs.trend import load_history, trend_tables, write_trend_json
 
         if plot is not None:
@@ -115,8 +128,9 @@ def trend(
                                   model=ModelOptions(activation=s["activation"]), analysis=analysis,
                                   layers=tuple(s["layers"]), exclude=tuple(s["exclude"]), device=s["device"],
                                   batch_size=int(s["batch_size"]), features_path=None)  # fmt: skip
-                err_console.print(f"auditing {ckpt}", highlight=False)
-                reports.append(with_progress(not no_progress, lambda hook, c=cfg: run_audit(c, hook)))
+                if not quiet:
+                    err_console.print(f"auditing {ckpt}", highlight=False)
+                reports.append(with_progress(not (no_progress or quiet), lambda hook, c=cfg: run_audit(c, hook)))
                 labels.append(ckpt.stem)
         if len({tuple(layer.name for layer in r.layers) for r in reports}) > 1:
             raise OptionsError("the checkpoints audit different layers; trend needs checkpoints of one architecture.")
@@ -135,7 +149,7 @@ def trend(
 
 
 @validate_app.command()
-def validate(reports: Annotated[list[Path], typer.Argument(help="JSON report files to check.")]) -> None:
+def validate(reports: Annotated[list[Path], typer.Argument(metavar="REPORTS...", help="JSON report files to check.", show_default=False)]) -> None:
     """Exit 0 when every report validates, 1 when one does not, 2 when a file cannot be read."""
 
     def body() -> ExitCode:

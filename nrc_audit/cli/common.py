@@ -32,6 +32,7 @@ err_console = Console(stderr=True)
 class OutputFormat(str, enum.Enum):
     table = "table"
     json = "json"
+    github = "github"
 
 
 def make_app(help_text: str) -> typer.Typer:
@@ -39,26 +40,73 @@ def make_app(help_text: str) -> typer.Typer:
                        context_settings={"help_option_names": ["-h", "--help"]})  # fmt: skip
 
 
-# Options shared by every command that turns statistics into a report.
-RankOpt = Annotated[Optional[str], typer.Option("--rank", help="Subspace rank k: an integer, or 'auto' (target rank estimate). Default: t.")]
-Nrc1Opt = Annotated[Optional[float], typer.Option("--nrc1-max", help="NRC1 passes when noise ≤ this (default 0.25).")]
-Nrc2Opt = Annotated[Optional[float], typer.Option("--nrc2-min", help="NRC2 passes when CKA(H, Y) ≥ this (default 0.6).")]
-Nrc3Opt = Annotated[Optional[float], typer.Option("--nrc3-min", help="NRC3 passes when the mean principal cosine ≥ this (default 0.7).")]
-Nrc4Opt = Annotated[Optional[float], typer.Option("--nrc4-ratio-max", help="NRC4 passes when probe MSE / model MSE ≤ this (default 2.0).")]
-RtolOpt = Annotated[Optional[float], typer.Option("--pinv-rtol", help="Σ_H⁺ keeps eigenvalues > rtol²·λ₁ (default 1e-3).")]
-EnergyOpt = Annotated[Optional[float], typer.Option("--rank-energy", help="Energy fraction for target.rank_estimate (default 0.99).")]
-RequireOpt = Annotated[Optional[int], typer.Option("--require-collapsed", help="Gate: the last N layers must be collapsed; 0 disables (default 1).")]
-ConfigOpt = Annotated[Optional[Path], typer.Option("--config", help="TOML settings file ([tool.nrc-audit] table); default: the nearest pyproject.toml that has one.")]
-ExitZeroOpt = Annotated[bool, typer.Option("--exit-zero", help="Exit 0 even when the gate fails.")]
-JsonOpt = Annotated[Optional[Path], typer.Option("--json", help="Write the JSON report here (atomically).")]
-MarkdownOpt = Annotated[Optional[Path], typer.Option("--markdown", help="Write a model-card markdown section here.")]
-ModelIndexOpt = Annotated[Optional[Path], typer.Option("--model-index", help="Write a Hugging Face model-index YAML fragment here.")]
-PlotOpt = Annotated[Optional[Path], typer.Option("--plot", help="Write the four-panel PNG here (needs nrc-audit[plot]).")]
-BaselineOpt = Annotated[Optional[Path], typer.Option("--baseline", help="Earlier JSON report of the same architecture; regressions exit 1.")]
-ToleranceOpt = Annotated[Optional[float], typer.Option("--baseline-tolerance", help="Allowed worsening of NRC1–3 (absolute) and NRC4 ratio (relative) (default 0.05).")]
-FormatOpt = Annotated[OutputFormat, typer.Option("--format", help="What stdout carries: the table or the JSON report.")]
-QuietOpt = Annotated[bool, typer.Option("--no-progress", help="No progress bar on stderr.")]
-BatchOpt = Annotated[Optional[int], typer.Option("--batch-size", help="Rows per batch (default 1024).")]
+# Help panels: every option is declared once here, in one of these, and shared by every command that takes it.
+INPUTS, MODEL, ANALYSIS, THRESHOLDS, OUTPUTS, CI = "Inputs", "Model", "Analysis", "Thresholds", "Outputs", "CI"
+
+
+def _default(key: str) -> str | bool:
+    """The built-in default of a settings key as help shows it (command-line options default to None so that
+    a settings file can fill them; help shows what None resolves to)."""
+    value = DEFAULTS[key]
+    return False if value is None or value == [] else ", ".join(map(str, value)) if isinstance(value, list) else str(value)
+
+
+def opt(*names: str, help: str, panel: str, key: str | None = None, show: str | bool | None = None, **kw: Any) -> Any:
+    """A typer.Option in ``panel``; ``key``: the settings key whose default help shows. Help is plain text:
+    brackets are escaped so Rich markup does not eat ``nrc-audit[plot]`` or ``[tool.nrc-audit]``."""
+    shown = show if show is not None else _default(key) if key is not None else True
+    return typer.Option(*names, help=help.replace("[", "\\["), rich_help_panel=panel, show_default=shown, **kw)
+
+
+def flag(*names: str, help: str, panel: str, **kw: Any) -> Any:
+    """A boolean flag: no value, so help shows no type and no default."""
+    return typer.Option(*names, help=help.replace("[", "\\["), rich_help_panel=panel, show_default=False,
+                        metavar="", **kw)  # fmt: skip
+
+
+RankOpt = Annotated[Optional[str], opt("--rank", help="Subspace rank k: an integer, or 'auto' (target rank estimate).", panel=ANALYSIS, show="t, the target dimension")]
+Nrc1Opt = Annotated[Optional[float], opt("--nrc1-max", help="NRC1 passes when noise ≤ this.", panel=THRESHOLDS, key="nrc1_max")]
+Nrc2Opt = Annotated[Optional[float], opt("--nrc2-min", help="NRC2 passes when CKA(H, Y) ≥ this.", panel=THRESHOLDS, key="nrc2_min")]
+Nrc3Opt = Annotated[Optional[float], opt("--nrc3-min", help="NRC3 passes when the mean principal cosine ≥ this.", panel=THRESHOLDS, key="nrc3_min")]
+Nrc4Opt = Annotated[Optional[float], opt("--nrc4-ratio-max", help="NRC4 passes when probe MSE / model MSE ≤ this.", panel=THRESHOLDS, key="nrc4_ratio_max")]
+RtolOpt = Annotated[Optional[float], opt("--pinv-rtol", help="Σ_H⁺ keeps eigenvalues > rtol²·λ₁.", panel=ANALYSIS, key="pinv_rtol")]
+EnergyOpt = Annotated[Optional[float], opt("--rank-energy", help="Energy fraction for target.rank_estimate.", panel=ANALYSIS, key="rank_energy")]
+RequireOpt = Annotated[Optional[int], opt("--require-collapsed", help="Gate: the last N layers must be collapsed; 0 disables.", panel=CI, key="require_collapsed")]
+ConfigOpt = Annotated[Optional[Path], opt("--config", help="TOML settings file ([tool.nrc-audit] table).", panel=INPUTS, show="the nearest pyproject.toml with a [tool.nrc-audit] table")]
+ExitZeroOpt = Annotated[bool, flag("--exit-zero", help="Exit 0 even when the gate fails.", panel=CI)]
+JsonOpt = Annotated[Optional[Path], opt("--json", help="Write the JSON report here (atomically).", panel=OUTPUTS, show=False)]
+MarkdownOpt = Annotated[Optional[Path], opt("--markdown", help="Write a model-card markdown section here (also after exit 2: a section saying the audit could not run).", panel=OUTPUTS, show=False)]
+ModelIndexOpt = Annotated[Optional[Path], opt("--model-index", help="Write a Hugging Face model-index YAML fragment here (needs --dataset-id).", panel=OUTPUTS, show=False)]
+ModelCardOpt = Annotated[Optional[Path], opt("--model-card", help="Merge the results into this model card (README.md): front matter and a marked section; created if missing.", panel=OUTPUTS, show=False)]
+DatasetIdOpt = Annotated[Optional[str], opt("--dataset-id", help="Hub dataset id (user/name) of the audited data, for the model-index.", panel=OUTPUTS, show=False)]
+DatasetNameOpt = Annotated[Optional[str], opt("--dataset-name", help="Pretty dataset name for the model-index.", panel=OUTPUTS, show="the dataset id")]
+HubTaskOpt = Annotated[Optional[str], opt("--hub-task", help="Hub task id for the model-index.", panel=OUTPUTS, show="tabular-regression for MLPs, else other")]
+PlotOpt = Annotated[Optional[Path], opt("--plot", help="Write the 2×2 figure as PNG here (needs nrc-audit[plot]).", panel=OUTPUTS, show=False)]
+BaselineOpt = Annotated[Optional[Path], opt("--baseline", help="Earlier JSON report of the same architecture; regressions exit 1.", panel=CI, show=False)]
+ToleranceOpt = Annotated[Optional[float], opt("--baseline-tolerance", help="Allowed worsening of NRC1–3 (absolute) and NRC4 ratio (relative).", panel=CI, key="baseline_tolerance")]
+FormatOpt = Annotated[OutputFormat, opt("--format", help="What stdout carries: the table, the JSON report, or GitHub workflow annotations.", panel=OUTPUTS)]
+JunitOpt = Annotated[Optional[Path], opt("--junit-xml", help="Write JUnit XML here: one testcase per layer, gate failures as failures.", panel=CI, show=False)]
+QuietOpt = Annotated[bool, flag("--no-progress", help="No progress bar on stderr.", panel=OUTPUTS)]
+QuietFlag = Annotated[bool, flag("-q", "--quiet", help="No progress bar and no notes on stderr; errors still go there.", panel=OUTPUTS)]
+BatchOpt = Annotated[Optional[int], opt("--batch-size", help="Rows per batch.", panel=ANALYSIS, key="batch_size")]
+XKeyOpt = Annotated[Optional[str], opt("--x-key", help="HDF5 path of the inputs.", panel=INPUTS, key="x_key")]
+YKeyOpt = Annotated[Optional[str], opt("--y-key", help="HDF5 path of the targets.", panel=INPUTS, key="y_key")]
+ChannelsLastOpt = Annotated[bool, flag("--channels-last", help="Images are (N, H, W, C).", panel=INPUTS)]
+ScaleUint8Opt = Annotated[bool, flag("--scale-uint8", help="Divide uint8 images by 255.", panel=INPUTS)]
+LimitOpt = Annotated[Optional[int], opt("--limit", help="Audit only the first N rows.", panel=INPUTS, show="all rows")]
+DeviceOpt = Annotated[Optional[str], opt("--device", help="auto, cpu, cuda or cuda:INDEX.", panel=ANALYSIS, key="device")]
+ActivationOpt = Annotated[Optional[str], opt("--activation", help="MLP activation when the checkpoint does not say.", panel=MODEL, show="relu, recorded as an assumption")]
+
+
+def version_callback(value: bool) -> None:
+    if value:
+        from nrc_audit import __version__
+
+        print(f"nrc-audit {__version__}")
+        raise typer.Exit()
+
+
+VersionOpt = Annotated[bool, flag("--version", help="Print the version and exit.", panel=OUTPUTS, callback=version_callback, is_eager=True)]
 
 
 def analysis_options(s: dict[str, Any]) -> AnalysisOptions:
@@ -72,6 +120,21 @@ def analysis_options(s: dict[str, Any]) -> AnalysisOptions:
     thresholds = Thresholds(float(s["nrc1_max"]), float(s["nrc2_min"]), float(s["nrc3_min"]), float(s["nrc4_ratio_max"]))
     return AnalysisOptions(rank, float(s["pinv_rtol"]), float(s["rank_energy"]), int(s["require_collapsed"]),
                            thresholds).validate()  # fmt: skip
+
+
+def outputs(given: dict[str, Any], model: Path | None = None) -> Any:
+    """The command's output options (its ``locals()``) → ``outputs.emit.Outputs``; options a command does not
+    declare are left at their defaults. The baseline tolerance comes later, from the resolved settings."""
+    from nrc_audit.outputs.emit import Outputs
+    from nrc_audit.outputs.model_card import HubCard
+
+    g = given.get
+    fmt = g("fmt")
+    card = HubCard(g("dataset_id"), g("dataset_name"), g("hub_task"), model.stem if model is not None else None)
+    return Outputs(fmt=fmt.value if fmt is not None else "table", json_path=g("json_path"), markdown_path=g("markdown"),
+                   model_index_path=g("model_index"), plot_path=g("plot"), baseline_path=g("baseline"),
+                   exit_zero=bool(g("exit_zero")), is_main=is_main(), junit_path=g("junit_xml"),
+                   model_card_path=g("model_card"), card=card)  # fmt: skip
 
 
 def is_main() -> bool:

@@ -12,7 +12,7 @@ from typing import Iterable, Iterator, Sequence
 import torch
 from torch import nn
 
-from nrc_audit.config import AnalysisOptions, Thresholds
+from nrc_audit.config import AnalysisOptions, AuditConfig, Thresholds
 from nrc_audit.errors import DatasetError
 from nrc_audit.engine.extract import candidate_layers
 from nrc_audit.engine.pipeline import build_report, extraction_pass, resolve_device
@@ -26,14 +26,14 @@ def audit(
     model: nn.Module,
     batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
     *,
-    rank: int | str | None = None,
+    rank: int | str | None = AnalysisOptions.rank,
     layers: Sequence[str] | None = None,
-    exclude: Sequence[str] = ("*downsample*",),
+    exclude: Sequence[str] = AuditConfig.exclude,
     device: str | torch.device | None = None,
     thresholds: Thresholds | None = None,
-    require_collapsed: int = 1,
-    pinv_rtol: float = 1e-3,
-    rank_energy: float = 0.99,
+    require_collapsed: int = AnalysisOptions.require_collapsed,
+    pinv_rtol: float = AnalysisOptions.pinv_rtol,
+    rank_energy: float = AnalysisOptions.rank_energy,
 ) -> Report:
     """Audit ``model`` for Deep NRC on ``batches`` and return the typed report.
 
@@ -44,7 +44,8 @@ def audit(
         rank: subspace rank k; None → t, "auto" → the target's energy rank estimate, or an int.
         layers / exclude: glob patterns on module names (``exclude`` defaults to downsample convs).
         device: where to run; None → the model's current device.
-        thresholds, require_collapsed, pinv_rtol, rank_energy: as the CLI options of the same names.
+        thresholds, require_collapsed, pinv_rtol, rank_energy: as the CLI options of the same names; the
+            defaults are the config dataclasses' (``nrc_audit.config``), as everywhere else.
 
     Returns:
         :class:`nrc_audit.outputs.report.Report` — ``report.layers[i].nrc3``, ``report.summary.collapse_onset``,

@@ -9,6 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from nrc_audit.config import AnalysisOptions, AuditConfig, BaselineOptions, DataOptions, ModelOptions
 from nrc_audit.errors import OptionsError
 
 try:  # Python ≥ 3.11
@@ -16,24 +17,29 @@ try:  # Python ≥ 3.11
 except ImportError:  # pragma: no cover - Python 3.10
     tomllib = None  # type: ignore[assignment]
 
-DEFAULTS: dict[str, Any] = {
-    "rank": None,
-    "nrc1_max": 0.25,
-    "nrc2_min": 0.6,
-    "nrc3_min": 0.7,
-    "nrc4_ratio_max": 2.0,
-    "pinv_rtol": 1e-3,
-    "rank_energy": 0.99,
-    "require_collapsed": 1,
-    "x_key": "X",
-    "y_key": "Y",
-    "batch_size": 1024,
-    "device": "auto",
-    "layers": [],
-    "exclude": ["*downsample*"],
-    "activation": None,
-    "baseline_tolerance": 0.05,
-}
+def _defaults() -> dict[str, Any]:
+    """Every settings key with its built-in default, read from the config dataclasses (their one home); the
+    command-line help, the API signature and docs/settings.md show these values (tests/test_settings_truth.py)."""
+    analysis, data, model = AnalysisOptions(), DataOptions(), ModelOptions()
+    run = AuditConfig(Path("model"), Path("data"))
+    return {
+        "rank": analysis.rank,
+        **analysis.thresholds.to_dict(),  # nrc1_max, nrc2_min, nrc3_min, nrc4_ratio_max
+        "pinv_rtol": analysis.pinv_rtol,
+        "rank_energy": analysis.rank_energy,
+        "require_collapsed": analysis.require_collapsed,
+        "x_key": data.x_key,
+        "y_key": data.y_key,
+        "batch_size": run.batch_size,
+        "device": run.device,
+        "layers": list(run.layers),
+        "exclude": list(run.exclude),
+        "activation": model.activation,
+        "baseline_tolerance": BaselineOptions().baseline_tolerance,
+    }
+
+
+DEFAULTS: dict[str, Any] = _defaults()
 TYPES: dict[str, tuple[type, ...]] = {
     "rank": (int, str), "nrc1_max": (int, float), "nrc2_min": (int, float), "nrc3_min": (int, float),
     "nrc4_ratio_max": (int, float), "pinv_rtol": (int, float), "rank_energy": (int, float),

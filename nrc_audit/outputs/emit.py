@@ -5,22 +5,27 @@ from __future__ import annotations
 import os
 import sys
 import tempfile
-from dataclasses import dataclass
+from contextlib import contextmanager
+from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Iterator
 
 from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
 from nrc_audit.outputs.baseline import Regression, compare, load_baseline
-from nrc_audit.errors import ExitCode, OptionsError
+from nrc_audit.config import BaselineOptions
+from nrc_audit.errors import ExitCode, NrcAuditError, OptionsError
 from nrc_audit.io.files import write_atomic
+from nrc_audit.outputs.model_card import HubCard
 from nrc_audit.outputs.report import Report
 
 
 @dataclass(frozen=True)
 class Outputs:
-    """Where the product goes. ``fmt``: "table" or "json" on stdout; the paths are optional files."""
+    """Where the product goes. ``fmt``: "table", "json" or "github" (workflow commands) on stdout; the paths
+    are optional files; ``card`` holds the Hub fields for ``--model-index`` and ``--model-card``."""
 
     fmt: str = "table"
     json_path: Path | None = None
@@ -28,14 +33,22 @@ class Outputs:
     model_index_path: Path | None = None
     plot_path: Path | None = None
     baseline_path: Path | None = None
-    baseline_tolerance: float = 0.05
+    baseline_tolerance: float = BaselineOptions.baseline_tolerance
     exit_zero: bool = False
     is_main: bool = True  # False on torchrun ranks other than 0: they write and print nothing
+    junit_path: Path | None = None
+    model_card_path: Path | None = None
+    card: HubCard = field(default_factory=HubCard)
+
+    def with_tolerance(self, tolerance: float) -> "Outputs":
+        return replace(self, baseline_tolerance=tolerance)
 
     def check_before_run(self) -> None:
-        """Fail before the (long) pass on what can be known now: missing folders, matplotlib, the baseline."""
+        """Fail before the (long) pass on what can be known now: missing folders, matplotlib, the baseline,
+        a model-index without a dataset id, an existing card that cannot be merged into."""
         for option, path in (("--json", self.json_path), ("--markdown", self.markdown_path),
-                             ("--model-index", self.model_index_path), ("--plot", self.plot_path)):  # fmt: skip
+                             ("--model-index", self.model_index_path), ("--plot", self.plot_path),
+                             ("--junit-xml", self.junit_path), ("--model-card", self.model_card_path)):  # fmt: skip
             if path is not None and not path.resolve().parent.is_dir():
                 raise OptionsError(
                     f"{option} {path}: the folder {path.resolve().parent} does not exist; create it or choose another path."
@@ -46,6 +59,13 @@ class Outputs:
             _pyplot()
         if self.baseline_path is not None:
             load_baseline(self.baseline_path)
+        if self.model_index_path is not None and not self.card.dataset_id:
+            raise OptionsError("--model-index needs --dataset-id: the Hub requires a dataset id on every result "
+                               "(e.g. --dataset-id user/my-data); the local HDF5 file is no Hub dataset.")  # fmt: skip
+        if self.model_card_path is not None:
+            from nrc_audit.outputs.model_card import check_card
+
+            check_card(self.model_card_path)
 
 
 def _write_plot(report: Report, path: Path) -> None:
@@ -86,7 +106,7 @@ def emit(report: Report, out: Outputs) -> ExitCode:
     """
     if not out.is_main:
         out = Outputs(fmt="none", baseline_path=out.baseline_path, baseline_tolerance=out.baseline_tolerance,
-                      exit_zero=out.exit_zero)  # fmt: skip
+                      exit_zero=out.exit_zero, card=out.card)  # fmt: skip
     regressions: list[Regression] = []
     baseline = None
     if out.baseline_path is not None:
@@ -104,13 +124,23 @@ def emit(report: Report, out: Outputs) -> ExitCode:
 
         write_atomic(out.markdown_path, to_markdown(report))
     if out.model_index_path is not None:
-        from nrc_audit.outputs.markdown import to_model_index
+        from nrc_audit.outputs.model_card import to_model_index
 
-        write_atomic(out.model_index_path, to_model_index(report))
+        write_atomic(out.model_index_path, to_model_index(report, out.card))
+    if out.model_card_path is not None:
+        _write_card(out.model_card_path, report, out)
+    if out.junit_path is not None:
+        from nrc_audit.outputs.ci import junit_xml
+
+        write_atomic(out.junit_path, junit_xml(report, regressions, out.card.model_name))
     if out.plot_path is not None:
         _write_plot(report, out.plot_path)
     if out.fmt == "json":
         sys.stdout.write(text)
+    elif out.fmt == "github":
+        from nrc_audit.outputs.ci import github_annotations
+
+        sys.stdout.write("".join(line + "\n" for line in github_annotations(report, regressions)))
     elif out.fmt == "table":
         from nrc_audit.outputs.render import print_report
 
@@ -123,3 +153,48 @@ def emit(report: Report, out: Outputs) -> ExitCode:
                                    else f"regression: {r.what}", style="bold red"))  # fmt: skip
     failed = not report.summary.gate.passed or bool(regressions)
     return ExitCode.GATE_FAILED if failed and not out.exit_zero else ExitCode.OK
+
+
+def _write_card(path: Path, report: Report, out: Outputs) -> None:
+    from nrc_audit.outputs.model_card import merge_model_card
+
+    existing = path.read_text(encoding="utf-8") if path.exists() else ""
+    write_atomic(path, merge_model_card(existing, report, out.card, where=path))
+
+
+def emit_failure(out: Outputs, message: str) -> None:
+    """An audit that could not run (exit 2) still leaves what CI reads next: the markdown section says so
+    (replacing an earlier one: a stale verdict in a job summary would mislead), the JUnit file holds one
+    testcase in error, ``--format github`` prints an ``::error``. No JSON report, figure or model-index is
+    written, and a ``--model-card`` is left as it was: a published card keeps its last real audit."""
+    from nrc_audit.outputs.ci import github_failure, junit_failure
+    from nrc_audit.outputs.markdown import failure_markdown
+
+    if not out.is_main:
+        return
+    section = failure_markdown(message)
+    writers = [(out.markdown_path, lambda p: write_atomic(p, section)),
+               (out.junit_path, lambda p: write_atomic(p, junit_failure(message, out.card.model_name or "nrc-audit")))]
+    for path, write in writers:  # fmt: skip
+        if path is None or not path.resolve().parent.is_dir():
+            continue
+        try:
+            write(path)
+        except (OSError, NrcAuditError):  # the original error is what the user must see; this one is secondary
+            pass
+    if out.fmt == "github":
+        sys.stdout.write(github_failure(message) + "\n")
+
+
+@contextmanager
+def failure_reports(out: Outputs) -> Iterator[None]:
+    """Run the audit; on a package error (exit 2) write the could-not-run outputs, then re-raise."""
+    try:
+        yield
+    except NrcAuditError as exc:
+        if exc.exit_code == ExitCode.USAGE:
+            emit_failure(out, str(exc))
+        raise
+    except OSError as exc:  # unreadable input or unwritable output: exit 2 as well (cli.common.guarded)
+        emit_failure(out, f"{exc.strerror or exc} ({exc.filename})" if exc.filename else str(exc))
+        raise

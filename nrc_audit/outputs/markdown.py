@@ -1,11 +1,10 @@
-"""Model-card outputs: a GitHub-flavoured markdown section and a Hugging Face ``model-index`` fragment.
+"""Model-card markdown: the section a card (or a CI job summary) carries; the Hub model-index is in model_card.py.
 
 Presentation only: everything comes from the report; nothing is computed here but formatting.
 """
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from nrc_audit.outputs.records import LayerReport, ReportData as Report
@@ -102,24 +101,15 @@ def headline_metrics(report: Report) -> list[dict]:
     return metrics
 
 
-def to_model_index(report: Report, model_name: str | None = None) -> str:
-    """A Hugging Face ``model-index`` YAML fragment (for the card's front matter) with the headline figures."""
-    name = model_name or Path(report.model["path"]).stem
-    lines = [
-        "model-index:",
-        f"- name: {json.dumps(name)}",
-        "  results:",
-        "  - task:",
-        "      type: regression",
-        "      name: Deep Neural Regression Collapse audit",
-        "    dataset:",
-        f"      name: {json.dumps(Path(report.data['path']).name)}",
-        "      type: hdf5",
-        f"      revision: {json.dumps(report.data['sha256'])}",
-        "    metrics:",
-    ]
-    for metric in headline_metrics(report):
-        lines += [f"    - type: {metric['type']}", f"      name: {json.dumps(metric['name'])}",
-                  f"      value: {json.dumps(metric['value'])}"]  # fmt: skip
-    lines += ["    source:", f"      name: {json.dumps('nrc-audit ' + report.tool['version'])}"]
-    return "\n".join(lines) + "\n"
+def failure_markdown(message: str) -> str:
+    """The section written when the audit could not run (exit 2): what went wrong, and that nothing was measured."""
+    return "\n".join([
+        "## Deep Neural Regression Collapse audit",
+        "",
+        "**The audit could not run** (nrc-audit exit code 2); no metrics were computed and no gate was applied.",
+        "",
+        "```text",
+        message.replace("```", "` ` `"),
+        "```",
+        "",
+    ])  # fmt: skip

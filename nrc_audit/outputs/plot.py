@@ -1,6 +1,9 @@
-"""PNG figures (optional extra ``nrc-audit[plot]``): the paper's Figure 1 layout and the training trend.
+"""PNG figures (optional extra ``nrc-audit[plot]``): the paper's Figure 1 view and the training trend.
 
-Presentation only; matplotlib is imported lazily, and its absence is an exit-2 error with an install hint.
+Sized for a model card (2×2 panels, 800 px wide): NRC1–NRC3 on fixed [0, 1] axes so that spread is not
+exaggerated, NRC4 as the probe-MSE / model-MSE ratio on a log axis; every point marked pass (filled circle)
+or fail (red cross); the thresholds, the collapse onset and k drawn in. Presentation only; matplotlib is
+imported lazily, and its absence is an exit-2 error with an install hint.
 """
 
 from __future__ import annotations
@@ -11,12 +14,14 @@ from typing import Any, Sequence
 from nrc_audit.errors import OptionsError
 from nrc_audit.outputs.records import ReportData as Report
 
-PANELS = (  # (field, title, threshold key, direction)
-    ("nrc1", "NRC1: noise fraction", "nrc1_max", "≤"),
-    ("nrc2", "NRC2: CKA(H, Y)", "nrc2_min", "≥"),
-    ("nrc3", "NRC3: feature–weight alignment", "nrc3_min", "≥"),
-    ("nrc4", "NRC4: linear probe MSE", None, "≤"),
+PANELS = (  # (value field, passed key, title, y label, threshold key, comparison that passes)
+    ("nrc1", "nrc1", "NRC1: noise outside the top-k", "noise fraction", "nrc1_max", "≤"),
+    ("nrc2", "nrc2", "NRC2: feature–target CKA", "CKA(H, Y)", "nrc2_min", "≥"),
+    ("nrc3", "nrc3", "NRC3: feature–weight alignment", "mean principal cosine", "nrc3_min", "≥"),
+    ("nrc4_ratio", "nrc4", "NRC4: best linear probe", "probe MSE / model MSE", "nrc4_ratio_max", "≤"),
 )
+PASS_COLOR, FAIL_COLOR, LINE_COLOR, ONSET_COLOR = "#2b8a3e", "#c92a2a", "#1c7ed6", "#5f3dc4"
+WIDTH_IN, HEIGHT_IN, DPI = 8.0, 6.4, 100  # 800 × 640 px: legible at model-card width without scaling
 
 
 def _pyplot() -> Any:
@@ -33,61 +38,116 @@ def _pyplot() -> Any:
 
 
 def _values(report: Report, key: str) -> list[float]:
-    return [float("nan") if getattr(layer, key) is None else getattr(layer, key) for layer in report.layers]
+    return [float("nan") if getattr(layer, key) is None else float(getattr(layer, key)) for layer in report.layers]
+
+
+def _style_axis(ax: Any, key: str, ylabel: str, ys: Sequence[float]) -> None:
+    ax.set_ylabel(ylabel, fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.tick_params(labelsize=8)
+    if key == "nrc4_ratio":
+        from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+
+        ax.set_yscale("log")
+        finite = [y for y in ys if y == y and y > 0]
+        low, high = min(finite + [0.5]) / 1.5, max(finite + [10.0]) * 1.5  # 1× and the threshold always in view
+        ax.set_ylim(low, high)
+        ax.yaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0) if high / low < 1e3 else (1.0,)))
+        ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}×"))
+        ax.yaxis.set_minor_formatter(NullFormatter())
+    else:
+        ax.set_ylim(-0.03, 1.03)  # fixed [0, 1]: a fraction or a cosine; no zoom that exaggerates spread
+
+
+def _threshold(ax: Any, value: float, op: str, key: str, title: str) -> None:
+    """The threshold as a dashed line, its value in the title (a label on the line would cover points)."""
+    ax.axhline(value, color="gray", linestyle="--", linewidth=1.2, label="threshold")
+    ax.set_title(f"{title} · pass {op} {value:g}{'×' if key == 'nrc4_ratio' else ''}", fontsize=10)
+    if key == "nrc4_ratio":
+        ax.axhline(1.0, color="gray", linestyle=":", linewidth=1, label="1× model MSE")
+
+
+def _marks(ax: Any, xs: Sequence[float], ys: Sequence[float], ok: Sequence[bool], size: float = 36) -> None:
+    good = [(x, y) for x, y, o in zip(xs, ys, ok) if o and y == y]
+    bad = [(x, y) for x, y, o in zip(xs, ys, ok) if not o and y == y]
+    if good:
+        ax.scatter(*zip(*good), s=size, color=PASS_COLOR, zorder=3, label="passes")
+    if bad:
+        ax.scatter(*zip(*bad), s=size * 1.2, color=FAIL_COLOR, marker="X", zorder=3, label="fails")
 
 
 def plot_report(report: Report, path: Path) -> Path:
-    """Four panels, one per condition, against the layer index; thresholds dashed, model MSE on NRC4, onset marked."""
+    """2×2 panels, one per condition, against the layer index (the paper's Figure 1 layout, one model)."""
     plt = _pyplot()
     th = report.settings["thresholds"]
     xs = [layer.index for layer in report.layers]
-    fig, axes = plt.subplots(1, 4, figsize=(16, 3.8), constrained_layout=True)
-    for ax, (key, title, th_key, _) in zip(axes, PANELS):
-        ax.plot(xs, _values(report, key), marker="o", color="tab:blue")
-        if th_key is not None:
-            ax.axhline(th[th_key], color="gray", linestyle="--", linewidth=1, label=f"threshold {th[th_key]}")
-        else:
-            ax.set_yscale("log")
-            if report.model_mse:
-                ax.axhline(report.model_mse, color="tab:red", linestyle="--", linewidth=1, label="model MSE")
-                ax.axhline(report.model_mse * th["nrc4_ratio_max"], color="gray", linestyle=":", linewidth=1,
-                           label=f"{th['nrc4_ratio_max']}× model MSE")  # fmt: skip
-        if report.summary.collapse_onset is not None:
-            ax.axvline(report.summary.collapse_onset, color="tab:green", linewidth=1.5, label="collapse onset")
-        ax.set_title(title, fontsize=10)
-        ax.set_xlabel("layer index")
-        ax.set_xticks(xs)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
-    fig.suptitle(f"Deep NRC audit · {report.model['architecture']} · N = {report.data['num_samples']}", fontsize=11)
-    fig.savefig(path, dpi=110)
+    onset = report.summary.collapse_onset
+    fig, axes = plt.subplots(2, 2, figsize=(WIDTH_IN, HEIGHT_IN), sharex=True, constrained_layout=True)
+    for ax, (key, passed, title, ylabel, th_key, op) in zip(axes.flat, PANELS):
+        ys = _values(report, key)
+        ax.plot(xs, ys, color=LINE_COLOR, linewidth=1.2, zorder=2)
+        _marks(ax, xs, ys, [layer.passed.get(passed, False) for layer in report.layers])
+        _threshold(ax, th[th_key], op, key, title)
+        if onset is not None:  # the collapsed run, from the onset to the output, shaded
+            ax.axvspan(onset - 0.5, xs[-1] + 0.5, color=ONSET_COLOR, alpha=0.08, linewidth=0,
+                       label=f"collapsed from the onset (layer {onset})")  # fmt: skip
+            ax.axvline(onset - 0.5, color=ONSET_COLOR, linewidth=1, alpha=0.6)
+        _style_axis(ax, key, ylabel, ys)
+        ax.set_xticks(xs[:: 1 + len(xs) // 13])  # at most ~13 labels fit a 400 px panel
+        ax.set_xlim(xs[0] - 0.5, xs[-1] + 0.5)
+    for ax in axes[1]:
+        ax.set_xlabel("layer index (input → output)", fontsize=9)
+    handles: dict[str, Any] = {}
+    for ax in axes.flat:
+        for handle, label in zip(*ax.get_legend_handles_labels()):
+            handles.setdefault(label, handle)
+    fig.legend(handles.values(), handles.keys(), loc="outside lower center", ncol=min(5, len(handles)), fontsize=8,
+               frameon=False)  # fmt: skip
+    st = report.settings
+    gate = report.summary.gate
+    verdict = "gate disabled" if gate.require_collapsed == 0 else "gate passed" if gate.passed else "gate FAILED"
+    fig.suptitle(f"Deep NRC audit · {report.model['architecture']}\nN = {report.data['num_samples']:,} · "
+                 f"t = {report.target.dim} · k = {st['rank']} ({st['rank_source']}) · {verdict}",
+                 fontsize=10)  # fmt: skip
+    fig.savefig(path, dpi=DPI)
     plt.close(fig)
     return Path(path)
 
 
 def plot_trend(labels: Sequence[str], reports: Sequence[Report], path: Path) -> Path:
-    """Each condition against checkpoint (x) with one line per layer (the paper's Figure 5 view)."""
+    """2×2 panels, each condition against checkpoint in the order given (training order), one line per layer,
+    failing points crossed; one legend for the whole figure (the paper's Figure 5 view)."""
     plt = _pyplot()
     th = reports[-1].settings["thresholds"]
     xs = list(range(len(reports)))
-    fig, axes = plt.subplots(1, 4, figsize=(16, 3.8), constrained_layout=True)
     names = [layer.name for layer in reports[-1].layers]
-    colors = plt.cm.viridis([i / max(1, len(names) - 1) for i in range(len(names))])
-    for ax, (key, title, th_key, _) in zip(axes, PANELS):
+    colors = plt.cm.viridis([i / max(1, len(names) - 1) * 0.9 for i in range(len(names))])
+    fig, axes = plt.subplots(2, 2, figsize=(WIDTH_IN, HEIGHT_IN + 0.8), sharex=True, constrained_layout=True)
+    for ax, (key, passed, title, ylabel, th_key, op) in zip(axes.flat, PANELS):
+        every: list[float] = []
         for i, name in enumerate(names):
             ys = [_values(r, key)[i] if i < len(r.layers) else float("nan") for r in reports]
-            ax.plot(xs, ys, marker=".", color=colors[i], label=f"{i}: {name}")
-        if th_key is not None:
-            ax.axhline(th[th_key], color="gray", linestyle="--", linewidth=1)
-        else:
-            ax.set_yscale("log")
-            ax.plot(xs, [r.model_mse for r in reports], color="tab:red", linestyle="--", label="model MSE")
-        ax.set_title(title, fontsize=10)
+            ok = [i < len(r.layers) and r.layers[i].passed.get(passed, False) for r in reports]
+            every += ys
+            ax.plot(xs, ys, color=colors[i], linewidth=1.3, label=f"layer {i}: {name}")
+            bad = [(x, y) for x, y, o in zip(xs, ys, ok) if not o and y == y]
+            if bad:
+                ax.scatter(*zip(*bad), s=22, color=colors[i], marker="x", zorder=3)
+        _threshold(ax, th[th_key], op, key, title)
+        _style_axis(ax, key, ylabel, every)
+    crowded = sum(len(label) for label in labels) > 36  # more text than a panel's width holds flat
+    for ax in axes[1]:
         ax.set_xticks(xs)
-        ax.set_xticklabels(labels, rotation=30, ha="right", fontsize=7)
-        ax.grid(alpha=0.3)
-    axes[-1].legend(fontsize=6, loc="best")
-    fig.suptitle("Deep NRC over training", fontsize=11)
-    fig.savefig(path, dpi=110)
+        ax.set_xticklabels(labels, rotation=30 if crowded else 0, ha="right" if crowded else "center", fontsize=8)
+        ax.set_xlabel("checkpoint (training order)", fontsize=9)
+    handles: dict[str, Any] = {}
+    for ax in axes.flat:
+        for handle, label in zip(*ax.get_legend_handles_labels()):
+            handles.setdefault(label, handle)
+    handles["fails its threshold"] = plt.Line2D([], [], color="gray", marker="x", linestyle="none")
+    fig.legend(handles.values(), handles.keys(), loc="outside lower center", ncol=min(4, len(handles)), fontsize=8,
+               frameon=False)  # fmt: skip
+    fig.suptitle(f"Deep NRC over training · {reports[-1].model['architecture']}", fontsize=10)
+    fig.savefig(path, dpi=DPI)
     plt.close(fig)
     return Path(path)

@@ -35,12 +35,23 @@ def _bound(layer: LayerReport) -> Text:
     return Text(text, style="" if b["holds"] else WARN)
 
 
-def layer_table(report: Report) -> Table:
-    """One row per layer: the four conditions (failing values in red), the bound and the verdict."""
+def summary_line(report: Report) -> str:
+    """k, the collapse onset and the gate in one line, e.g. 'k = 4 (target_dim) · onset: layer 2 · gate: passed'."""
+    s, st = report.summary, report.settings
+    onset = "none" if s.collapse_onset is None else f"layer {s.collapse_onset}"
+    g = s.gate
+    gate = ("disabled" if g.require_collapsed == 0 else f"passed (last {g.require_collapsed} collapsed)" if g.passed
+            else f"FAILED (layers {', '.join(map(str, g.failing_layers))})")  # fmt: skip
+    return f"k = {st['rank']} ({st['rank_source']}) · collapse onset: {onset} · gate: {gate}"
+
+
+def layer_table(report: Report, summary: bool = False) -> Table:
+    """One row per layer: the four conditions (failing values in red), the bound and the verdict.
+    ``summary``: the caption starts with k, the onset and the gate (for a table shown on its own)."""
     th = report.settings["thresholds"]
     table = Table(
         title=f"Deep NRC audit · {report.model['architecture']}",
-        caption=f"collapsed when NRC1 noise ≤ {th['nrc1_max']} · NRC2 CKA ≥ {th['nrc2_min']} · NRC3 alignment ≥ "
+        caption=(summary_line(report) + "\n" if summary else "") + f"collapsed when NRC1 noise ≤ {th['nrc1_max']} · NRC2 CKA ≥ {th['nrc2_min']} · NRC3 alignment ≥ "
         f"{th['nrc3_min']} · NRC4 probe MSE ≤ {th['nrc4_ratio_max']}× model MSE · bound: lhs ≤ √NRC1+√(1−NRC2)"
         + (" · h*: input averaged over spatial/extra dims" if any(layer.pooled for layer in report.layers) else ""),
         box=box.MINIMAL,
