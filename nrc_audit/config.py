@@ -45,6 +45,7 @@ class DataOptions:
     channels_last: bool = False
     scale_uint8: bool = False
     limit: int | None = None
+    input_keys: tuple[tuple[str, str], ...] = ()  # (keyword of the model's forward, HDF5 key): extra inputs
 
 
 @dataclass(frozen=True)
@@ -54,6 +55,8 @@ class ModelOptions:
     model_def: str | None = None
     model_kwargs: dict | None = None
     activation: str | None = None  # None: from metadata, else 'relu' recorded as an assumption
+    output_key: str | None = None  # entry of a dict / ModelOutput output (None: 'logits')
+    token_pooling: str = "mean"  # Linear inputs (B, T, h) → (B, h): mean | cls | last
 
 
 @dataclass(frozen=True)

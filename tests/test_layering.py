@@ -17,10 +17,10 @@ LAYERS = ["errors", "config", "core", "io", "models", "outputs", "engine", "cli"
 # Order inside a layer (lower first); a module not listed ranks below every listed one of its layer.
 WITHIN = {
     "core": ["layer", "kernels", "stats", "conditions", "verdicts"],
-    "io": ["files", "settings_file", "checkpoint", "dataset", "store"],
+    "io": ["files", "settings_file", "fingerprint", "checkpoint", "hf_layout", "dataset", "store"],
     "models": ["base", "mlp", "resnet", "architecture"],
     "outputs": ["records", "render", "markdown", "plot", "report", "baseline", "trend", "emit"],
-    "engine": ["extract", "distributed", "pipeline", "api", "monitor"],
+    "engine": ["model_io", "extract", "distributed", "pipeline", "api", "monitor"],
     "cli": ["common", "commands", "app"],
 }
 TOP = {"__init__", "__main__"}

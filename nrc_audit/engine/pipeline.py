@@ -23,16 +23,17 @@ from nrc_audit.core.verdicts import collapse_onset, gate
 from nrc_audit.config import AnalysisOptions, AuditConfig
 from nrc_audit.errors import ModelDataMismatchError, NrcAuditError, OptionsError
 from nrc_audit.core.layer import LayerInfo
-from nrc_audit.engine.extract import FeatureExtractor, candidate_layers
+from nrc_audit.engine.extract import FeatureExtractor, candidate_layers, skipped_layers
+from nrc_audit.engine.model_io import check_first_layer, probe_batch
 from nrc_audit.models.architecture import resolve_model
-from nrc_audit.io.checkpoint import load_checkpoint, sha256_file
+from nrc_audit.io.hf_layout import load_model_files, sha256_path
 from nrc_audit.io.dataset import HDF5Dataset
 from nrc_audit.outputs.report import Gate, LayerReport, Report, Summary
 from nrc_audit.core.stats import Accumulator, JointAccumulator
 from nrc_audit.io.store import FeatureStore, FeatureStoreWriter
 
 ProgressHook = Callable[[int, int], None]  # (rows done, rows total)
-POOLING_NOTE = "Conv2d inputs averaged over H×W and Linear inputs over extra dims (pooled: true)"
+POOLING_NOTE = "Conv inputs averaged over their spatial dims and Linear inputs over extra dims, in float64 (pooled: true)"
 
 
 @dataclass
@@ -91,21 +92,6 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
-def _check_input_width(model: torch.nn.Module, input_shape: tuple[int, ...]) -> None:
-    """Fail early, with a clear message, when the first layer cannot take the data's samples."""
-    first = next((m for m in model.modules() if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d))), None)
-    if isinstance(first, torch.nn.Linear) and len(input_shape) == 1 and input_shape[0] != first.in_features:
-        raise ModelDataMismatchError(
-            f"the data's samples have {input_shape[0]} features but the model's first Linear layer takes "
-            f"{first.in_features}. Check --x-key, or that the checkpoint belongs to this dataset."
-        )
-    if isinstance(first, torch.nn.Conv2d) and len(input_shape) == 3 and input_shape[0] != first.in_channels:
-        raise ModelDataMismatchError(
-            f"the images have {input_shape[0]} channels (shape {input_shape}) but the first Conv2d takes "
-            f"{first.in_channels}. For (N, H, W, C) data pass --channels-last."
-        )
-
-
 def _check_output(out: torch.Tensor, t: int) -> torch.Tensor:
     """Model output must be (B, t), or (B,) when t = 1; returns (B, t)."""
     if out.ndim == 1 and t == 1:
@@ -137,18 +123,18 @@ def run_audit(config: AuditConfig, progress: ProgressHook | None = None) -> Repo
 
 def _audit(config: AuditConfig, device: torch.device, ctx: distributed.DistContext | None,
            progress: ProgressHook | None) -> Report:  # fmt: skip
-    ckpt = load_checkpoint(config.model_path)
+    ckpt = load_model_files(config.model_path)
     resolved = resolve_model(ckpt, config.model)
     model = resolved.module.to(device)
     with HDF5Dataset(config.data_path, config.data) as ds:
         info = ds.info
-        _check_input_width(model, info.input_shape)
+        check_first_layer(model, *probe_batch(ds, device, _model_dtype(model)), info.input_shape)
         modules = candidate_layers(model, config.layers, config.exclude)
         context = {
-            "model": {"path": str(config.model_path), "sha256": sha256_file(config.model_path), "format": ckpt.format,
+            "model": {"path": str(config.model_path), "sha256": sha256_path(config.model_path), "format": ckpt.format,
                       "architecture": resolved.architecture, "num_parameters": resolved.num_parameters,
-                      "assumptions": list(resolved.assumptions)},
-            "data": {"path": str(config.data_path), "sha256": sha256_file(config.data_path), "x_key": info.x_key,
+                      "assumptions": list(resolved.assumptions) + skipped_layers(model, config.layers, config.exclude)},
+            "data": {"path": str(config.data_path), "sha256": sha256_path(config.data_path), "x_key": info.x_key,
                      "y_key": info.y_key, "num_samples": info.num_samples, "input_shape": list(info.input_shape),
                      "target_dim": info.target_dim},
             "device": str(device), "batch_size": config.batch_size,
@@ -174,11 +160,14 @@ def _audit(config: AuditConfig, device: torch.device, ctx: distributed.DistConte
             writer_factory = functools.partial(FeatureStoreWriter, store_path, stop - start, attrs=store_attrs,
                                                compression=config.features_compression)  # fmt: skip
         batches = ((a - start, x, y) for a, x, y in ds.batches(config.batch_size, start, stop))  # shard-local rows
+        extras = functools.partial(_shard_extras, ds, start) if config.data.input_keys else None
         error: NrcAuditError | None = None
         try:
             stats = extraction_pass(model, modules, batches, device=device, target_dim=info.target_dim,
                                     input_shape=info.input_shape, num_rows=stop - start, writer_factory=writer_factory,
-                                    progress=progress if ctx is None or ctx.is_main else None)  # fmt: skip
+                                    progress=progress if ctx is None or ctx.is_main else None, extras=extras,
+                                    token_pooling=config.model.token_pooling, output_key=config.model.output_key,
+                                    notes=context["model"]["assumptions"])  # fmt: skip
         except NrcAuditError as exc:
             if ctx is None:
                 raise
@@ -201,6 +190,10 @@ def _audit(config: AuditConfig, device: torch.device, ctx: distributed.DistConte
         raise
 
 
+def _shard_extras(ds: HDF5Dataset, offset: int, start: int, size: int) -> dict[str, torch.Tensor]:
+    return ds.extras(offset + start, offset + start + size)  # shard-local rows → file rows
+
+
 def _model_dtype(model: torch.nn.Module) -> torch.dtype:
     return next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
 
@@ -216,19 +209,29 @@ def extraction_pass(
     num_rows: int | None = None,
     writer_factory: Callable[[list[LayerInfo]], FeatureStoreWriter] | None = None,
     progress: ProgressHook | None = None,
+    extras: Callable[[int, int], dict[str, torch.Tensor]] | None = None,
+    token_pooling: str = "mean",
+    output_key: str | None = None,
+    notes: list[str] | None = None,
 ) -> PassStatistics:
     """The one pass: forward each ``(first_row, x (B, …), y (B, t))`` batch with hooks, accumulate the
-    float64 statistics of every layer, and hand the features to the store writer (if any)."""
+    float64 statistics of every layer, and hand the features to the store writer (if any).
+
+    ``extras(first_row, B)`` gives the batch's extra keyword inputs (``--input-key``); how the output
+    container was read and how tokens were pooled are appended to ``notes`` (the report's assumptions)."""
     stats, writer = PassStatistics(), None
     dtype = _model_dtype(model)
     reader = _Prefetcher(batches, pin=device.type == "cuda")  # reads batch k+1 while batch k is computed
     try:
-        with FeatureExtractor(model, modules) as extractor:
+        with FeatureExtractor(model, modules, token_pooling, output_key) as extractor:
             for start, x, y in reader:
                 x = x.to(device, dtype=dtype if x.is_floating_point() else None, non_blocking=True)
                 y = y.to(device, dtype=torch.float64, non_blocking=True).reshape(len(y), -1)  # (B, t)
-                out, feats = _forward(extractor, x, start, input_shape)
+                extra = {k: v.to(device) for k, v in extras(start, len(y)).items()} if extras else {}
+                out, feats = _forward(extractor, x, start, input_shape, extra)
                 out = _check_output(out, target_dim)
+                if notes is not None and not stats.n:  # first batch: before the store writer copies the context
+                    notes.extend(n for n in (extractor.output_note, extractor.pooling_note()) if n and n not in notes)
                 layers = extractor.layers or []
                 if writer is None and writer_factory is not None:
                     writer = writer_factory(layers)
@@ -312,10 +315,10 @@ class _Prefetcher:
         self._thread.join()
 
 
-def _forward(extractor: FeatureExtractor, x: torch.Tensor, start: int, shape: tuple[int, ...]
-             ) -> tuple[torch.Tensor, list[torch.Tensor]]:  # fmt: skip
+def _forward(extractor: FeatureExtractor, x: torch.Tensor, start: int, shape: tuple[int, ...],
+             extra: dict[str, torch.Tensor] | None = None) -> tuple[torch.Tensor, list[torch.Tensor]]:  # fmt: skip
     try:
-        return extractor.run(x)
+        return extractor.run(x, extra)
     except NrcAuditError:
         raise
     except (RuntimeError, ValueError, IndexError, TypeError) as exc:
