@@ -109,6 +109,8 @@ class AuditConfig:
             raise OptionsError(f"--batch-size {self.batch_size} must be ≥ 1.")
         if self.data.limit is not None and self.data.limit < 1:
             raise OptionsError(f"--limit {self.data.limit} must be ≥ 1.")
+        if self.model.token_pooling not in ("mean", "cls", "last"):
+            raise OptionsError(f"--token-pooling {self.model.token_pooling!r} is unknown; use mean, cls or last.")
         if self.features_compression not in (None, "gzip", "lzf"):
             raise OptionsError(
                 f"--features-compression {self.features_compression!r} is unknown; use gzip or lzf."

@@ -213,7 +213,7 @@ def dense_reference_weight(mod: nn.Module) -> np.ndarray:
     """The dense (c_out, c_in, *k) kernel of a (possibly grouped) conv, read off torch's own grouped conv:
     entry [o, i, a, b] is output channel o's response to a unit impulse at input (i, a, b). Linear: W."""
     w = mod.weight.detach().double()
-    if isinstance(mod, nn.Linear):
+    if isinstance(mod, nn.Linear) or mod.groups == 1:
         return w.numpy()
     c_in, k = mod.in_channels, tuple(w.shape[2:])
     eye = torch.eye(c_in * int(np.prod(k)), dtype=torch.float64).reshape(-1, c_in, *k)  # one impulse per row
