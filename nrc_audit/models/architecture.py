@@ -63,6 +63,7 @@ def resolve_model(ckpt: Checkpoint, opts: ModelOptions) -> ResolvedModel:
                 f"{ckpt.path}: metadata names architecture family {family!r}, which nrc-audit cannot build "
                 f"(known: {sorted(builders)}). Pass --model-def module:callable to build it yourself."
             )
+        _check_fields(ckpt, arch)
         order = [family] if family else list(builders)
         resolved = next((r for f in order if (r := builders[f](ckpt, arch, opts)) is not None), None)
         if resolved is None:
@@ -112,6 +113,29 @@ def _verify(ckpt: Checkpoint, resolved: ResolvedModel, from_user_code: bool) -> 
             f"Likely cause: {cause}."
         )
     resolved.assumptions.append(VERIFIED_NOTE)
+
+
+# Every arch-metadata field a builder honours; anything else would be silently ignored, so it is refused.
+ARCH_FIELDS = {
+    "mlp": {"family", "activation", "norm"},
+    "resnet": {"family", "stem_stride", "maxpool", "stage_strides", "head_activation", "activation", "norm"},
+}
+_RESNET_FIXED = {"activation": ("relu",), "norm": (None, "batchnorm")}  # what the ResNet builder always builds
+
+
+def _check_fields(ckpt: Checkpoint, arch: dict) -> None:
+    family = arch.get("family")
+    if family not in ARCH_FIELDS:
+        return
+    unknown = sorted(set(arch) - ARCH_FIELDS[family])
+    fixed = [f"{k}={arch[k]!r}" for k, ok in _RESNET_FIXED.items() if family == "resnet" and k in arch and arch[k] not in ok]
+    if unknown or fixed:
+        what = f"fields {unknown}" if unknown else f"{', '.join(fixed)}"
+        raise CheckpointError(
+            f"{ckpt.path}: the nrc_audit.arch metadata has {what}, which the {family!r} builder cannot honour "
+            f"(it understands {sorted(ARCH_FIELDS[family])}; a ResNet is built with ReLU and BatchNorm). Auditing "
+            "without them would audit a different network: pass --model-def to build the model yourself."
+        )
 
 
 def _activation(arch: dict, opts: ModelOptions, assumptions: list[str]) -> str:
