@@ -353,3 +353,27 @@ def test_half_precision_checkpoint_states_upcast(tmp_path: Path) -> None:
     data, _, _ = _mlp_data(tmp_path, model.float())
     notes = audit(ckpt, data).model["assumptions"]
     assert "float16 weights run upcast: compute dtype float32" in notes and VERIFIED_NOTE in notes
+
+
+def test_transformer_encoder_layers_all_seen(tmp_path: Path) -> None:
+    """The fused fast path is off during the pass: linear1/linear2 and the attention input projection appear."""
+    import _library_nets
+
+    torch.manual_seed(10)
+    model = _library_nets.Encoder().double().eval()
+    torch.save(model.state_dict(), tmp_path / "m.pth")
+    rng = np.random.default_rng(10)
+    x, y = rng.standard_normal((N, 24)), rng.standard_normal((N, 2))
+    report = audit(tmp_path / "m.pth", write_h5(tmp_path / "d.h5", X=x, Y=y), model_def=f"{NETS}:Encoder")
+    names = check(report, model, torch.from_numpy(x), y)
+    assert {"enc.layers.0.self_attn.in_proj", "enc.layers.1.linear1", "enc.layers.1.linear2"} <= set(names)
+    assert torch.backends.mha.get_fastpath_enabled()  # restored after the pass
+
+
+def test_arch_field_the_builder_cannot_honour_exits_2(tmp_path: Path) -> None:
+    model = _nonaffine_mlp()
+    ckpt = nrc_audit.save_checkpoint(model, tmp_path / "m.safetensors", arch={"family": "mlp", "dropout_first": True})
+    data, _, _ = _mlp_data(tmp_path, model)
+    result = CliRunner().invoke(audit_app, [str(ckpt), str(data), "--no-features", "--no-progress"])
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    assert "fields ['dropout_first'], which the 'mlp' builder cannot honour" in " ".join(result.stderr.split())

@@ -149,6 +149,10 @@ def _mha_query(module: nn.MultiheadAttention, args: tuple, kwargs: dict) -> torc
     """The input of a self-attention's packed in-projection: the query, (B, T, E)."""
     names = ("query", "key", "value")
     q, k, v = (args[i] if len(args) > i else kwargs.get(n) for i, n in enumerate(names))
+    if not all(isinstance(t, torch.Tensor) for t in (q, k, v)):
+        raise OptionsError("a MultiheadAttention was called without query/key/value tensors; exclude it with "
+                           "--exclude '*in_proj'.")  # fmt: skip
+    assert isinstance(q, torch.Tensor) and isinstance(k, torch.Tensor) and isinstance(v, torch.Tensor)  # for mypy
     if not (q is k and k is v) and not (torch.equal(q, k) and torch.equal(k, v)):
         raise OptionsError(
             "a MultiheadAttention is called with different query/key/value (cross-attention); its packed "
