@@ -127,3 +127,16 @@ class Encoder(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x (B, 24) → tokens (B, 8, 3)
         return self.head(self.enc(self.inp(x.reshape(len(x), 8, 3))).mean(dim=1))
+
+
+class CrossAttention(nn.Module):
+    """MultiheadAttention with a different key/value: its packed in-projection takes two inputs."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.attn = nn.MultiheadAttention(4, 1, batch_first=True)
+        self.head = nn.Linear(4, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x (B, 24) → query (B, 3, 4), memory (B, 3, 4)
+        q, m = x.reshape(len(x), 6, 4).split(3, dim=1)
+        return self.head(self.attn(q, m, m, need_weights=False)[0].mean(dim=1))

@@ -377,3 +377,38 @@ def test_arch_field_the_builder_cannot_honour_exits_2(tmp_path: Path) -> None:
     result = CliRunner().invoke(audit_app, [str(ckpt), str(data), "--no-features", "--no-progress"])
     assert result.exit_code == 2 and "Traceback" not in result.output
     assert "fields ['dropout_first'], which the 'mlp' builder cannot honour" in " ".join(result.stderr.split())
+
+
+def test_cross_attention_exits_2_naming_exclude(tmp_path: Path) -> None:
+    import _library_nets
+
+    torch.save(_library_nets.CrossAttention().state_dict(), tmp_path / "m.pth")
+    rng = np.random.default_rng(11)
+    data = write_h5(tmp_path / "d.h5", X=rng.standard_normal((40, 24)).astype(np.float32), Y=rng.standard_normal((40, 2)))
+    args = [str(tmp_path / "m.pth"), str(data), "--model-def", f"{NETS}:CrossAttention", "--no-features", "--no-progress"]
+    result = CliRunner().invoke(audit_app, args)
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    assert "cross-attention" in result.stderr and "--exclude '*in_proj'" in " ".join(result.stderr.split())
+    assert CliRunner().invoke(audit_app, [*args, "--exclude", "*in_proj", "--exit-zero"]).exit_code == 0
+
+
+def test_hf_layouts_plain_folder_and_broken_index(tmp_path: Path) -> None:
+    from nrc_audit.errors import CheckpointError
+    from nrc_audit.io.hf_layout import load_model_files
+
+    sd = {k: v.contiguous() for k, v in _nonaffine_mlp().state_dict().items()}
+    (tmp_path / "plain").mkdir()
+    save_file(sd, str(tmp_path / "plain" / "model.safetensors"))
+    (tmp_path / "plain" / "config.json").write_text('{"hidden": 16}')
+    ckpt = load_model_files(tmp_path / "plain")
+    assert set(ckpt.state_dict) == set(sd) and json.loads(ckpt.metadata["nrc_audit.hf_config"]) == {"hidden": 16}
+    (tmp_path / "sharded").mkdir()
+    save_file({"0.weight": sd["0.weight"]}, str(tmp_path / "sharded" / "a.safetensors"))
+    index = {"weight_map": {"0.weight": "a.safetensors", "3.weight": "b.safetensors"}}
+    (tmp_path / "sharded" / "model.safetensors.index.json").write_text(json.dumps(index))
+    with pytest.raises(CheckpointError, match=r"shards \['b.safetensors'\] are missing"):
+        load_model_files(tmp_path / "sharded")
+    index["weight_map"]["3.weight"] = "../plain/model.safetensors"
+    (tmp_path / "sharded" / "model.safetensors.index.json").write_text(json.dumps(index))
+    with pytest.raises(CheckpointError, match="not plain file names"):
+        load_model_files(tmp_path / "sharded")

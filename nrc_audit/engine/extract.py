@@ -117,8 +117,9 @@ def pool(h: torch.Tensor, kind: str, pooling: str = "mean", mask: torch.Tensor |
         return torch.sum(h, dim=dims, dtype=torch.float64) / h[0, 0].numel(), True  # (B, c_in) global average
     if h.ndim == 2:
         return h, False
-    if h.ndim == 3 and (mask is None or tuple(mask.shape) == tuple(h.shape[:2])):
-        return _token_pool(h, pooling, mask), True  # (B, h) over the tokens
+    if h.ndim == 3:  # (B, T, h): the mask applies when it has one entry per token of this input
+        fits = mask is not None and tuple(mask.shape) == tuple(h.shape[:2])
+        return _token_pool(h, pooling, mask if fits else None), True  # (B, h) over the tokens
     dims = tuple(range(1, h.ndim - 1))
     count = h[0, ..., 0].numel()
     return torch.sum(h, dim=dims, dtype=torch.float64) / count, True  # (B, h) averaged over all extra dims
