@@ -45,6 +45,7 @@ class DataOptions:
     channels_last: bool = False
     scale_uint8: bool = False
     limit: int | None = None
+    input_keys: tuple[tuple[str, str], ...] = ()  # (keyword of the model's forward, HDF5 key): extra inputs
 
 
 @dataclass(frozen=True)
@@ -54,6 +55,8 @@ class ModelOptions:
     model_def: str | None = None
     model_kwargs: dict | None = None
     activation: str | None = None  # None: from metadata, else 'relu' recorded as an assumption
+    output_key: str | None = None  # entry of a dict / ModelOutput output (None: 'logits')
+    token_pooling: str = "mean"  # Linear inputs (B, T, h) → (B, h): mean | cls | last
 
 
 @dataclass(frozen=True)
@@ -113,6 +116,8 @@ class AuditConfig:
             raise OptionsError(f"--batch-size {self.batch_size} must be ≥ 1.")
         if self.data.limit is not None and self.data.limit < 1:
             raise OptionsError(f"--limit {self.data.limit} must be ≥ 1.")
+        if self.model.token_pooling not in ("mean", "cls", "last"):
+            raise OptionsError(f"--token-pooling {self.model.token_pooling!r} is unknown; use mean, cls or last.")
         if self.features_compression not in (None, "gzip", "lzf"):
             raise OptionsError(
                 f"--features-compression {self.features_compression!r} is unknown; use gzip or lzf."

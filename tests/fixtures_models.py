@@ -190,13 +190,13 @@ def capture(model: nn.Module, x: torch.Tensor) -> tuple[list[str], dict[str, np.
     feats: dict[str, np.ndarray] = {}
     handles = []
     for name, mod in model.named_modules():
-        if isinstance(mod, (nn.Linear, nn.Conv2d)):
+        if isinstance(mod, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)):
             def hook(module: nn.Module, inputs: tuple, name: str = name) -> None:
-                h = inputs[0].detach()
-                if h.ndim == 4:  # global average pool of the conv input: sum over H and W / (H·W)
-                    h = h.mean(dim=(2, 3))
+                h = inputs[0].detach().double()  # SPEC §3: pool in float64
+                if h.ndim >= 3:  # global average pool of a conv input (or token mean): over all middle/spatial dims
+                    h = h.mean(dim=tuple(range(2, h.ndim))) if not isinstance(module, nn.Linear) else h.mean(dim=1)
                 names.append(name)
-                feats[name] = h.double().numpy().copy()
+                feats[name] = h.numpy().copy()
 
             handles.append(mod.register_forward_pre_hook(hook))
     try:
@@ -205,8 +205,21 @@ def capture(model: nn.Module, x: torch.Tensor) -> tuple[list[str], dict[str, np.
     finally:
         for handle in handles:
             handle.remove()
-    weights = {n: m.weight.detach().double().numpy() for n, m in model.named_modules() if n in feats}
+    weights = {n: dense_reference_weight(m) for n, m in model.named_modules() if n in feats}
     return names, feats, weights, out.reshape(len(out), -1)
+
+
+def dense_reference_weight(mod: nn.Module) -> np.ndarray:
+    """The dense (c_out, c_in, *k) kernel of a (possibly grouped) conv, read off torch's own grouped conv:
+    entry [o, i, a, b] is output channel o's response to a unit impulse at input (i, a, b). Linear: W."""
+    w = mod.weight.detach().double()
+    if isinstance(mod, nn.Linear) or mod.groups == 1:
+        return w.numpy()
+    c_in, k = mod.in_channels, tuple(w.shape[2:])
+    eye = torch.eye(c_in * int(np.prod(k)), dtype=torch.float64).reshape(-1, c_in, *k)  # one impulse per row
+    conv = {1: torch.nn.functional.conv1d, 2: torch.nn.functional.conv2d, 3: torch.nn.functional.conv3d}[len(k)]
+    resp = conv(eye, w, groups=mod.groups).reshape(len(eye), -1)  # (c_in·∏k, c_out)
+    return resp.T.reshape(w.shape[0], c_in, *k).numpy()
 
 
 def default_names(names: list[str], layers: tuple[str, ...] = (), exclude: tuple[str, ...] = ("*downsample*",)) -> list[str]:

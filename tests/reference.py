@@ -102,6 +102,8 @@ def weight_matrix_input_first(weight: np.ndarray) -> np.ndarray:
                         m[i, col] = w[o, i, a, b]
                         col += 1
         return m
+    if w.ndim in (3, 5):  # Conv1d / Conv3d: row i is W[:, i, …] flattened, c_out-major
+        return np.stack([w[:, i].reshape(-1) for i in range(w.shape[1])])
     raise ValueError(f"weight must be 2-D or 4-D, got shape {w.shape}")
 
 

@@ -477,7 +477,7 @@ def test_weight_with_fewer_input_directions_than_k():
 def test_unsupported_weight_rank_raises():
     feats, targets, _ = _data()
     with pytest.raises(ValueError, match="neither Linear"):
-        layer_metrics(stats_of(feats, targets), np.zeros((2, 6, 3)), 2, 0.05, RTOL, TH)
+        layer_metrics(stats_of(feats, targets), np.zeros((2, 6, 3, 1, 1, 1)), 2, 0.05, RTOL, TH)  # 3-D is Conv1d now
 
 
 # ----------------------------------------------------------------------------- target summary

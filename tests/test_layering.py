@@ -17,10 +17,10 @@ LAYERS = ["errors", "config", "core", "io", "models", "outputs", "engine", "cli"
 # Order inside a layer (lower first); a module not listed ranks below every listed one of its layer.
 WITHIN = {
     "core": ["layer", "kernels", "stats", "conditions", "verdicts"],
-    "io": ["files", "settings_file", "checkpoint", "dataset", "store"],
+    "io": ["files", "settings_file", "fingerprint", "checkpoint", "hf_layout", "dataset", "store"],
     "models": ["base", "mlp", "resnet", "architecture"],
     "outputs": ["records", "render", "markdown", "model_card", "plot", "report", "baseline", "ci", "trend", "emit"],
-    "engine": ["threads", "overlap", "extract", "context", "distributed", "pipeline", "api", "monitor"],
+    "engine": ["threads", "overlap", "model_io", "extract", "context", "distributed", "pipeline", "api", "monitor"],
     "cli": ["common", "commands", "app", "reference"],
 }
 TOP = {"__init__", "__main__"}

@@ -16,7 +16,7 @@ from nrc_audit.cli.common import (
     guarded, json_object, make_app, opt, outputs, settings, with_progress, analysis_options,
 )  # fmt: skip
 from nrc_audit.cli.commands import SUBCOMMANDS
-from nrc_audit.errors import ExitCode
+from nrc_audit.errors import ExitCode, OptionsError
 
 audit_app = make_app("Audit a trained regression network for Deep Neural Regression Collapse (NRC1–NRC4).")
 EPILOG = ("Subcommands (each with its own --help): nrc-audit trend CHECKPOINTS… --data DATA: collapse over "
@@ -37,6 +37,9 @@ def audit(
     model_def: Annotated[Optional[str], opt("--model-def", help="file.py:callable or package.module:callable returning the nn.Module. EXECUTES that code.", panel=MODEL, show="built-in MLP/ResNet from the state dict")] = None,
     model_kwargs: Annotated[Optional[str], opt("--model-kwargs", help="JSON object of keyword arguments for --model-def.", panel=MODEL, show=False)] = None,
     activation: ActivationOpt = None,
+    input_key: Annotated[Optional[list[str]], opt("--input-key", help="Extra HDF5 array passed to the model by keyword: NAME (array NAME) or NAME=KEY (repeatable). 'attention_mask' also masks token pooling.", panel=MODEL, show=False)] = None,
+    output_key: Annotated[Optional[str], opt("--output-key", help="Entry of a dict / ModelOutput model output to audit.", panel=MODEL, show="logits")] = None,
+    token_pooling: Annotated[str, opt("--token-pooling", help="Linear inputs (B, T, h) → (B, h): mean (unmasked tokens), cls (token 0) or last (last unmasked token).", panel=MODEL)] = "mean",
     layers: Annotated[Optional[list[str]], opt("--layers", help="Glob of layer names to audit (repeatable).", panel=ANALYSIS, show="every Linear/Conv2d layer")] = None,
     exclude: Annotated[Optional[list[str]], opt("--exclude", help="Glob of layer names to skip (repeatable).", panel=ANALYSIS, key="exclude")] = None,
     rank: RankOpt = None,
@@ -86,8 +89,8 @@ def audit(
             store = None if no_features else (features or Path(f"{model.stem}.features.h5"))
             cfg = AuditConfig(
                 model_path=model, data_path=data,
-                data=DataOptions(s["x_key"], s["y_key"], channels_last, scale_uint8, limit),
-                model=ModelOptions(model_def, json_object(model_kwargs), s["activation"]),
+                data=DataOptions(s["x_key"], s["y_key"], channels_last, scale_uint8, limit, input_keys(input_key)),
+                model=ModelOptions(model_def, json_object(model_kwargs), s["activation"], output_key, token_pooling),
                 analysis=analysis_options(s), layers=tuple(s["layers"]), exclude=tuple(s["exclude"]),
                 device=s["device"], batch_size=int(s["batch_size"]), features_path=store,
                 features_compression=features_compression,
@@ -96,6 +99,17 @@ def audit(
         return emit(report, out)
 
     guarded(body)
+
+
+def input_keys(values: list[str] | None) -> tuple[tuple[str, str], ...]:
+    """``--input-key`` values → (keyword, HDF5 key) pairs: 'attention_mask' or 'attention_mask=masks/train'."""
+    pairs = []
+    for value in values or []:
+        name, _, key = value.partition("=")
+        if not name or (_ and not key):
+            raise OptionsError(f"--input-key {value!r} is not NAME or NAME=KEY (e.g. attention_mask=mask).")
+        pairs.append((name, key or name))
+    return tuple(pairs)
 
 
 def main(argv: list[str] | None = None) -> None:

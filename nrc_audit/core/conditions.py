@@ -80,13 +80,15 @@ def _fix_signs(vecs: np.ndarray) -> np.ndarray:
 def weight_input_matrix(weight: np.ndarray) -> np.ndarray:
     """The weight as an (h, m) matrix whose *left* singular vectors live in the layer's input space.
 
-    Linear (out, h) → Wᵀ (h, out); Conv2d (c_out, c_in, kh, kw) → M = W.permute(1,0,2,3).reshape(c_in, −1).
+    Linear (out, h) → Wᵀ (h, out); ConvNd (c_out, c_in, *k) → M = W.moveaxis(1, 0).reshape(c_in, −1).
+    A grouped conv's weight arrives as the equivalent dense block-diagonal kernel (engine.extract.dense_weight),
+    so its input subspace is that of the dense conv computing the same map.
     """
     if weight.ndim == 2:
         return weight.T
-    if weight.ndim == 4:
-        return np.transpose(weight, (1, 0, 2, 3)).reshape(weight.shape[1], -1)
-    raise ValueError(f"weight of shape {weight.shape} is neither Linear (2-D) nor Conv2d (4-D)")
+    if weight.ndim in (3, 4, 5):
+        return np.moveaxis(weight, 1, 0).reshape(weight.shape[1], -1)
+    raise ValueError(f"weight of shape {weight.shape} is neither Linear (2-D) nor Conv1d/2d/3d (3-, 4- or 5-D)")
 
 
 def weight_input_basis(weight: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -13,7 +13,7 @@ class LayerInfo:
 
     index: int
     name: str
-    kind: str  # "linear" | "conv2d"
+    kind: str  # "linear" | "conv1d" | "conv2d" | "conv3d"
     in_dim: int  # h (Linear in_features, Conv2d in_channels)
     out_dim: int
     pooled: bool

@@ -23,16 +23,17 @@ from nrc_audit.core.verdicts import collapse_onset, gate
 from nrc_audit.config import AnalysisOptions, AuditConfig
 from nrc_audit.errors import ModelDataMismatchError, NrcAuditError, OptionsError
 from nrc_audit.core.layer import LayerInfo
-from nrc_audit.engine.extract import FeatureExtractor, candidate_layers
+from nrc_audit.engine.extract import FeatureExtractor, candidate_layers, skipped_layers
+from nrc_audit.engine.model_io import check_first_layer, probe_batch
 from nrc_audit.models.architecture import resolve_model
-from nrc_audit.io.checkpoint import load_checkpoint, sha256_file
+from nrc_audit.io.hf_layout import load_model_files, sha256_path
 from nrc_audit.io.dataset import HDF5Dataset
 from nrc_audit.outputs.report import Gate, LayerReport, Report, Summary
 from nrc_audit.core.stats import JointAccumulator, PassStatistics
 from nrc_audit.io.store import FeatureStore, FeatureStoreWriter
 
 ProgressHook = Callable[[int, int], None]  # (rows done, rows total)
-POOLING_NOTE = "Conv2d inputs averaged over H×W and Linear inputs over extra dims (pooled: true)"
+POOLING_NOTE = "Conv inputs averaged over their spatial dims and Linear inputs over extra dims, in float64 (pooled: true)"
 
 
 def resolve_device(name: str) -> torch.device:
@@ -51,21 +52,6 @@ def resolve_device(name: str) -> torch.device:
     elif device.type != "cpu":
         raise OptionsError(f"--device {name!r} is not supported; use auto, cpu, cuda or cuda:INDEX.")
     return device
-
-
-def _check_input_width(model: torch.nn.Module, input_shape: tuple[int, ...]) -> None:
-    """Fail early, with a clear message, when the first layer cannot take the data's samples."""
-    first = next((m for m in model.modules() if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d))), None)
-    if isinstance(first, torch.nn.Linear) and len(input_shape) == 1 and input_shape[0] != first.in_features:
-        raise ModelDataMismatchError(
-            f"the data's samples have {input_shape[0]} features but the model's first Linear layer takes "
-            f"{first.in_features}. Check --x-key, or that the checkpoint belongs to this dataset."
-        )
-    if isinstance(first, torch.nn.Conv2d) and len(input_shape) == 3 and input_shape[0] != first.in_channels:
-        raise ModelDataMismatchError(
-            f"the images have {input_shape[0]} channels (shape {input_shape}) but the first Conv2d takes "
-            f"{first.in_channels}. For (N, H, W, C) data pass --channels-last."
-        )
 
 
 def _check_output(out: torch.Tensor, t: int) -> torch.Tensor:
@@ -109,17 +95,18 @@ class _Inputs:
 
 @contextlib.contextmanager
 def _opened(config: AuditConfig, device: torch.device) -> Iterator[_Inputs]:
-    ckpt = load_checkpoint(config.model_path)
+    ckpt = load_model_files(config.model_path)
     resolved = resolve_model(ckpt, config.model)
     model = resolved.module.to(device)
     with HDF5Dataset(config.data_path, config.data) as ds:
         info = ds.info
-        _check_input_width(model, info.input_shape)
+        check_first_layer(model, *probe_batch(ds, device, _model_dtype(model)), info.input_shape)
         modules = candidate_layers(model, config.layers, config.exclude)
         context = RunContext(
-            ModelContext(str(config.model_path), sha256_file(config.model_path), ckpt.format, resolved.architecture,
-                         resolved.num_parameters, tuple(resolved.assumptions)),
-            DataContext(str(config.data_path), sha256_file(config.data_path), info.x_key, info.y_key,
+            ModelContext(str(config.model_path), sha256_path(config.model_path), ckpt.format, resolved.architecture,
+                         resolved.num_parameters,
+                         tuple(resolved.assumptions) + tuple(skipped_layers(model, config.layers, config.exclude))),
+            DataContext(str(config.data_path), sha256_path(config.data_path), info.x_key, info.y_key,
                         info.num_samples, tuple(info.input_shape), info.target_dim),
             str(device), config.batch_size,
         )  # fmt: skip
@@ -127,26 +114,45 @@ def _opened(config: AuditConfig, device: torch.device) -> Iterator[_Inputs]:
 
 
 def _pass_rows(config: AuditConfig, inputs: _Inputs, device: torch.device, rows: tuple[int, int],
-               store_path: Path | None, progress: ProgressHook | None) -> PassStatistics:  # fmt: skip
-    """The one pass over rows [start, stop) of the data, writing them (renumbered from 0) to ``store_path``."""
-    (start, stop), info, context = rows, inputs.ds.info, inputs.context
-    writer_factory = None
-    if store_path is not None:
-        store_attrs = {"model_sha256": context.model.sha256, "data_sha256": context.data.sha256,
-                       "context": context.to_dict()}  # fmt: skip
-        writer_factory = functools.partial(FeatureStoreWriter, store_path, stop - start, attrs=store_attrs,
-                                           compression=config.features_compression)  # fmt: skip
+               store_path: Path | None, progress: ProgressHook | None) -> tuple[PassStatistics, RunContext]:  # fmt: skip
+    """The one pass over rows [start, stop) of the data, writing them (renumbered from 0) to ``store_path``.
+
+    Returns the statistics and the context with what the first batch taught (output container, token
+    pooling) added to the model's assumptions; the store records that same context."""
+    (start, stop), info = rows, inputs.ds.info
+    notes = list(inputs.context.model.assumptions)
+
+    def noted() -> RunContext:
+        return replace(inputs.context, model=replace(inputs.context.model, assumptions=tuple(notes)))
+
+    def writer_factory(layers: list[LayerInfo]) -> FeatureStoreWriter:  # called after the first batch's notes
+        context = noted()
+        attrs = {"model_sha256": context.model.sha256, "data_sha256": context.data.sha256,
+                 "context": context.to_dict()}  # fmt: skip
+        assert store_path is not None
+        return FeatureStoreWriter(store_path, stop - start, layers, attrs=attrs,
+                                  compression=config.features_compression)  # fmt: skip
+
     batches = ((a - start, x, y) for a, x, y in inputs.ds.batches(config.batch_size, start, stop))  # local rows
-    return extraction_pass(inputs.model, inputs.modules, batches, device=device, target_dim=info.target_dim,
-                           input_shape=info.input_shape, num_rows=stop - start, writer_factory=writer_factory,
-                           progress=progress)  # fmt: skip
+    extras = functools.partial(_shard_extras, inputs.ds, start) if config.data.input_keys else None
+    stats = extraction_pass(inputs.model, inputs.modules, batches, device=device, target_dim=info.target_dim,
+                            input_shape=info.input_shape, num_rows=stop - start,
+                            writer_factory=writer_factory if store_path is not None else None, progress=progress,
+                            extras=extras, token_pooling=config.model.token_pooling,
+                            output_key=config.model.output_key, notes=notes)  # fmt: skip
+    return stats, noted()
+
+
+def _shard_extras(ds: HDF5Dataset, offset: int, start: int, size: int) -> dict[str, torch.Tensor]:
+    return ds.extras(offset + start, offset + start + size)  # shard-local rows → file rows
 
 
 def _audit(config: AuditConfig, device: torch.device, progress: ProgressHook | None) -> Report:
     """The single-process audit: one pass over every row, then the report."""
     with _opened(config, device) as inputs:
-        stats = _pass_rows(config, inputs, device, (0, inputs.ds.info.num_samples), config.features_path, progress)
-    return _report(stats, config, inputs.context, config.features_path)
+        stats, context = _pass_rows(config, inputs, device, (0, inputs.ds.info.num_samples), config.features_path,
+                                    progress)  # fmt: skip
+    return _report(stats, config, context, config.features_path)
 
 
 def _audit_sharded(config: AuditConfig, device: torch.device, ctx: distributed.DistContext,
@@ -166,8 +172,8 @@ def _audit_sharded(config: AuditConfig, device: torch.device, ctx: distributed.D
             )
         store = None if config.features_path is None else Path(distributed.shard_path(config.features_path, ctx))
         try:
-            stats = _pass_rows(config, replace(inputs, context=context), device, (start, stop), store,
-                               progress if ctx.is_main else None)  # fmt: skip
+            stats, context = _pass_rows(config, replace(inputs, context=context), device, (start, stop), store,
+                                        progress if ctx.is_main else None)  # fmt: skip
         except NrcAuditError as exc:
             error = exc
     distributed.sync_errors(ctx, error)
@@ -206,9 +212,16 @@ def extraction_pass(
     num_rows: int | None = None,
     writer_factory: Callable[[list[LayerInfo]], FeatureStoreWriter] | None = None,
     progress: ProgressHook | None = None,
+    extras: Callable[[int, int], dict[str, torch.Tensor]] | None = None,
+    token_pooling: str = "mean",
+    output_key: str | None = None,
+    notes: list[str] | None = None,
 ) -> PassStatistics:
     """The one pass: forward each ``(first_row, x (B, …), y (B, t))`` batch with hooks, accumulate the
-    float64 statistics of every layer, and hand the features to the store writer (if any)."""
+    float64 statistics of every layer, and hand the features to the store writer (if any).
+
+    ``extras(first_row, B)`` gives the batch's extra keyword inputs (``--input-key``); how the output
+    container was read and how tokens were pooled are appended to ``notes`` (the report's assumptions)."""
     stats, writer = PassStatistics(), None
     dtype = _model_dtype(model)
     plan = threads.plan() if device.type == "cpu" else threads.ThreadPlan(None, None, False)
@@ -216,12 +229,15 @@ def extraction_pass(
     folder = overlap.FoldWorker(stats.update) if plan.pipelined else None  # folds batch k during forward k+1
     fold = folder.put if folder is not None else stats.update
     try:
-        with threads.applied(plan), FeatureExtractor(model, modules) as extractor:
+        with threads.applied(plan), FeatureExtractor(model, modules, token_pooling, output_key) as extractor:
             for start, x, y in reader:
                 x = x.to(device, dtype=dtype if x.is_floating_point() else None, non_blocking=True)
                 y = y.to(device, dtype=torch.float64, non_blocking=True).reshape(len(y), -1)  # (B, t)
-                out, feats = _forward(extractor, x, start, input_shape)
+                extra = {k: v.to(device) for k, v in extras(start, len(y)).items()} if extras else {}
+                out, feats = _forward(extractor, x, start, input_shape, extra)
                 out = _check_output(out, target_dim)
+                if notes is not None and writer is None:  # first batch: before the store writer copies the context
+                    notes.extend(n for n in (extractor.output_note, extractor.pooling_note()) if n and n not in notes)
                 layers = extractor.layers or []
                 if writer is None and writer_factory is not None:
                     writer = writer_factory(layers)
@@ -256,10 +272,10 @@ def _stop(reader: overlap.Prefetcher, folder: overlap.FoldWorker | None) -> None
         folder.cancel()
 
 
-def _forward(extractor: FeatureExtractor, x: torch.Tensor, start: int, shape: tuple[int, ...]
-             ) -> tuple[torch.Tensor, list[torch.Tensor]]:  # fmt: skip
+def _forward(extractor: FeatureExtractor, x: torch.Tensor, start: int, shape: tuple[int, ...],
+             extra: dict[str, torch.Tensor] | None = None) -> tuple[torch.Tensor, list[torch.Tensor]]:  # fmt: skip
     try:
-        return extractor.run(x)
+        return extractor.run(x, extra)
     except NrcAuditError:
         raise
     except (RuntimeError, ValueError, IndexError, TypeError) as exc:

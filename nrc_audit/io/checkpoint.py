@@ -19,6 +19,7 @@ import safetensors
 from safetensors import safe_open
 
 from nrc_audit.errors import CheckpointError
+from nrc_audit.io.fingerprint import fingerprint_metadata
 
 _SafetensorError = getattr(safetensors, "SafetensorError", OSError)
 
@@ -157,6 +158,7 @@ def save_checkpoint(
     path: str | Path,
     arch: dict[str, Any] | None = None,
     metadata: dict[str, str] | None = None,
+    probe_shape: tuple[int, ...] | None = None,
 ) -> Path:
     """Save ``model.state_dict()`` as safetensors with its architecture spec in the metadata.
 
@@ -166,6 +168,9 @@ def save_checkpoint(
         arch: JSON-serialisable spec, e.g. ``{"family": "mlp", "activation": "relu"}``; stored under
             ``nrc_audit.arch`` so that ``nrc-audit`` rebuilds the model without guessing.
         metadata: extra string → string metadata.
+        probe_shape: input shape of the seeded probe batch whose outputs are stored as the fingerprint
+            (default: (4, in_features) of the first Linear, (4, c_in, 32, 32) of the first Conv2d). The
+            module layout is stored too; nrc-audit checks a rebuilt model against both before auditing.
 
     Example:
         >>> net = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
@@ -173,7 +178,7 @@ def save_checkpoint(
         PosixPath('mlp.safetensors')
     """
     path = Path(path)
-    meta = dict(metadata or {})
+    meta = {**fingerprint_metadata(model, probe_shape), **(metadata or {})}
     if arch is not None:
         if "family" not in arch:
             raise ValueError("arch must name a 'family' (e.g. 'mlp' or 'resnet')")

@@ -138,6 +138,7 @@ class HDF5Dataset:
         shape = tuple(xs[1:])
         if o.channels_last:
             shape = (shape[2], shape[0], shape[1])
+        self._extras = _extra_arrays(self._fh, o, n, path)
         return DatasetInfo(path, o.x_key, o.y_key, int(n), tuple(int(s) for s in shape), int(t), kind)
 
     def batches(self, batch_size: int, start: int = 0, stop: int | None = None
@@ -155,6 +156,23 @@ class HDF5Dataset:
             except (OSError, RuntimeError, ValueError) as exc:
                 raise DatasetError(f"{self.path}: rows {a}:{b} cannot be read; the file is corrupt ({exc}).") from None
             yield a, self._to_x(x_np, a), self._to_y(y_np, a)
+
+    def extras(self, a: int, b: int) -> dict[str, torch.Tensor]:
+        """The extra model inputs (``--input-key``) for rows [a, b): keyword → (B, …) tensor (integers as
+        int64, booleans kept, floats as float32)."""
+        out = {}
+        for name, ds in self._extras.items():
+            try:
+                arr = ds[a:b]
+            except (OSError, RuntimeError, ValueError) as exc:
+                raise DatasetError(f"{self.path}: rows {a}:{b} of {ds.name!r} cannot be read ({exc}).") from None
+            if arr.dtype.kind in "iu":
+                arr = arr.astype(np.int64, copy=False)
+            elif arr.dtype.kind == "f":
+                _check_finite(arr, name, ds.name, a, self.path)
+                arr = arr.astype(np.float32, copy=False)
+            out[name] = torch.from_numpy(np.ascontiguousarray(arr))
+        return out
 
     def _to_x(self, x: np.ndarray, first_row: int) -> torch.Tensor:
         kind = self.info.x_kind
@@ -206,3 +224,20 @@ def _check_finite(a: np.ndarray, role: str, key: str, first_row: int, path: Path
             f"{path}: {role} {key!r} has NaN or Inf at row {row} (first bad row). "
             "Remove or impute those rows before auditing."
         )
+
+
+def _extra_arrays(fh: h5py.File, o: DataOptions, n: int, path: Path) -> dict[str, h5py.Dataset]:
+    """Resolve and check the ``--input-key NAME=KEY`` arrays: one row per sample, numbers or booleans."""
+    found = {}
+    for name, key in o.input_keys:
+        if not name.isidentifier():
+            raise DatasetError(f"--input-key {name}={key}: {name!r} is not a keyword argument name; "
+                               "pass NAME=KEY, e.g. attention_mask=mask.")  # fmt: skip
+        ds = _dataset(fh, key, "input", path)
+        if ds.ndim < 1 or ds.shape[0] < n or ds.dtype.kind not in "fiub":
+            raise DatasetError(
+                f"{path}: extra input {key!r} (for {name}=) has shape {ds.shape} and dtype {ds.dtype}; expected "
+                f"numbers with at least {n} rows (one per sample, like X)."
+            )
+        found[name] = ds
+    return found

@@ -4,20 +4,42 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import inspect
 import json
 import sys
 from pathlib import Path
 from typing import Any, Callable
 
+import torch
 from torch import nn
 
 from nrc_audit.config import ModelOptions
 from nrc_audit.errors import CheckpointError
 from nrc_audit.io.checkpoint import KWARGS_KEY, Checkpoint
+from nrc_audit.io.fingerprint import FINGERPRINT_KEY, LAYOUT_KEY, fingerprint_mismatch
+from nrc_audit.io.hf_layout import HF_CONFIG_KEY
 from nrc_audit.models import mlp as mlp_family
 from nrc_audit.models.base import ResolvedModel, load_strict
 
 DEFAULT_ACTIVATION = "relu"
+NORMS = (None, "layernorm", "batchnorm")  # values of the arch metadata's "norm"
+INFERRED_NOTE = ("architecture inferred from the state dict's keys and the arch metadata; the checkpoint has no "
+                 "fingerprint to verify it against (re-save it with nrc_audit.save_checkpoint)")  # fmt: skip
+VERIFIED_NOTE = "architecture verified against the checkpoint's fingerprint (outputs on a seeded probe batch)"
+_UPCAST = {torch.float16: "float16", torch.bfloat16: "bfloat16"}
+
+
+def inferred_architecture_warning(assumptions: list[str]) -> str | None:
+    """The report-level warning for a model whose architecture was inferred, not verified; else None.
+
+    Takes ``report.model.assumptions`` (so it works on re-analysed reports too).
+    """
+    if INFERRED_NOTE not in assumptions:
+        return None
+    return ("architecture inferred: the checkpoint carries no fingerprint, so nrc-audit could not check that "
+            "the rebuilt network is the one that was trained (modules without parameters — activations, norms "
+            "without affine parameters — leave no trace in a state dict). See model.assumptions; re-save with "
+            "nrc_audit.save_checkpoint or pass --model-def.")  # fmt: skip
 
 
 def resolve_model(ckpt: Checkpoint, opts: ModelOptions) -> ResolvedModel:
@@ -41,6 +63,7 @@ def resolve_model(ckpt: Checkpoint, opts: ModelOptions) -> ResolvedModel:
                 f"{ckpt.path}: metadata names architecture family {family!r}, which nrc-audit cannot build "
                 f"(known: {sorted(builders)}). Pass --model-def module:callable to build it yourself."
             )
+        _check_fields(ckpt, arch)
         order = [family] if family else list(builders)
         resolved = next((r for f in order if (r := builders[f](ckpt, arch, opts)) is not None), None)
         if resolved is None:
@@ -55,7 +78,64 @@ def resolve_model(ckpt: Checkpoint, opts: ModelOptions) -> ResolvedModel:
             )
     resolved.assumptions[:0] = ckpt.notes
     resolved.module.eval()
+    upcast = sorted({_UPCAST[v.dtype] for v in ckpt.state_dict.values() if v.dtype in _UPCAST})
+    if upcast:
+        resolved.assumptions.append(f"{'/'.join(upcast)} weights run upcast: compute dtype float32")
+    _verify(ckpt, resolved, from_user_code=bool(opts.model_def))
     return resolved
+
+
+def _verify(ckpt: Checkpoint, resolved: ResolvedModel, from_user_code: bool) -> None:
+    """Check the rebuilt model against the stored fingerprint; note an unverifiable inferred architecture.
+
+    Raises:
+        CheckpointError: the model does not reproduce the fingerprint (names the likely cause and the fix).
+    """
+    raw = ckpt.metadata.get(FINGERPRINT_KEY)
+    if raw is None:
+        if not from_user_code:
+            resolved.assumptions.append(INFERRED_NOTE)
+        return
+    try:
+        fingerprint = json.loads(raw)
+        what = fingerprint_mismatch(resolved.module, fingerprint)
+    except (ValueError, KeyError, TypeError) as exc:
+        raise CheckpointError(f"{ckpt.path}: metadata {FINGERPRINT_KEY!r} is damaged ({type(exc).__name__}: {exc}); "
+                              "re-save the model with nrc_audit.save_checkpoint.") from None  # fmt: skip
+    if what is not None:
+        cause = ("the --model-def callable builds a different network (other activations, norms or kwargs)"
+                 if from_user_code else
+                 "a module without parameters (activation, norm without affine parameters, dropout position) that "
+                 "the state dict cannot show; set 'activation'/'norm' in the nrc_audit.arch metadata, --activation, "
+                 "or pass --model-def")  # fmt: skip
+        raise CheckpointError(
+            f"{ckpt.path}: the rebuilt model ({resolved.architecture}) is not the network that was saved: {what}. "
+            f"Likely cause: {cause}."
+        )
+    resolved.assumptions.append(VERIFIED_NOTE)
+
+
+# Every arch-metadata field a builder honours; anything else would be silently ignored, so it is refused.
+ARCH_FIELDS = {
+    "mlp": {"family", "activation", "norm"},
+    "resnet": {"family", "stem_stride", "maxpool", "stage_strides", "head_activation", "activation", "norm"},
+}
+_RESNET_FIXED = {"activation": ("relu",), "norm": (None, "batchnorm")}  # what the ResNet builder always builds
+
+
+def _check_fields(ckpt: Checkpoint, arch: dict) -> None:
+    family = arch.get("family")
+    if family not in ARCH_FIELDS:
+        return
+    unknown = sorted(set(arch) - ARCH_FIELDS[family])
+    fixed = [f"{k}={arch[k]!r}" for k, ok in _RESNET_FIXED.items() if family == "resnet" and k in arch and arch[k] not in ok]
+    if unknown or fixed:
+        what = f"fields {unknown}" if unknown else f"{', '.join(fixed)}"
+        raise CheckpointError(
+            f"{ckpt.path}: the nrc_audit.arch metadata has {what}, which the {family!r} builder cannot honour "
+            f"(it understands {sorted(ARCH_FIELDS[family])}; a ResNet is built with ReLU and BatchNorm). Auditing "
+            "without them would audit a different network: pass --model-def to build the model yourself."
+        )
 
 
 def _activation(arch: dict, opts: ModelOptions, assumptions: list[str]) -> str:
@@ -72,15 +152,63 @@ def _activation(arch: dict, opts: ModelOptions, assumptions: list[str]) -> str:
 
 def _build_mlp(ckpt: Checkpoint, arch: dict, opts: ModelOptions) -> ResolvedModel | None:
     spec = mlp_family.detect_mlp(ckpt.state_dict)
+    layout = _layout(ckpt)
+    if layout is not None and not opts.activation:
+        module = mlp_family.build_from_layout(spec, layout, ckpt.state_dict)
+        if module is not None:
+            load_strict(module, ckpt.state_dict, ckpt.path)
+            kinds = [type(m).__name__ for m in module.modules() if not list(m.children())]
+            return ResolvedModel(module, f"mlp({'-'.join(kinds)})", ["MLP built from the module layout stored by save_checkpoint"])
     if spec is None:
         return None
     assumptions: list[str] = []
     act = _activation(arch, opts, assumptions)
+    norm = _norm(arch, spec, ckpt, assumptions)
     for a, b in mlp_family.missing_activation_gaps(spec):
         assumptions.append(f"no index is free between Linear {a} and {b}: no activation placed there")
-    module = mlp_family.build_mlp(spec, act)
+    module = mlp_family.build_mlp(spec, act, norm)
     load_strict(module, ckpt.state_dict, ckpt.path)
-    return ResolvedModel(module, spec.describe(act), assumptions)
+    return ResolvedModel(module, spec.describe(act) + (", layernorm without affine" if norm else ""), assumptions)
+
+
+def _layout(ckpt: Checkpoint) -> list | None:
+    raw = ckpt.metadata.get(LAYOUT_KEY)
+    if raw is None:
+        return None
+    try:
+        layout = json.loads(raw)
+    except ValueError:
+        layout = None
+    if not isinstance(layout, list) or not all(isinstance(r, list) and len(r) == 3 and isinstance(r[0], str)
+                                               and isinstance(r[1], str) and isinstance(r[2], dict) for r in layout):
+        raise CheckpointError(f"{ckpt.path}: metadata {LAYOUT_KEY!r} is damaged; re-save with nrc_audit.save_checkpoint.")
+    return layout
+
+
+def _norm(arch: dict, spec: mlp_family.MLPSpec, ckpt: Checkpoint, assumptions: list[str]) -> str | None:
+    """The norm to place without keys (``"layernorm"``), or None; every guess is written to ``assumptions``."""
+    norm = arch.get("norm")
+    if norm not in NORMS:
+        raise CheckpointError(f"{ckpt.path}: nrc_audit.arch metadata norm={norm!r} is unknown; use one of {list(NORMS)}.")
+    has_norm_keys = any(s[0] != "linear" for s in spec.slots.values())
+    if has_norm_keys or len(spec.linear_indices) < 2:
+        return None
+    if norm is None:
+        if "norm" not in arch:
+            assumptions.append("no normalisation layers assumed: none has parameters in the state dict (a norm "
+                               "without affine parameters leaves no keys; set 'norm' in the nrc_audit.arch metadata)")  # fmt: skip
+        return None
+    if norm == "batchnorm":
+        raise CheckpointError(f"{ckpt.path}: the arch metadata says norm='batchnorm' but the state dict has no "
+                              "BatchNorm keys (running_mean/var). Re-save the model, or pass --model-def.")  # fmt: skip
+    tight = [(a, b) for a, b, free in mlp_family.free_slots(spec) if free < 2]
+    if tight:
+        raise CheckpointError(f"{ckpt.path}: the arch metadata says norm='layernorm' (no keys: no affine parameters), "
+                              f"but between Linear layers {tight} there is no room for a norm and an activation. "
+                              "Pass --model-def to build the model yourself.")  # fmt: skip
+    assumptions.append("LayerNorm without affine parameters (eps 1e-5) placed before the activation after each "
+                       "hidden Linear, as the arch metadata's norm='layernorm' says; the order is assumed")  # fmt: skip
+    return norm
 
 
 def _build_resnet(ckpt: Checkpoint, arch: dict, opts: ModelOptions) -> ResolvedModel | None:
@@ -106,6 +234,9 @@ def _from_model_def(ckpt: Checkpoint, opts: ModelOptions) -> ResolvedModel:
     factory = getattr(_import_target(location), attr, None)
     if not callable(factory):
         raise CheckpointError(f"--model-def {target!r}: {location} has no callable named {attr!r}.")
+    shown = dict(kwargs)
+    if HF_CONFIG_KEY in ckpt.metadata and "config" not in kwargs and _accepts(factory, "config"):
+        kwargs["config"] = json.loads(ckpt.metadata[HF_CONFIG_KEY])  # config.json next to the weights
     try:
         module = factory(**kwargs)
     except Exception as exc:
@@ -113,8 +244,17 @@ def _from_model_def(ckpt: Checkpoint, opts: ModelOptions) -> ResolvedModel:
     if not isinstance(module, nn.Module):
         raise CheckpointError(f"--model-def {target!r} returned {type(module).__name__}, not an nn.Module.")
     load_strict(module, ckpt.state_dict, ckpt.path)
-    desc = f"model-def:{target}" + (f"({json.dumps(kwargs, sort_keys=True)})" if kwargs else "")
-    return ResolvedModel(module, desc, [f"model built by user code {target!r}"])
+    desc = f"model-def:{target}" + (f"({json.dumps(shown, sort_keys=True)})" if shown else "")
+    notes = [f"model built by user code {target!r}"] + (["config= read from config.json"] if "config" in kwargs and "config" not in shown else [])
+    return ResolvedModel(module, desc, notes)
+
+
+def _accepts(factory: Callable, name: str) -> bool:
+    try:
+        params = inspect.signature(factory).parameters
+    except (TypeError, ValueError):
+        return False
+    return name in params
 
 
 def _import_target(location: str) -> Any:

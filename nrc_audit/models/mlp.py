@@ -8,6 +8,7 @@ slot) and identities (dropout and the like); free indices before the first Linea
 
 from __future__ import annotations
 
+import inspect
 import re
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -94,18 +95,26 @@ def _chain_error(key: str, what: str) -> CheckpointError:
     )
 
 
-def build_mlp(spec: MLPSpec, activation: str) -> nn.Module:
-    """An ``nn.Module`` whose state-dict keys are exactly those the spec was detected from."""
+def build_mlp(spec: MLPSpec, activation: str, norm: str | None = None) -> nn.Module:
+    """An ``nn.Module`` whose state-dict keys are exactly those the spec was detected from.
+
+    ``norm="layernorm"`` (arch metadata) puts a LayerNorm without affine parameters (so without keys) in
+    the first free slot after each hidden Linear, before the activation (``needs_norm_slots`` checks room).
+    """
     act_cls = ACTIVATIONS[activation]
     linears = spec.linear_indices
     first, last = linears[0], linears[-1]
     mods: OrderedDict[str, nn.Module] = OrderedDict()
-    pending_activation = False
+    pending_activation = pending_norm = False
+    width = 0
     for i in range(max(spec.slots) + 1):
         slot = spec.slots.get(i)
         if slot is None:
             if i < first:
                 mods[str(i)] = nn.Flatten()
+            elif pending_norm:
+                mods[str(i)] = nn.LayerNorm(width, elementwise_affine=False)
+                pending_norm = False
             elif pending_activation:
                 mods[str(i)] = act_cls()
                 pending_activation = False
@@ -114,12 +123,19 @@ def build_mlp(spec: MLPSpec, activation: str) -> nn.Module:
         elif slot[0] == "linear":
             mods[str(i)] = nn.Linear(slot[1], slot[2], bias=slot[3])
             pending_activation = i != last
+            pending_norm, width = pending_activation and norm == "layernorm", slot[2]
         elif slot[0] == "batchnorm":
             mods[str(i)] = nn.BatchNorm1d(slot[1], affine=slot[2])
         else:
             mods[str(i)] = nn.LayerNorm(slot[1], elementwise_affine=True, bias=slot[2])
     body: nn.Module = nn.Sequential(mods)
     return _nest(body, spec.prefix)
+
+
+def free_slots(spec: MLPSpec) -> list[tuple[int, int, int]]:
+    """(a, b, free indices between them) for consecutive Linear indices a, b."""
+    lin = spec.linear_indices
+    return [(a, b, sum(j not in spec.slots for j in range(a + 1, b))) for a, b in zip(lin, lin[1:])]
 
 
 def missing_activation_gaps(spec: MLPSpec) -> list[tuple[int, int]]:
@@ -158,3 +174,58 @@ class _Forward(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.get_submodule(self._path)(x)
+
+
+# ----------------------------------------------------------------------------- from a saved layout
+
+_LAYOUT_CLASSES: dict[str, type[nn.Module]] = {
+    **{cls.__name__: cls for cls in ACTIVATIONS.values()},
+    "Dropout": nn.Dropout, "Identity": nn.Identity, "Flatten": nn.Flatten,
+}  # parameter-free modules a layout may name; Linear and the norms are sized from the state dict
+
+
+def build_from_layout(spec: MLPSpec | None, layout: list, sd: dict[str, torch.Tensor]) -> nn.Module | None:
+    """The MLP exactly as ``save_checkpoint`` recorded it (``nrc_audit.layout``), or None when the layout
+    is not one Sequential chain ``P.0, P.1, …`` of modules this builder knows."""
+    prefix = spec.prefix if spec is not None else _layout_prefix(layout)
+    if prefix is None:
+        return None
+    head = f"{prefix}." if prefix else ""
+    mods: OrderedDict[str, nn.Module] = OrderedDict()
+    for row in layout:
+        name, cls_name, settings = row
+        index = name[len(head):] if name.startswith(head) else ""
+        if not index.isdigit():
+            return None
+        mod = _layout_module(cls_name, settings, sd, f"{head}{index}")
+        if mod is None:
+            return None
+        mods[index] = mod
+    if not mods or sorted(map(int, mods)) != list(range(len(mods))):
+        return None
+    return _nest(nn.Sequential(OrderedDict(sorted(mods.items(), key=lambda kv: int(kv[0])))), prefix)
+
+
+def _layout_prefix(layout: list) -> str | None:
+    prefixes = {row[0].rpartition(".")[0] for row in layout if isinstance(row, list) and row and isinstance(row[0], str)}
+    return prefixes.pop() if len(prefixes) == 1 else None
+
+
+def _layout_module(cls_name: str, s: dict, sd: dict[str, torch.Tensor], key: str) -> nn.Module | None:
+    if cls_name == "Linear":
+        w = sd.get(f"{key}.weight")
+        return None if w is None or w.ndim != 2 else nn.Linear(w.shape[1], w.shape[0], bias=f"{key}.bias" in sd)
+    if cls_name == "LayerNorm":
+        return nn.LayerNorm(s["normalized_shape"], eps=s.get("eps", 1e-5), elementwise_affine=s.get("elementwise_affine", True),
+                            bias=s.get("bias", True))  # fmt: skip
+    if cls_name == "BatchNorm1d":
+        ref = sd.get(f"{key}.running_mean", sd.get(f"{key}.weight"))
+        if ref is None:
+            return None
+        return nn.BatchNorm1d(ref.shape[0], eps=s.get("eps", 1e-5), affine=s.get("affine", True),
+                              track_running_stats=s.get("track_running_stats", True))  # fmt: skip
+    cls = _LAYOUT_CLASSES.get(cls_name)
+    if cls is None:
+        return None
+    accepted = inspect.signature(cls.__init__).parameters
+    return cls(**{k: v for k, v in s.items() if k in accepted and k != "inplace"})

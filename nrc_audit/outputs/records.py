@@ -28,7 +28,7 @@ class LayerReport:
 
     index: int
     name: str
-    kind: str  # "linear" | "conv2d"
+    kind: str  # "linear" | "conv1d" | "conv2d" | "conv3d"
     in_dim: int
     out_dim: int
     pooled: bool
