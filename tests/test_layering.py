@@ -16,7 +16,7 @@ PACKAGE = REPO / "nrc_audit"
 LAYERS = ["errors", "config", "core", "io", "models", "outputs", "engine", "cli"]
 # Order inside a layer (lower first); a module not listed ranks below every listed one of its layer.
 WITHIN = {
-    "core": ["layer", "kernels", "stats", "conditions", "verdicts"],
+    "core": ["layer", "kernels", "stats", "verdicts", "conditions", "diagnostics"],
     "io": ["files", "settings_file", "checkpoint", "dataset", "store"],
     "models": ["base", "mlp", "resnet", "architecture"],
     "outputs": ["records", "render", "markdown", "plot", "report", "baseline", "trend", "emit"],

@@ -11,7 +11,7 @@ import typer
 from nrc_audit.cli.common import (
     BaselineOpt, BatchOpt, ConfigOpt, EnergyOpt, ExitZeroOpt, FormatOpt, JsonOpt, MarkdownOpt, ModelIndexOpt,
     Nrc1Opt, Nrc2Opt, Nrc3Opt, Nrc4Opt, OutputFormat, PlotOpt, QuietOpt, RankOpt, RequireOpt, RtolOpt,
-    ToleranceOpt, analysis_options, is_main, guarded, json_object, make_app, settings, with_progress,
+    ToleranceOpt, analysis_options, err_console, is_main, guarded, json_object, make_app, settings, with_progress,
 )  # fmt: skip
 from nrc_audit.cli.commands import SUBCOMMANDS
 from nrc_audit.config import AuditConfig, DataOptions, ModelOptions
@@ -77,9 +77,19 @@ def audit(
             features_compression=features_compression,
         )  # fmt: skip
         report = with_progress(not no_progress, lambda hook: run_audit(cfg, hook))
+        if store is not None and out.is_main:
+            _note_store(store)
         return emit(report, out)
 
     guarded(body)
+
+
+def _note_store(path: Path) -> None:
+    """One stderr line: where the feature store went and how big it is (it can be hundreds of MB)."""
+    if path.exists():
+        size = path.stat().st_size
+        text = f"{size / 2**20:.1f} MiB" if size >= 2**20 else f"{size / 2**10:.1f} KiB"
+        err_console.print(f"feature store: {path} ({text}); --no-features skips it", highlight=False)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -40,7 +40,7 @@ def make_app(help_text: str) -> typer.Typer:
 
 
 # Options shared by every command that turns statistics into a report.
-RankOpt = Annotated[Optional[str], typer.Option("--rank", help="Subspace rank k: an integer, or 'auto' (target rank estimate). Default: t.")]
+RankOpt = Annotated[Optional[str], typer.Option("--rank", help="Subspace rank k: 'auto' (default: the targets' intrinsic rank estimate, ≤ t), 't' (the paper's k = t) or an integer.")]
 Nrc1Opt = Annotated[Optional[float], typer.Option("--nrc1-max", help="NRC1 passes when noise ≤ this (default 0.25).")]
 Nrc2Opt = Annotated[Optional[float], typer.Option("--nrc2-min", help="NRC2 passes when CKA(H, Y) ≥ this (default 0.6).")]
 Nrc3Opt = Annotated[Optional[float], typer.Option("--nrc3-min", help="NRC3 passes when the mean principal cosine ≥ this (default 0.7).")]
@@ -62,13 +62,13 @@ BatchOpt = Annotated[Optional[int], typer.Option("--batch-size", help="Rows per 
 
 
 def analysis_options(s: dict[str, Any]) -> AnalysisOptions:
-    """Resolved settings → validated AnalysisOptions (``rank`` may be an int, 'auto' or None)."""
+    """Resolved settings → validated AnalysisOptions (``rank`` may be an int, 'auto', 't' or None)."""
     rank = s["rank"]
-    if isinstance(rank, str) and rank != "auto":
+    if isinstance(rank, str) and rank not in ("auto", "t"):
         try:
             rank = int(rank)
         except ValueError:
-            raise OptionsError(f"--rank {rank!r} is not understood; pass an integer ≥ 1 or 'auto'.") from None
+            raise OptionsError(f"--rank {rank!r} is not understood; pass an integer ≥ 1, 'auto' or 't'.") from None
     thresholds = Thresholds(float(s["nrc1_max"]), float(s["nrc2_min"]), float(s["nrc3_min"]), float(s["nrc4_ratio_max"]))
     return AnalysisOptions(rank, float(s["pinv_rtol"]), float(s["rank_energy"]), int(s["require_collapsed"]),
                            thresholds).validate()  # fmt: skip

@@ -18,8 +18,9 @@ import torch
 
 from nrc_audit import __version__
 from nrc_audit.engine import distributed
-from nrc_audit.core.conditions import layer_metrics, target_summary
-from nrc_audit.core.verdicts import collapse_onset, gate
+from nrc_audit.core.conditions import layer_metrics, target_summary, with_identity
+from nrc_audit.core.diagnostics import DataFacts, report_warnings
+from nrc_audit.core.verdicts import choose_rank, collapse_onset, gate
 from nrc_audit.config import AnalysisOptions, AuditConfig
 from nrc_audit.errors import ModelDataMismatchError, NrcAuditError, OptionsError
 from nrc_audit.core.layer import LayerInfo
@@ -27,7 +28,7 @@ from nrc_audit.engine.extract import FeatureExtractor, candidate_layers
 from nrc_audit.models.architecture import resolve_model
 from nrc_audit.io.checkpoint import load_checkpoint, sha256_file
 from nrc_audit.io.dataset import HDF5Dataset
-from nrc_audit.outputs.report import Gate, LayerReport, Report, Summary
+from nrc_audit.outputs.report import Gate, Report, Summary
 from nrc_audit.core.stats import Accumulator, JointAccumulator
 from nrc_audit.io.store import FeatureStore, FeatureStoreWriter
 
@@ -44,6 +45,7 @@ class PassStatistics:
     targets: Accumulator = field(default_factory=Accumulator)
     sse: float = 0.0
     n: int = 0
+    facts: DataFacts = field(default_factory=DataFacts)  # for the report-level warnings
     _sse_pending: torch.Tensor | None = field(default=None, repr=False)
 
     def update(self, layers: list[LayerInfo], outputs: torch.Tensor, y: torch.Tensor, feats: list[torch.Tensor]) -> None:
@@ -59,6 +61,7 @@ class PassStatistics:
         for acc, f in zip(self.joint, feats):
             acc.update_pair(f, y64)
         self.targets.update(y64)
+        self.facts.observe_targets(y64)
         sq = ((outputs.to(torch.float64) - y64) ** 2).sum()  # 0-d, on the batch's device
         if sq.device.type == "cpu":
             self.sse += float(sq)
@@ -152,6 +155,7 @@ def _audit(config: AuditConfig, device: torch.device, ctx: distributed.DistConte
                      "y_key": info.y_key, "num_samples": info.num_samples, "input_shape": list(info.input_shape),
                      "target_dim": info.target_dim},
             "device": str(device), "batch_size": config.batch_size,
+            "uint8_unscaled": info.x_kind == "uint8" and not config.data.scale_uint8,  # a warning, not in the JSON
         }  # fmt: skip
         start, stop = 0, info.num_samples
         if ctx is not None:
@@ -353,12 +357,7 @@ def build_report(stats: PassStatistics, analysis: AnalysisOptions, context: dict
             f"the targets are constant over the {n} audited samples (zero variance); there is nothing to regress. "
             "Check --y-key and --limit."
         )
-    if analysis.rank is None:
-        k, source = t, "target_dim"
-    elif analysis.rank == "auto":
-        k, source = target.rank_estimate, "auto"
-    else:
-        k, source = int(analysis.rank), "user"
+    k, source = choose_rank(analysis.rank, t, target.rank_estimate)
     if analysis.require_collapsed > len(stats.layers):
         raise OptionsError(
             f"--require-collapsed {analysis.require_collapsed} exceeds the {len(stats.layers)} audited layers; "
@@ -371,8 +370,7 @@ def build_report(stats: PassStatistics, analysis: AnalysisOptions, context: dict
     rows = []
     for layer, acc in zip(stats.layers, stats.joint):
         m = layer_metrics(acc.finalize(), layer.weight.numpy(), k, model_mse, analysis.pinv_rtol, analysis.thresholds)
-        rows.append(LayerReport.from_metrics(layer.index, layer.name, layer.kind, layer.in_dim, layer.out_dim,
-                                             layer.pooled, m))  # fmt: skip
+        rows.append(with_identity(m, layer.index, layer.name, layer.kind, layer.in_dim, layer.out_dim, layer.pooled))
     collapsed = [r.collapsed for r in rows]
     passed, failing = gate(collapsed, analysis.require_collapsed)
     summary = Summary(
@@ -393,4 +391,5 @@ def build_report(stats: PassStatistics, analysis: AnalysisOptions, context: dict
         tool={"name": "nrc-audit", "version": __version__},
         model=model_info, data=context["data"], settings=settings, target=target,
         model_mse=model_mse, layers=rows, summary=summary,
+        warnings=report_warnings(stats.facts, target, model_mse, k, source, bool(context.get("uint8_unscaled"))),
     )  # fmt: skip
