@@ -89,7 +89,7 @@ def _note_store(path: Path) -> None:
     if path.exists():
         size = path.stat().st_size
         text = f"{size / 2**20:.1f} MiB" if size >= 2**20 else f"{size / 2**10:.1f} KiB"
-        err_console.print(f"feature store: {path} ({text}); --no-features skips it", highlight=False)
+        err_console.print(f"feature store: {path} ({text}); --no-features skips it", highlight=False, soft_wrap=True)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -68,7 +68,7 @@ def reanalyze(
 
 @trend_app.command()
 def trend(
-    checkpoints: Annotated[Optional[list[Path]], typer.Argument(help="Checkpoints of one run, in training order.")] = None,
+    checkpoints: Annotated[Optional[list[Path]], typer.Argument(help="Checkpoints of one run (sorted by the numbers in their names: epoch_2 before epoch_10).")] = None,
     data: Annotated[Optional[Path], typer.Option("--data", help="HDF5 dataset to audit every checkpoint on.")] = None,
     history: Annotated[Optional[Path], typer.Option("--history", help="Render a JSON-lines history (from CollapseMonitor) instead.")] = None,
     json_path: Annotated[Optional[Path], typer.Option("--json", help="Write all reports as one JSON document.")] = None,
@@ -87,29 +87,39 @@ def trend(
     nrc4_ratio_max: Nrc4Opt = None,
     pinv_rtol: RtolOpt = None,
     rank_energy: EnergyOpt = None,
+    require_collapsed: RequireOpt = None,
+    as_given: Annotated[bool, typer.Option("--as-given", help="Keep the checkpoints in the order given instead of sorting them naturally.")] = False,
     config: ConfigOpt = None,
     no_progress: QuietOpt = False,
 ) -> None:
-    """Audit each checkpoint (one data pass each) and show every condition per layer against checkpoint."""
-    given = dict(locals()) | {"require_collapsed": 0}  # trend reports findings; it has no gate
+    """Audit each checkpoint (one data pass each) and show every condition per layer against checkpoint.
+
+    The gate (--require-collapsed N) applies to the last checkpoint and sets the exit code (0/1/2 as for an audit).
+    """
+    given = dict(locals())
 
     def body() -> ExitCode:
         from nrc_audit.engine.pipeline import run_audit
-        from nrc_audit.outputs.trend import load_history, trend_tables, write_trend_json
+        from nrc_audit.core.verdicts import exit_code
+        from nrc_audit.outputs.trend import gate_of, load_history, natural_order, trend_tables, write_trend_json
 
         if plot is not None:
             Outputs(plot_path=plot).check_before_run()
         if history is not None:
             if checkpoints:
                 raise OptionsError("pass either checkpoints (with --data) or --history, not both.")
-            labels, reports = load_history(history)
+            s = settings(config, given)
+            labels, reports = load_history(history)  # in the order recorded (training order)
         else:
             if not checkpoints or data is None:
                 raise OptionsError("pass the checkpoints of one run and --data DATA.h5 (or --history FILE).")
             s = settings(config, given)
             analysis = analysis_options(s)
+            ordered = list(checkpoints) if as_given else natural_order(checkpoints)
+            err_console.print(f"order{' (as given)' if as_given else ''}: " + ", ".join(c.stem for c in ordered),
+                              highlight=False, soft_wrap=True)  # fmt: skip
             labels, reports = [], []
-            for ckpt in checkpoints:
+            for ckpt in ordered:
                 cfg = AuditConfig(model_path=ckpt, data_path=data,
                                   data=DataOptions(s["x_key"], s["y_key"], channels_last, scale_uint8, limit),
                                   model=ModelOptions(activation=s["activation"]), analysis=analysis,
@@ -126,10 +136,18 @@ def trend(
             from nrc_audit.outputs.plot import plot_trend
 
             plot_trend(labels, reports, plot)
+        n = int(s["require_collapsed"])
+        if not 0 <= n <= reports[-1].summary.num_layers:
+            raise OptionsError(f"--require-collapsed {n} must lie between 0 and the {reports[-1].summary.num_layers} "
+                               "audited layers.")  # fmt: skip
         console = Console()
-        for table in trend_tables(labels, reports):
+        for table in trend_tables(labels, reports, n):
             console.print(table)
-        return ExitCode.OK
+        passed = gate_of(reports[-1], n)
+        if n:
+            err_console.print(f"gate on the last checkpoint ({labels[-1]}, last {n} layer(s)): "
+                              f"{'PASSED' if passed else 'FAILED'}", highlight=False)  # fmt: skip
+        return exit_code(passed)
 
     guarded(body)
 

@@ -131,4 +131,4 @@ def print_warnings(report: Report) -> None:
     """The report-level warnings on stderr (they never change the exit code)."""
     console = Console(stderr=True, width=None if sys.stderr.isatty() else 120)
     for w in report.warnings:
-        console.print(Text(f"warning: {w}", style="bold yellow"))
+        console.print(Text(f"warning: {w}", style="bold yellow"), soft_wrap=True)
