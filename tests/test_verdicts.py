@@ -114,7 +114,7 @@ def rank2_case(tmp_path_factory, one_torch_thread):
     folder = tmp_path_factory.mktemp("rank2")
     ckpt = nrc_audit.save_checkpoint(model.eval(), folder / "rank2.safetensors", arch={"family": "mlp", "activation": "relu"})
     data = write_h5(folder / "data.h5", X=x.numpy(), Y=y.numpy())
-    return {"ckpt": ckpt, "data": data}
+    return {"ckpt": ckpt, "data": data, "model": model, "x": x, "y": y}
 
 
 def cli_json(*args) -> tuple[int, dict, str]:
@@ -145,6 +145,17 @@ def test_paper_view_k_equals_t_is_kept_and_warns_that_k_exceeds_the_rank(rank2_c
         (warning,) = doc["warnings"]
         assert "k = 4 exceeds the targets' intrinsic rank estimate 2" in warning
         assert "k = 4 exceeds" in err  # on stderr too
+
+
+def test_collapse_monitor_shows_collapse_on_rank2_targets_with_its_defaults(rank2_case, tmp_path):
+    from nrc_audit.engine.monitor import CollapseMonitor
+
+    x, y = rank2_case["x"], rank2_case["y"]
+    monitor = CollapseMonitor([(x[i : i + 512], y[i : i + 512]) for i in range(0, len(x), 512)], tmp_path / "h.jsonl")
+    report = monitor(rank2_case["model"], 0)
+    assert report.settings["rank"] == 2 and report.layers[-1].collapsed and report.warnings == []
+    tables = monitor.tables()  # gate column: the last layer collapsed
+    assert tables[0].columns[-1].header == "gate (last 1)"
 
 
 # ----------------------------------------------------------------------------- report-level warnings
@@ -219,6 +230,15 @@ def test_trend_sorts_checkpoints_naturally_and_gates_the_last(tmp_path):
     as_given = runner.invoke(trend_app, [*base, "--require-collapsed", "1", "--as-given"])
     assert as_given.exit_code == 0 and "order (as given): epoch_10, epoch_2" in as_given.stderr
     assert runner.invoke(trend_app, [*base, "--require-collapsed", "0"]).exit_code == 0
+    # a monitor history (recorded without a gate) is gated the same way
+    history = tmp_path / "history.jsonl"
+    with open(history, "w") as fh:
+        for label, report in zip(["epoch 2", "epoch 10"], json.loads(out.read_text())["reports"]):
+            report["summary"]["gate"] = {"require_collapsed": 0, "passed": True, "failing_layers": []}
+            fh.write(json.dumps({"label": label, "report": report}) + "\n")
+    replay = runner.invoke(trend_app, ["--history", str(history), "--require-collapsed", "1"])
+    assert replay.exit_code == 1, replay.stderr
+    assert [r.split("│")[-2].strip() for r in replay.stdout.splitlines() if r.startswith("│ epoch")] == ["pass", "fail"]
     bad = runner.invoke(trend_app, [*base, "--require-collapsed", "9"])
     assert bad.exit_code == 2 and "exceeds the 6 audited layers" in bad.stderr
 
