@@ -2,7 +2,10 @@
 
 Trains a small ReLU MLP with weight decay on the paper's synthetic setting (x ~ N(0, I_20), targets of
 dimension t = 4 from a random 2-hidden-layer net of width r = 2), audits it on a fixed evaluation set
-every few epochs, and prints the per-layer trend. Runs on the CPU in well under a minute:
+every few epochs, and prints the per-layer trend. With the defaults the audit uses k = the targets' intrinsic
+rank (2, ``--rank auto``), and the last layer is collapsed from epoch 10 on (NRC3 ≈ 0.95; at the paper's
+k = t = 4 it would stay near 0.5: pass ``rank="t"`` to the monitor to see that view). Runs on the CPU in under
+a minute (measured: 37 s of CPU time, 74 s wall clock on a busy 2-core machine):
 
     python examples/monitor_training.py --epochs 60 --every 10 --history /tmp/nrc-history.jsonl
 """

@@ -63,7 +63,7 @@ class ModelOptions:
 class AnalysisOptions:
     """Everything that turns statistics into metrics and verdicts; shared by live runs and re-analysis."""
 
-    rank: int | str | None = None  # None → t, "auto" → target.rank_estimate, int → user
+    rank: int | str | None = None  # None or "auto" → target.rank_estimate (≤ t), "t" → t, int → user
     pinv_rtol: float = 1e-3
     rank_energy: float = 0.99
     require_collapsed: int = 1
@@ -72,9 +72,9 @@ class AnalysisOptions:
     def validate(self) -> "AnalysisOptions":
         self.thresholds.validate()
         if isinstance(self.rank, int) and self.rank < 1:
-            raise OptionsError(f"--rank {self.rank} is not a positive integer; pass an integer ≥ 1 or 'auto'.")
-        if isinstance(self.rank, str) and self.rank != "auto":
-            raise OptionsError(f"--rank {self.rank!r} is not understood; pass an integer ≥ 1 or 'auto'.")
+            raise OptionsError(f"--rank {self.rank} is not a positive integer; pass an integer ≥ 1, 'auto' or 't'.")
+        if isinstance(self.rank, str) and self.rank not in ("auto", "t"):
+            raise OptionsError(f"--rank {self.rank!r} is not understood; pass an integer ≥ 1, 'auto' or 't'.")
         if not 0.0 < self.pinv_rtol < 1.0:
             raise OptionsError(f"--pinv-rtol {self.pinv_rtol} must lie in (0, 1) (default {AnalysisOptions.pinv_rtol:g}).")
         if not 0.0 < self.rank_energy <= 1.0:

@@ -16,7 +16,7 @@ PACKAGE = REPO / "nrc_audit"
 LAYERS = ["errors", "config", "core", "io", "models", "outputs", "engine", "cli"]
 # Order inside a layer (lower first); a module not listed ranks below every listed one of its layer.
 WITHIN = {
-    "core": ["layer", "kernels", "stats", "conditions", "verdicts"],
+    "core": ["layer", "kernels", "facts", "stats", "verdicts", "conditions", "diagnostics"],
     "io": ["files", "settings_file", "fingerprint", "checkpoint", "hf_layout", "dataset", "store"],
     "models": ["base", "mlp", "resnet", "architecture"],
     "outputs": ["records", "render", "markdown", "model_card", "plot", "report", "baseline", "ci", "trend", "emit"],

@@ -15,7 +15,8 @@ from nrc_audit.outputs.report import METRIC_FIELDS, Report, load_schema
 
 # SPEC §5, transcribed: the public field names of nrc-audit-report/1.
 SPEC_FIELDS = {
-    "": {"schema", "tool", "model", "data", "settings", "target", "model_mse", "layers", "summary"},
+    "": {"schema", "tool", "model", "data", "settings", "target", "model_mse", "layers", "summary",
+         "warnings"},  # warnings: added by issue 12 (report-level)
     "tool": {"name", "version"},
     "model": {"path", "sha256", "format", "architecture", "num_parameters", "assumptions"},
     "data": {"path", "sha256", "x_key", "y_key", "num_samples", "input_shape", "target_dim"},
@@ -119,11 +120,15 @@ def test_incomplete_store_is_refused(mlp_case, tmp_path):
 
 
 def test_rank_options(mlp_case):
-    assert audit(mlp_case).settings["rank"] == 3
+    default = audit(mlp_case)  # the default is the targets' intrinsic rank (issue 12); here r = 2 < t = 3
+    assert default.settings | {"rank": 2, "rank_source": "auto"} == default.settings
+    assert default.target.rank_estimate == 2
     auto = audit(mlp_case, analysis=AnalysisOptions(rank="auto", require_collapsed=0))
     assert auto.settings["rank_source"] == "auto" and auto.settings["rank"] == auto.target.rank_estimate
     user = audit(mlp_case, analysis=AnalysisOptions(rank=2, require_collapsed=0))
     assert user.settings == user.settings | {"rank": 2, "rank_source": "user"}
+    paper = audit(mlp_case, analysis=AnalysisOptions(rank="t", require_collapsed=0))  # the paper's k = t view
+    assert paper.settings == paper.settings | {"rank": 3, "rank_source": "target_dim"}
 
 
 def test_json_is_deterministic(mlp_case):

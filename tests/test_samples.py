@@ -77,3 +77,4 @@ def test_every_sample_report_validates_against_the_shipped_schema(model_file, da
 
     _, doc = audit_json(str(SAMPLES / model_file), str(SAMPLES / data_file), *extra, "--require-collapsed", "0")
     jsonschema.Draft202012Validator(load_schema()).validate(doc)
+    assert doc["warnings"] == []  # every shipped sample is a well-posed audit (issue 12)

@@ -13,7 +13,7 @@ from nrc_audit.cli.common import (
     DatasetNameOpt, DeviceOpt, EnergyOpt, ExitZeroOpt, FormatOpt, HubTaskOpt, JsonOpt, JunitOpt, LimitOpt,
     MarkdownOpt, ModelCardOpt, ModelIndexOpt, Nrc1Opt, Nrc2Opt, Nrc3Opt, Nrc4Opt, OutputFormat, PlotOpt, QuietFlag,
     QuietOpt, RankOpt, RequireOpt, RtolOpt, ScaleUint8Opt, ToleranceOpt, VersionOpt, XKeyOpt, YKeyOpt, flag,
-    guarded, json_object, make_app, opt, outputs, settings, with_progress, analysis_options,
+    err_console, guarded, json_object, make_app, opt, outputs, settings, with_progress, analysis_options,
 )  # fmt: skip
 from nrc_audit.cli.commands import SUBCOMMANDS
 from nrc_audit.errors import ExitCode, OptionsError
@@ -96,6 +96,8 @@ def audit(
                 features_compression=features_compression,
             )  # fmt: skip
             report = with_progress(not (no_progress or quiet), lambda hook: run_audit(cfg, hook))
+        if store is not None and out.is_main and not quiet:
+            _note_store(store)
         return emit(report, out)
 
     guarded(body)
@@ -110,6 +112,14 @@ def input_keys(values: list[str] | None) -> tuple[tuple[str, str], ...]:
             raise OptionsError(f"--input-key {value!r} is not NAME or NAME=KEY (e.g. attention_mask=mask).")
         pairs.append((name, key or name))
     return tuple(pairs)
+
+
+def _note_store(path: Path) -> None:
+    """One stderr line: where the feature store went and how big it is (it can be hundreds of MB)."""
+    if path.exists():
+        size = path.stat().st_size
+        text = f"{size / 2**20:.1f} MiB" if size >= 2**20 else f"{size / 2**10:.1f} KiB"
+        err_console.print(f"feature store: {path} ({text}); --no-features skips it", highlight=False, soft_wrap=True)
 
 
 def main(argv: list[str] | None = None) -> None:

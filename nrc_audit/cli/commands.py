@@ -14,7 +14,7 @@ from nrc_audit.cli.common import (
     EnergyOpt, ExitZeroOpt, FormatOpt, HubTaskOpt, JsonOpt, JunitOpt, LimitOpt, MarkdownOpt, ModelCardOpt,
     ModelIndexOpt, Nrc1Opt, Nrc2Opt, Nrc3Opt, Nrc4Opt, OutputFormat, PlotOpt, QuietFlag, QuietOpt, RankOpt,
     RequireOpt, RtolOpt, ScaleUint8Opt, ToleranceOpt, XKeyOpt, YKeyOpt, analysis_options, err_console, guarded,
-    make_app, opt, outputs, settings, with_progress,
+    flag, make_app, opt, outputs, settings, with_progress,
 )  # fmt: skip
 from nrc_audit.errors import ExitCode, OptionsError
 
@@ -76,7 +76,7 @@ def reanalyze(
 
 @trend_app.command()
 def trend(
-    checkpoints: Annotated[Optional[list[Path]], typer.Argument(metavar="CHECKPOINTS...", help="Checkpoints of one run, in training order.", show_default=False)] = None,
+    checkpoints: Annotated[Optional[list[Path]], typer.Argument(metavar="CHECKPOINTS...", help="Checkpoints of one run (sorted by the numbers in their names: epoch_2 before epoch_10, unless --as-given).", show_default=False)] = None,
     data: Annotated[Optional[Path], opt("--data", help="HDF5 dataset to audit every checkpoint on.", panel=INPUTS, show=False)] = None,
     history: Annotated[Optional[Path], opt("--history", help="Render a JSON-lines history (from CollapseMonitor) instead.", panel=INPUTS, show=False)] = None,
     json_path: Annotated[Optional[Path], opt("--json", help="Write all reports as one JSON document.", panel=OUTPUTS, show=False)] = None,
@@ -95,34 +95,45 @@ def trend(
     nrc4_ratio_max: Nrc4Opt = None,
     pinv_rtol: RtolOpt = None,
     rank_energy: EnergyOpt = None,
+    require_collapsed: RequireOpt = None,
+    as_given: Annotated[bool, flag("--as-given", help="Keep the checkpoints in the order given instead of sorting them naturally.", panel=INPUTS)] = False,
     config: ConfigOpt = None,
     no_progress: QuietOpt = False,
     quiet: QuietFlag = False,
 ) -> None:
-    """Audit each checkpoint (one data pass each) and show every condition per layer against checkpoint."""
-    given = dict(locals()) | {"require_collapsed": 0}  # trend reports findings; it has no gate
+    """Audit each checkpoint (one data pass each) and show every condition per layer against checkpoint.
+
+    The gate (--require-collapsed N) applies to the last checkpoint and sets the exit code (0/1/2 as for an audit).
+    """
+    given = dict(locals())
 
     def body() -> ExitCode:
         from rich.console import Console
 
         from nrc_audit.config import AuditConfig, DataOptions, ModelOptions
         from nrc_audit.engine.pipeline import run_audit
+        from nrc_audit.core.verdicts import exit_code
         from nrc_audit.outputs.emit import Outputs
-        from nrc_audit.outputs.trend import load_history, trend_tables, write_trend_json
+        from nrc_audit.outputs.trend import gate_of, load_history, natural_order, trend_tables, write_trend_json
 
         if plot is not None:
             Outputs(plot_path=plot).check_before_run()
         if history is not None:
             if checkpoints:
                 raise OptionsError("pass either checkpoints (with --data) or --history, not both.")
-            labels, reports = load_history(history)
+            s = settings(config, given)
+            labels, reports = load_history(history)  # in the order recorded (training order)
         else:
             if not checkpoints or data is None:
                 raise OptionsError("pass the checkpoints of one run and --data DATA.h5 (or --history FILE).")
             s = settings(config, given)
             analysis = analysis_options(s)
+            ordered = list(checkpoints) if as_given else natural_order(checkpoints)
+            if not quiet:
+                err_console.print(f"order{' (as given)' if as_given else ''}: " + ", ".join(c.stem for c in ordered),
+                                  highlight=False, soft_wrap=True)  # fmt: skip
             labels, reports = [], []
-            for ckpt in checkpoints:
+            for ckpt in ordered:
                 cfg = AuditConfig(model_path=ckpt, data_path=data,
                                   data=DataOptions(s["x_key"], s["y_key"], channels_last, scale_uint8, limit),
                                   model=ModelOptions(activation=s["activation"]), analysis=analysis,
@@ -140,10 +151,18 @@ def trend(
             from nrc_audit.outputs.plot import plot_trend
 
             plot_trend(labels, reports, plot)
+        n = int(s["require_collapsed"])
+        if not 0 <= n <= reports[-1].summary.num_layers:
+            raise OptionsError(f"--require-collapsed {n} must lie between 0 and the {reports[-1].summary.num_layers} "
+                               "audited layers.")  # fmt: skip
         console = Console()
-        for table in trend_tables(labels, reports):
+        for table in trend_tables(labels, reports, n):
             console.print(table)
-        return ExitCode.OK
+        passed = gate_of(reports[-1], n)
+        if n:
+            err_console.print(f"gate on the last checkpoint ({labels[-1]}, last {n} layer(s)): "
+                              f"{'PASSED' if passed else 'FAILED'}", highlight=False)  # fmt: skip
+        return exit_code(passed)
 
     guarded(body)
 

@@ -64,7 +64,7 @@ def flag(*names: str, help: str, panel: str, **kw: Any) -> Any:
                         metavar="", **kw)  # fmt: skip
 
 
-RankOpt = Annotated[Optional[str], opt("--rank", help="Subspace rank k: an integer, or 'auto' (target rank estimate).", panel=ANALYSIS, show="t, the target dimension")]
+RankOpt = Annotated[Optional[str], opt("--rank", help="Subspace rank k: 'auto' (the targets' intrinsic rank estimate, ≤ t), 't' (the paper's k = t) or an integer.", panel=ANALYSIS, show="auto")]
 Nrc1Opt = Annotated[Optional[float], opt("--nrc1-max", help="NRC1 passes when noise ≤ this.", panel=THRESHOLDS, key="nrc1_max")]
 Nrc2Opt = Annotated[Optional[float], opt("--nrc2-min", help="NRC2 passes when CKA(H, Y) ≥ this.", panel=THRESHOLDS, key="nrc2_min")]
 Nrc3Opt = Annotated[Optional[float], opt("--nrc3-min", help="NRC3 passes when the mean principal cosine ≥ this.", panel=THRESHOLDS, key="nrc3_min")]
@@ -110,13 +110,13 @@ VersionOpt = Annotated[bool, flag("--version", help="Print the version and exit.
 
 
 def analysis_options(s: dict[str, Any]) -> AnalysisOptions:
-    """Resolved settings → validated AnalysisOptions (``rank`` may be an int, 'auto' or None)."""
+    """Resolved settings → validated AnalysisOptions (``rank`` may be an int, 'auto', 't' or None)."""
     rank = s["rank"]
-    if isinstance(rank, str) and rank != "auto":
+    if isinstance(rank, str) and rank not in ("auto", "t"):
         try:
             rank = int(rank)
         except ValueError:
-            raise OptionsError(f"--rank {rank!r} is not understood; pass an integer ≥ 1 or 'auto'.") from None
+            raise OptionsError(f"--rank {rank!r} is not understood; pass an integer ≥ 1, 'auto' or 't'.") from None
     thresholds = Thresholds(float(s["nrc1_max"]), float(s["nrc2_min"]), float(s["nrc3_min"]), float(s["nrc4_ratio_max"]))
     return AnalysisOptions(rank, float(s["pinv_rtol"]), float(s["rank_energy"]), int(s["require_collapsed"]),
                            thresholds).validate()  # fmt: skip

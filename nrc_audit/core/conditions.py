@@ -8,12 +8,14 @@ Nothing here touches files, tensors or devices: numpy float64 in, Python floats 
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields, replace
+from typing import Any
 
 import numpy as np
 
 from nrc_audit.config import Thresholds
 from nrc_audit.core.stats import LayerStatistics
+from nrc_audit.core.verdicts import condition_passed, is_collapsed
 
 # `holds` tolerates this much rounding in lhs ≤ rhs. SPEC §4 says 1e-9, but lhs and rhs are square roots:
 # for an exactly collapsed layer both are √(rounding) ≈ 1e-8, and 1e-9 would report a spurious failure.
@@ -23,8 +25,19 @@ GAP_RTOL = 1e-6  # a relative eigengap below this makes the top-k subspace ill-d
 
 @dataclass
 class LayerMetrics:
-    """Every SPEC §4 field of one layer; ``None`` where the layer is degenerate (see ``warnings``)."""
+    """The one per-layer record: the layer's identity, every SPEC §4 field, its verdicts and warnings.
 
+    The report's ``layers[i]`` JSON object is ``asdict`` of this record, in this field order (SPEC §5).
+    The identity fields are filled by the pass (:func:`with_identity`); the pure metric functions below
+    leave them at their defaults. A metric is ``None`` where the layer is degenerate (see ``warnings``).
+    """
+
+    index: int = 0
+    name: str = ""
+    kind: str = "linear"  # "linear" | "conv2d"
+    in_dim: int = 0  # h
+    out_dim: int = 0
+    pooled: bool = False
     nrc1: float | None = None
     nrc2: float | None = None
     nrc3: float | None = None
@@ -35,12 +48,33 @@ class LayerMetrics:
     stable_rank: float | None = None
     stable_rank_cov: float | None = None
     stable_rank_w: float | None = None
-    bound_lhs: float | None = None
-    bound_rhs: float | None = None
-    bound_holds: bool | None = None
+    bound: dict[str, Any] = field(default_factory=lambda: {"lhs": None, "rhs": None, "holds": None})
     passed: dict[str, bool] = field(default_factory=dict)
     collapsed: bool = False
     warnings: list[str] = field(default_factory=list)
+
+    @property
+    def bound_lhs(self) -> float | None:
+        return self.bound.get("lhs")
+
+    @property
+    def bound_rhs(self) -> float | None:
+        return self.bound.get("rhs")
+
+    @property
+    def bound_holds(self) -> bool | None:
+        return self.bound.get("holds")
+
+
+IDENTITY_FIELDS = ("index", "name", "kind", "in_dim", "out_dim", "pooled")
+# the float metrics of a layer, in report order: every field between the identity and the bound
+METRIC_FIELDS = tuple(f.name for f in fields(LayerMetrics))[len(IDENTITY_FIELDS) : -4]
+
+
+def with_identity(m: LayerMetrics, index: int, name: str, kind: str, in_dim: int, out_dim: int,
+                  pooled: bool) -> LayerMetrics:  # fmt: skip
+    """The same record with the layer's identity filled in."""
+    return replace(m, index=index, name=name, kind=kind, in_dim=in_dim, out_dim=out_dim, pooled=pooled)
 
 
 @dataclass(frozen=True)
@@ -137,58 +171,80 @@ def layer_metrics(
     pinv_rtol: float,
     thresholds: Thresholds,
 ) -> LayerMetrics:
-    """All SPEC §4 fields of one layer from its statistics and weight.
+    """All SPEC §4 fields of one layer from its statistics and weight, with the per-condition verdicts.
 
     Args:
         stats: the layer's finalised statistics (N, μ, centred scatter blocks).
         weight: (out, h) Linear or (c_out, c_in, kh, kw) Conv2d weight.
-        k: subspace rank (t, the estimated rank, or the user's).
+        k: subspace rank (chosen by :func:`nrc_audit.core.verdicts.choose_rank`).
         model_mse: (1/(N t)) ‖f(X) − Y‖_F² of the whole model.
         pinv_rtol: Σ_H⁺ keeps λ_j > pinv_rtol² · λ_1 (Σ_Y⁺ in the bound likewise).
         thresholds: the verdict thresholds.
     """
     out = LayerMetrics()
-    n, h, t = stats.n, stats.s_hh.shape[0], stats.s_yy.shape[0]
+    h = stats.s_hh.shape[0]
     if h == 0:  # a zero-width layer (e.g. Linear(d, 0) before it): nothing to measure
         out.warnings.append("the layer has no input features (h = 0)")
         return _verdicts(out, thresholds)
-    finite_w = bool(np.isfinite(weight).all())  # LAPACK's SVD does not converge on NaN/Inf
-    u_w, s_w = weight_input_basis(weight) if finite_w else (np.zeros((h, 0)), np.zeros(0))  # (h, r), (r,)
-    if not finite_w:
+    u_w, s_w = _weight_part(out, weight, h)
+    spectrum = _feature_spectrum(out, stats)
+    if spectrum is not None:
+        lam, u = spectrum
+        sigma_y, c = stats.s_yy / stats.n, stats.s_hy / stats.n  # (t, t), (h, t)
+        _spectral_part(out, lam, c, sigma_y)
+        _probe_part(out, lam, u, c, sigma_y, model_mse, pinv_rtol)
+        _subspace_part(out, lam, u, c, sigma_y, u_w, s_w, k)
+        _bound_part(out, lam, c, sigma_y, pinv_rtol)
+    return _verdicts(out, thresholds)
+
+
+def _weight_part(out: LayerMetrics, weight: np.ndarray, h: int) -> tuple[np.ndarray, np.ndarray]:
+    """W's input singular vectors (h, r) and values (r,), ``stable_rank_w``; empty (h, 0) when undefined."""
+    if not np.isfinite(weight).all():  # LAPACK's SVD does not converge on NaN/Inf
         out.warnings.append("the weight contains NaN/Inf: its input subspace is undefined")
-    elif s_w.size and s_w[0] > 0:
+        return np.zeros((h, 0)), np.zeros(0)
+    u_w, s_w = weight_input_basis(weight)
+    if s_w.size and s_w[0] > 0:
         out.stable_rank_w = float((s_w**2).sum() / s_w[0] ** 2)
     else:
         out.warnings.append("the weight is all zeros: its input subspace is undefined")
+    return u_w, s_w
 
+
+def _feature_spectrum(out: LayerMetrics, stats: LayerStatistics) -> tuple[np.ndarray, np.ndarray] | None:
+    """Eigenpairs (λ (h,), U (h, h)) of Σ_H, or None (with a warning) when the features are unusable."""
     if stats.nonfinite_rows:
         out.warnings.append(
-            f"{stats.nonfinite_rows} of {n} samples produced NaN/Inf features in this layer; "
+            f"{stats.nonfinite_rows} of {stats.n} samples produced NaN/Inf features in this layer; "
             "its statistics are undefined"
         )
-        return _verdicts(out, thresholds)
+        return None
     if not all(np.isfinite(a).all() for a in (stats.mu_h, stats.s_hh, stats.s_hy, stats.s_yy)):
         out.warnings.append("the features are so large that their float64 scatter overflows; "
                             "its statistics are undefined")  # fmt: skip
-        return _verdicts(out, thresholds)
-
-    lam, u = eigh_desc(stats.s_hh / n)  # λ (h,), eigenvectors (h, h)
-    sigma_y = stats.s_yy / n  # (t, t)
-    c = stats.s_hy / n  # (h, t)
-    tr_h, tr_y = float(lam.sum()), float(np.trace(sigma_y))
-    if lam[0] <= (1e-12 * float(np.abs(stats.mu_h).max(initial=0.0))) ** 2 or tr_h <= 0:
+        return None
+    lam, u = eigh_desc(stats.s_hh / stats.n)
+    if lam[0] <= (1e-12 * float(np.abs(stats.mu_h).max(initial=0.0))) ** 2 or float(lam.sum()) <= 0:
         out.warnings.append("the features are constant over the data (zero variance)")
-        return _verdicts(out, thresholds)
+        return None
+    return lam, u
 
-    fro_h, fro_y = float(np.sqrt((lam**2).sum())), float(np.linalg.norm(sigma_y))
+
+def _spectral_part(out: LayerMetrics, lam: np.ndarray, c: np.ndarray, sigma_y: np.ndarray) -> None:
+    """Stable ranks and NRC2 = linear CKA = ‖C‖_F² / (‖Σ_H‖_F ‖Σ_Y‖_F)."""
+    tr_h = float(lam.sum())
     out.stable_rank = tr_h / float(lam[0])
     out.stable_rank_cov = float((lam**2).sum() / lam[0] ** 2)
-    out.nrc2 = _ratio(float((c**2).sum()), fro_h * fro_y)
+    out.nrc2 = _ratio(float((c**2).sum()), float(np.sqrt((lam**2).sum())) * float(np.linalg.norm(sigma_y)))
 
+
+def _probe_part(out: LayerMetrics, lam: np.ndarray, u: np.ndarray, c: np.ndarray, sigma_y: np.ndarray,
+                model_mse: float, pinv_rtol: float) -> None:  # fmt: skip
+    """NRC4 = (tr Σ_Y − tr(Cᵀ Σ_H⁺ C)) / t, the linear probe's MSE, and its ratio to the model's MSE."""
     keep = lam > pinv_rtol**2 * lam[0]
     proj = u[:, keep].T @ c  # (r, t) coordinates of C in the kept eigenbasis
     explained = float(((proj**2) / lam[keep, None]).sum())  # tr(Cᵀ Σ_H⁺ C)
-    out.nrc4 = max(0.0, (tr_y - explained) / t)
+    out.nrc4 = max(0.0, (float(np.trace(sigma_y)) - explained) / sigma_y.shape[0])
     if not np.isfinite(model_mse):
         out.warnings.append("the model's outputs contain NaN/Inf, so model_mse and nrc4_ratio are undefined")
     elif model_mse > 0:
@@ -196,52 +252,55 @@ def layer_metrics(
     else:
         out.warnings.append("the model's MSE is 0, so nrc4_ratio is undefined")
 
+
+def _subspace_part(out: LayerMetrics, lam: np.ndarray, u: np.ndarray, c: np.ndarray, sigma_y: np.ndarray,
+                   u_w: np.ndarray, s_w: np.ndarray, k: int) -> None:  # fmt: skip
+    """NRC1, cka_signal, NRC3 and noise_alignment at rank k (null, with a warning, where U_k or V_k is ill-defined)."""
+    h = len(lam)
     if h < k:
         out.warnings.append(f"the layer has {h} feature dims, fewer than the rank k={k}")
+        return
+    u_k, u_perp = u[:, :k], u[:, k:]
+    out.nrc1 = float(lam[k:].sum() / lam.sum())
+    # Subspace metrics are undefined (null, warned) when the subspace is: a tie λ_k ≈ λ_(k+1) (or σ_k ≈
+    # σ_(k+1) of W) leaves U_k (V_k) an arbitrary basis, and rounding alone would pick the reported number.
+    features_tied = k < h and lam[k - 1] - lam[k] <= GAP_RTOL * lam[0]
+    if features_tied:
+        out.warnings.append(
+            f"λ_k ≈ λ_(k+1) for k={k}: the top-k feature subspace is ill-defined, so nrc3, noise_alignment and "
+            "cka_signal are undefined (the features may have collapsed below k: audit at the targets' intrinsic rank, --rank auto, the default)"
+        )
     else:
-        u_k, u_perp = u[:, :k], u[:, k:]
-        out.nrc1 = float(lam[k:].sum() / tr_h)
-        # Subspace metrics are undefined (null, warned) when the subspace is: a tie λ_k ≈ λ_(k+1) (or σ_k ≈
-        # σ_(k+1) of W) leaves U_k (V_k) an arbitrary basis, and rounding alone would pick the reported number.
-        features_tied = k < h and lam[k - 1] - lam[k] <= GAP_RTOL * lam[0]
-        if features_tied:
-            out.warnings.append(
-                f"λ_k ≈ λ_(k+1) for k={k}: the top-k feature subspace is ill-defined, so nrc3, noise_alignment and "
-                "cka_signal are undefined (the features may have collapsed to a lower rank: try --rank auto)"
-            )
-        else:
-            sig_k = float(np.sqrt((lam[:k] ** 2).sum()))
-            out.cka_signal = _ratio(float(((u_k.T @ c) ** 2).sum()), sig_k * fro_y)
-        if out.stable_rank_w is None:
-            pass
-        elif u_w.shape[1] < k:
-            out.warnings.append(f"the weight has {u_w.shape[1]} input singular vectors, fewer than k={k}")
-        elif k < h and s_w[k - 1] - (s_w[k] if k < len(s_w) else 0.0) <= GAP_RTOL * s_w[0]:
-            out.warnings.append(f"σ_k ≈ σ_(k+1) of the weight for k={k}: its top-k input subspace is ill-defined, "
-                                "so nrc3 and noise_alignment are undefined")  # fmt: skip
-        elif not features_tied:
-            v_k = u_w[:, :k]  # (h, k)
-            out.nrc3 = mean_principal_cosine(u_k, v_k, k)
-            out.noise_alignment = mean_principal_cosine(u_perp, v_k, k)
+        sig_k = float(np.sqrt((lam[:k] ** 2).sum()))
+        out.cka_signal = _ratio(float(((u_k.T @ c) ** 2).sum()), sig_k * float(np.linalg.norm(sigma_y)))
+    if out.stable_rank_w is None:
+        return
+    if u_w.shape[1] < k:
+        out.warnings.append(f"the weight has {u_w.shape[1]} input singular vectors, fewer than k={k}")
+    elif k < h and s_w[k - 1] - (s_w[k] if k < len(s_w) else 0.0) <= GAP_RTOL * s_w[0]:
+        out.warnings.append(f"σ_k ≈ σ_(k+1) of the weight for k={k}: its top-k input subspace is ill-defined, "
+                            "so nrc3 and noise_alignment are undefined")  # fmt: skip
+    elif not features_tied:
+        v_k = u_w[:, :k]  # (h, k)
+        out.nrc3 = mean_principal_cosine(u_k, v_k, k)
+        out.noise_alignment = mean_principal_cosine(u_perp, v_k, k)
 
-    if out.nrc1 is not None and out.nrc2 is not None:
-        mu_y, v_y = eigh_desc(sigma_y)
-        keep_y = mu_y > pinv_rtol**2 * mu_y[0]
-        cv = c @ v_y[:, keep_y]  # (h, r_y)
-        in_target_span = float(((cv**2) / mu_y[keep_y]).sum())  # tr(C Σ_Y⁺ Cᵀ)
-        out.bound_lhs = float(np.sqrt(max(0.0, 1.0 - in_target_span / tr_h)))
-        out.bound_rhs = float(np.sqrt(out.nrc1) + np.sqrt(max(0.0, 1.0 - out.nrc2)))
-        out.bound_holds = bool(out.bound_lhs <= out.bound_rhs + BOUND_SLACK)
-    return _verdicts(out, thresholds)
+
+def _bound_part(out: LayerMetrics, lam: np.ndarray, c: np.ndarray, sigma_y: np.ndarray, pinv_rtol: float) -> None:
+    """Proposition 1: lhs = ‖(I − P_Y) H_c‖_F / ‖H_c‖_F = √(1 − tr(C Σ_Y⁺ Cᵀ)/tr Σ_H) ≤ √NRC1 + √(1 − NRC2)."""
+    if out.nrc1 is None or out.nrc2 is None:
+        return
+    mu_y, v_y = eigh_desc(sigma_y)
+    keep_y = mu_y > pinv_rtol**2 * mu_y[0]
+    cv = c @ v_y[:, keep_y]  # (h, r_y)
+    in_target_span = float(((cv**2) / mu_y[keep_y]).sum())  # tr(C Σ_Y⁺ Cᵀ)
+    lhs = float(np.sqrt(max(0.0, 1.0 - in_target_span / float(lam.sum()))))
+    rhs = float(np.sqrt(out.nrc1) + np.sqrt(max(0.0, 1.0 - out.nrc2)))
+    out.bound = {"lhs": lhs, "rhs": rhs, "holds": bool(lhs <= rhs + BOUND_SLACK)}
 
 
 def _verdicts(out: LayerMetrics, th: Thresholds) -> LayerMetrics:
-    """Fill ``passed`` and ``collapsed``; a null metric fails its condition."""
-    out.passed = {
-        "nrc1": out.nrc1 is not None and out.nrc1 <= th.nrc1_max,
-        "nrc2": out.nrc2 is not None and out.nrc2 >= th.nrc2_min,
-        "nrc3": out.nrc3 is not None and out.nrc3 >= th.nrc3_min,
-        "nrc4": out.nrc4_ratio is not None and out.nrc4_ratio <= th.nrc4_ratio_max,
-    }
-    out.collapsed = all(out.passed.values())
+    """Fill ``passed`` and ``collapsed`` (the policy: :mod:`nrc_audit.core.verdicts`)."""
+    out.passed = condition_passed({"nrc1": out.nrc1, "nrc2": out.nrc2, "nrc3": out.nrc3, "nrc4_ratio": out.nrc4_ratio}, th)
+    out.collapsed = is_collapsed(out.passed)
     return out

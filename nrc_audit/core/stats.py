@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from nrc_audit.core.facts import DataFacts
 from nrc_audit.core.kernels import (CHAN, SUM, _DeviceFolder, _HostFolder, _State, _host64, _to_host, merge_rule,
                                     merge_states, state_field)
 from nrc_audit.core.layer import LayerInfo
@@ -287,6 +288,8 @@ class PassStatistics:
     targets: Accumulator = state_field(CHAN, default_factory=Accumulator)
     sse: float = state_field(SUM, default=0.0)
     n: int = state_field(SUM, default=0)
+    # rank-local (not merged over ranks): the label heuristics of the warnings read rank 0's rows under torchrun
+    facts: DataFacts = field(default_factory=DataFacts, metadata={"merge": None})
     _sse_pending: torch.Tensor | None = field(default=None, repr=False, metadata={"merge": None})
 
     def update(self, layers: list[LayerInfo], outputs: torch.Tensor, y: torch.Tensor, feats: list[torch.Tensor]) -> None:
@@ -302,6 +305,7 @@ class PassStatistics:
         for acc, f in zip(self.joint, feats):
             acc.update_pair(f, y64)
         self.targets.update(y64)
+        self.facts.observe_targets(y64)
         sq = ((outputs.to(torch.float64) - y64) ** 2).sum()  # 0-d, on the batch's device
         if sq.device.type == "cpu":
             self.sse += float(sq)

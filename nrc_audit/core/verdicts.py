@@ -1,6 +1,66 @@
-"""Verdict policy over the per-layer verdicts: the collapse onset and the CI gate (pure functions)."""
+"""The verdict policy, in one place: the choice of k, per-condition pass/fail, collapse onset, the CI gate and
+the exit code. Pure functions on numbers and lists; nothing here reads a file or a tensor.
+
+Why k defaults to the target's intrinsic rank (``rank="auto"``): Deep NRC says collapsed layers collapse to
+the rank r of the targets, not to their nominal dimension t (Rangamani & Unal §4.3, PAPER_NOTES §3). The
+paper recomputes NRC1 and NRC3 with r in place of t for its low-rank targets (SGEMM, synthetic). At k = t > r
+the bottom t − r directions of a collapsed layer carry no signal: U_k picks up noise and W's top-k input
+subspace picks up directions weight decay has not yet removed, so NRC3 fails on layers that are collapsed at
+k = r (docs/validation.md, "Choice of k"). When the targets are full rank, r = t and nothing changes.
+"""
 
 from __future__ import annotations
+
+from typing import Mapping
+
+from nrc_audit.config import Thresholds
+from nrc_audit.errors import ExitCode
+
+RANK_T = "t"  # --rank t: the paper's k = t view
+RANK_AUTO = "auto"  # --rank auto (the default): k = target.rank_estimate
+CONDITIONS = ("nrc1", "nrc2", "nrc3", "nrc4")
+
+
+def choose_rank(rank: int | str | None, target_dim: int, rank_estimate: int) -> tuple[int, str]:
+    """The subspace rank k of the verdicts and where it came from (``settings.rank``, ``settings.rank_source``).
+
+    Args:
+        rank: None or "auto" → the target's energy rank estimate r (≤ t); "t" → t; an int → that int.
+        target_dim: t, the number of target columns.
+        rank_estimate: ``target.rank_estimate`` (1 ≤ r ≤ t for non-constant targets).
+    Returns:
+        (k, source) with source "auto" | "target_dim" | "user".
+    """
+    if rank is None or rank == RANK_AUTO:
+        return max(1, min(rank_estimate, target_dim)), "auto"
+    if rank == RANK_T:
+        return target_dim, "target_dim"
+    return int(rank), "user"
+
+
+def condition_passed(values: Mapping[str, float | None], th: Thresholds) -> dict[str, bool]:
+    """Per-condition verdicts of one layer; a null (undefined) metric fails its condition.
+
+    Args:
+        values: at least ``nrc1``, ``nrc2``, ``nrc3``, ``nrc4_ratio`` (floats or None).
+        th: the thresholds (NRC1 ≤ nrc1_max, NRC2 ≥ nrc2_min, NRC3 ≥ nrc3_min, NRC4 ratio ≤ nrc4_ratio_max).
+    """
+
+    def ok(key: str, test) -> bool:
+        v = values.get(key)
+        return v is not None and bool(test(v))
+
+    return {
+        "nrc1": ok("nrc1", lambda v: v <= th.nrc1_max),
+        "nrc2": ok("nrc2", lambda v: v >= th.nrc2_min),
+        "nrc3": ok("nrc3", lambda v: v >= th.nrc3_min),
+        "nrc4": ok("nrc4_ratio", lambda v: v <= th.nrc4_ratio_max),
+    }
+
+
+def is_collapsed(passed: Mapping[str, bool]) -> bool:
+    """A layer is collapsed when all four conditions hold."""
+    return all(passed.get(c, False) for c in CONDITIONS)
 
 
 def collapse_onset(collapsed: list[bool]) -> int | None:
@@ -18,3 +78,12 @@ def gate(collapsed: list[bool], require_collapsed: int) -> tuple[bool, list[int]
     start = max(0, len(collapsed) - require_collapsed) if require_collapsed > 0 else len(collapsed)
     failing = [i for i in range(start, len(collapsed)) if not collapsed[i]]
     return not failing, failing
+
+
+def exit_code(gate_passed: bool, regressions: int = 0, exit_zero: bool = False) -> ExitCode:
+    """0 when the gate passed and no baseline regression was found, else 1 (0 anyway with ``--exit-zero``).
+
+    Report-level warnings never enter here: they inform, they do not fail a run.
+    """
+    failed = not gate_passed or regressions > 0
+    return ExitCode.GATE_FAILED if failed and not exit_zero else ExitCode.OK

@@ -41,7 +41,7 @@ def audit(
         model: any ``nn.Module`` whose output is (B, t) (or (B,) for t = 1).
         batches: iterable of ``(x, y)``: x (B, …) model inputs, y (B, t) or (B,) targets; a ``DataLoader``
             works. Iterated once, in order.
-        rank: subspace rank k; None → t, "auto" → the target's energy rank estimate, or an int.
+        rank: subspace rank k; None or "auto" → the target's energy rank estimate (≤ t), "t" → t, or an int.
         layers / exclude: glob patterns on module names (``exclude`` defaults to downsample convs).
         device: where to run; None → the model's current device.
         thresholds, require_collapsed, pinv_rtol, rank_energy: as the CLI options of the same names; the

@@ -51,6 +51,7 @@ class RunContext:
     device: str = "cpu"
     batch_size: int = 0
     world_size: int | None = field(default=None)
+    uint8_unscaled: bool = False  # X was uint8 and fed unscaled: a report warning, not part of the JSON
 
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {"model": self.model.to_dict(), "data": self.data.to_dict(), "device": self.device,

@@ -54,9 +54,10 @@ class CollapseMonitor:
     def history(self) -> tuple[list[str], list[Report]]:
         return load_history(self.history_path)
 
-    def tables(self) -> list:
-        """Rich tables of every condition per layer against epoch (same as ``nrc-audit trend``)."""
-        return trend_tables(*self.history())
+    def tables(self, require_collapsed: int = 1) -> list:
+        """Rich tables of every condition per layer against epoch (same as ``nrc-audit trend``); the gate
+        column asks that the last ``require_collapsed`` layers be collapsed at each epoch."""
+        return trend_tables(*self.history(), require_collapsed)
 
     def plot(self, path: str | Path) -> Path:
         from nrc_audit.outputs.plot import plot_trend

@@ -18,17 +18,18 @@ import torch
 from nrc_audit import __version__
 from nrc_audit.engine import distributed, overlap, threads
 from nrc_audit.engine.context import DataContext, ModelContext, RunContext
-from nrc_audit.core.conditions import layer_metrics, target_summary
-from nrc_audit.core.verdicts import collapse_onset, gate
+from nrc_audit.core.conditions import LayerMetrics, layer_metrics, target_summary, with_identity
+from nrc_audit.core.diagnostics import report_warnings
+from nrc_audit.core.verdicts import choose_rank, collapse_onset, gate
 from nrc_audit.config import AnalysisOptions, AuditConfig
 from nrc_audit.errors import ModelDataMismatchError, NrcAuditError, OptionsError
 from nrc_audit.core.layer import LayerInfo
 from nrc_audit.engine.extract import FeatureExtractor, candidate_layers, skipped_layers
 from nrc_audit.engine.model_io import check_first_layer, probe_batch
-from nrc_audit.models.architecture import resolve_model
+from nrc_audit.models.architecture import inferred_architecture_warning, resolve_model
 from nrc_audit.io.hf_layout import load_model_files, sha256_path
 from nrc_audit.io.dataset import HDF5Dataset
-from nrc_audit.outputs.report import Gate, LayerReport, Report, Summary
+from nrc_audit.outputs.report import Gate, Report, Summary
 from nrc_audit.core.stats import JointAccumulator, PassStatistics
 from nrc_audit.io.store import FeatureStore, FeatureStoreWriter
 
@@ -109,6 +110,7 @@ def _opened(config: AuditConfig, device: torch.device) -> Iterator[_Inputs]:
             DataContext(str(config.data_path), sha256_path(config.data_path), info.x_key, info.y_key,
                         info.num_samples, tuple(info.input_shape), info.target_dim),
             str(device), config.batch_size,
+            uint8_unscaled=info.x_kind == "uint8" and not config.data.scale_uint8,
         )  # fmt: skip
         yield _Inputs(model, modules, ds, context)
 
@@ -313,12 +315,7 @@ def build_report(stats: PassStatistics, analysis: AnalysisOptions, context: RunC
             f"the targets are constant over the {n} audited samples (zero variance); there is nothing to regress. "
             "Check --y-key and --limit."
         )
-    if analysis.rank is None:
-        k, source = t, "target_dim"
-    elif analysis.rank == "auto":
-        k, source = target.rank_estimate, "auto"
-    else:
-        k, source = int(analysis.rank), "user"
+    k, source = choose_rank(analysis.rank, t, target.rank_estimate)
     if analysis.require_collapsed > len(stats.layers):
         raise OptionsError(
             f"--require-collapsed {analysis.require_collapsed} exceeds the {len(stats.layers)} audited layers; "
@@ -328,11 +325,11 @@ def build_report(stats: PassStatistics, analysis: AnalysisOptions, context: RunC
     model_info = context.model.to_dict()
     if any(layer.pooled for layer in stats.layers) and POOLING_NOTE not in model_info["assumptions"]:
         model_info["assumptions"].append(POOLING_NOTE)
-    def analyse(pair: tuple[LayerInfo, JointAccumulator]) -> LayerReport:
+
+    def analyse(pair: tuple[LayerInfo, JointAccumulator]) -> LayerMetrics:
         layer, acc = pair
         m = layer_metrics(acc.finalize(), layer.weight.numpy(), k, model_mse, analysis.pinv_rtol, analysis.thresholds)
-        return LayerReport.from_metrics(layer.index, layer.name, layer.kind, layer.in_dim, layer.out_dim,
-                                        layer.pooled, m)  # fmt: skip
+        return with_identity(m, layer.index, layer.name, layer.kind, layer.in_dim, layer.out_dim, layer.pooled)
 
     rows = threads.parallel_map(analyse, zip(stats.layers, stats.joint))  # O(h³) per layer: layers in parallel
     collapsed = [r.collapsed for r in rows]
@@ -355,4 +352,6 @@ def build_report(stats: PassStatistics, analysis: AnalysisOptions, context: RunC
         tool={"name": "nrc-audit", "version": __version__},
         model=model_info, data=context.data.to_dict(), settings=settings, target=target,
         model_mse=model_mse, layers=rows, summary=summary,
+        warnings=report_warnings(stats.facts, target, model_mse, k, source, context.uint8_unscaled)
+        + [w for w in [inferred_architecture_warning(model_info["assumptions"])] if w],
     )  # fmt: skip

@@ -14,6 +14,7 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
+from nrc_audit.core.verdicts import exit_code
 from nrc_audit.outputs.baseline import Regression, compare, load_baseline
 from nrc_audit.config import BaselineOptions
 from nrc_audit.errors import ExitCode, NrcAuditError, OptionsError
@@ -151,8 +152,16 @@ def emit(report: Report, out: Outputs) -> ExitCode:
             for r in regressions:
                 console.print(Text(f"regression: layer {r.layer} ({r.name}): {r.what}" if r.layer is not None
                                    else f"regression: {r.what}", style="bold red"))  # fmt: skip
-    failed = not report.summary.gate.passed or bool(regressions)
-    return ExitCode.GATE_FAILED if failed and not out.exit_zero else ExitCode.OK
+    if out.is_main:
+        print_warnings(report)
+    return exit_code(report.summary.gate.passed, len(regressions), out.exit_zero)
+
+
+def print_warnings(report: Report) -> None:
+    """The report-level warnings on stderr (they never change the exit code)."""
+    console = Console(stderr=True, width=None if sys.stderr.isatty() else 120)
+    for w in report.warnings:
+        console.print(Text(f"warning: {w}", style="bold yellow"), soft_wrap=True)
 
 
 def _write_card(path: Path, report: Report, out: Outputs) -> None:

@@ -11,50 +11,16 @@ from dataclasses import asdict, dataclass, field, fields
 from importlib import resources
 from typing import Any, TypeVar
 
-from nrc_audit.core.conditions import LayerMetrics, TargetSummary
+from nrc_audit.core.conditions import METRIC_FIELDS, LayerMetrics, TargetSummary
+from nrc_audit.core.verdicts import exit_code
 from nrc_audit.errors import ExitCode
+
+__all__ = ["SCHEMA_ID", "METRIC_FIELDS", "Gate", "LayerReport", "ReportData", "Summary", "load_schema"]
 
 SCHEMA_ID = "nrc-audit-report/1"
 _R = TypeVar("_R", bound="ReportData")
-METRIC_FIELDS = (
-    "nrc1", "nrc2", "nrc3", "nrc4", "nrc4_ratio", "cka_signal", "noise_alignment",
-    "stable_rank", "stable_rank_cov", "stable_rank_w",
-)  # fmt: skip
-
-
-@dataclass
-class LayerReport:
-    """One row of the report: a Linear or Conv2d layer, its input features H and its weight W."""
-
-    index: int
-    name: str
-    kind: str  # "linear" | "conv1d" | "conv2d" | "conv3d"
-    in_dim: int
-    out_dim: int
-    pooled: bool
-    nrc1: float | None = None
-    nrc2: float | None = None
-    nrc3: float | None = None
-    nrc4: float | None = None
-    nrc4_ratio: float | None = None
-    cka_signal: float | None = None
-    noise_alignment: float | None = None
-    stable_rank: float | None = None
-    stable_rank_cov: float | None = None
-    stable_rank_w: float | None = None
-    bound: dict[str, Any] = field(default_factory=lambda: {"lhs": None, "rhs": None, "holds": None})
-    passed: dict[str, bool] = field(default_factory=dict)
-    collapsed: bool = False
-    warnings: list[str] = field(default_factory=list)
-
-    @classmethod
-    def from_metrics(
-        cls, index: int, name: str, kind: str, in_dim: int, out_dim: int, pooled: bool, m: LayerMetrics
-    ) -> "LayerReport":
-        values = {f: getattr(m, f) for f in METRIC_FIELDS}
-        bound = {"lhs": m.bound_lhs, "rhs": m.bound_rhs, "holds": m.bound_holds}
-        return cls(index, name, kind, in_dim, out_dim, pooled, **values, bound=bound,
-                   passed=dict(m.passed), collapsed=m.collapsed, warnings=list(m.warnings))  # fmt: skip
+# One record type per layer: the pure metrics' record is the report's row (same fields, same JSON order).
+LayerReport = LayerMetrics
 
 
 @dataclass
@@ -87,6 +53,7 @@ class ReportData:
     summary: Summary
     schema: str = SCHEMA_ID
     extensions: dict[str, Any] = field(default_factory=dict)  # optional blocks (e.g. "baseline"), never renames
+    warnings: list[str] = field(default_factory=list)  # report-level: the audit does not look well posed
 
     def to_dict(self) -> dict[str, Any]:
         doc = {
@@ -99,6 +66,7 @@ class ReportData:
             "model_mse": self.model_mse,
             "layers": [asdict(layer) for layer in self.layers],
             "summary": asdict(self.summary),
+            "warnings": list(self.warnings),
             **self.extensions,
         }
         return _finite_or_null(doc)
@@ -115,11 +83,13 @@ class ReportData:
         summary = Summary(s["num_layers"], s["collapsed_layers"], s["not_collapsed_layers"],
                           s["collapse_onset"], Gate(**s["gate"]))  # fmt: skip
         return cls(doc["tool"], doc["model"], doc["data"], doc["settings"], TargetSummary(**doc["target"]),
-                   doc["model_mse"], layers, summary, doc.get("schema", SCHEMA_ID))  # fmt: skip
+                   doc["model_mse"], layers, summary, doc.get("schema", SCHEMA_ID),
+                   warnings=list(doc.get("warnings", [])))  # fmt: skip
 
     @property
     def exit_code(self) -> ExitCode:
-        return ExitCode.OK if self.summary.gate.passed else ExitCode.GATE_FAILED
+        """The exit code of this report's gate alone (no baseline, no ``--exit-zero``)."""
+        return exit_code(self.summary.gate.passed)
 
 
 def _finite_or_null(obj: Any) -> Any:

@@ -105,6 +105,8 @@ def summary_panel(report: Report) -> Panel:
     ]
     for assumption in report.model.get("assumptions", []):
         lines.append(Text(f"note: {assumption}", style="dim"))
+    for w in report.warnings:
+        lines.append(Text(f"warning: {w}", style="bold yellow"))
     for layer in report.layers:
         for w in layer.warnings:
             lines.append(Text(f"warning: layer {layer.index} ({layer.name}): {w}", style=WARN))

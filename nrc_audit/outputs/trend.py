@@ -6,15 +6,35 @@ History files are JSON lines, one ``{"label": str, "report": {...}}`` per audite
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
-from typing import Sequence
+from typing import Sequence, TypeVar
 
 from rich.table import Table
 from rich.text import Text
 
+from nrc_audit.core.verdicts import gate
 from nrc_audit.errors import OptionsError
 from nrc_audit.io.files import write_atomic
 from nrc_audit.outputs.report import Report
+
+_P = TypeVar("_P")
+
+
+def natural_key(name: str) -> list:
+    """Sort key that reads digit runs as numbers: epoch_2 < epoch_10 (an alphabetical sort says the reverse)."""
+    return [int(part) if part.isdigit() else part.lower() for part in re.split(r"(\d+)", name)]
+
+
+def natural_order(paths: Sequence[_P]) -> list[_P]:
+    """The checkpoints in the natural order of their file names (then of their full paths, for ties)."""
+    return sorted(paths, key=lambda p: (natural_key(Path(str(p)).name), natural_key(str(p))))
+
+
+def gate_of(report: Report, require_collapsed: int) -> bool:
+    """Whether ``report``'s last ``require_collapsed`` layers are all collapsed (the audit's gate, recomputed)."""
+    return gate([layer.collapsed for layer in report.layers], require_collapsed)[0]
+
 
 TREND_METRICS = (("nrc1", "NRC1 noise"), ("nrc2", "NRC2 CKA"), ("nrc3", "NRC3 alignment"),
                  ("nrc4_ratio", "NRC4 MSE / model MSE"))  # fmt: skip
@@ -47,15 +67,21 @@ def load_history(path: Path) -> tuple[list[str], list[Report]]:
     return labels, reports
 
 
-def trend_tables(labels: Sequence[str], reports: Sequence[Report]) -> list[Table]:
-    """A summary table (one row per checkpoint) and one table per condition (layers × checkpoints)."""
+def trend_tables(labels: Sequence[str], reports: Sequence[Report], require_collapsed: int | None = None) -> list[Table]:
+    """A summary table (one row per checkpoint) and one table per condition (layers × checkpoints).
+
+    The gate column applies ``--require-collapsed N`` to each checkpoint on its own (None: each report's own gate).
+    """
     summary = Table(title="collapse over training")
-    for col in ("checkpoint", "model MSE", "collapse onset", "collapsed layers", "gate"):
+    n_text = "" if require_collapsed is None else f" (last {require_collapsed})"
+    for col in ("checkpoint", "model MSE", "collapse onset", "collapsed layers", f"gate{n_text}"):
         summary.add_column(col)
     for label, r in zip(labels, reports):
         onset = "—" if r.summary.collapse_onset is None else str(r.summary.collapse_onset)
-        gate = Text("pass", style="green") if r.summary.gate.passed else Text("fail", style="red")
-        summary.add_row(label, f"{r.model_mse:.4g}", onset, f"{len(r.summary.collapsed_layers)}/{r.summary.num_layers}", gate)
+        ok = r.summary.gate.passed if require_collapsed is None else gate_of(r, require_collapsed)
+        verdict = Text("pass", style="green") if ok else Text("fail", style="red")
+        summary.add_row(label, f"{r.model_mse:.4g}", onset, f"{len(r.summary.collapsed_layers)}/{r.summary.num_layers}",
+                        verdict)  # fmt: skip
     tables = [summary]
     names = [layer.name for layer in reports[-1].layers]
     for key, title in TREND_METRICS:
