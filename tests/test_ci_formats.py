@@ -239,7 +239,8 @@ def test_report_to_table_carries_k_onset_and_gate_and_to_markdown_exists(mlp_cas
     console = Console(record=True, width=160)
     console.print(report.to_table())
     text = " ".join(console.export_text().split())  # the caption wraps at the table's width
-    assert "k = 3 (target_dim) · collapse onset: none · gate: FAILED (layers 2, 3)" in text
+    k = f"k = {report.settings['rank']} ({report.settings['rank_source']})"
+    assert f"{k} · collapse onset: none · gate: FAILED (layers 2, 3)" in text
     assert report.to_markdown().startswith("## Deep Neural Regression Collapse audit")
 
 

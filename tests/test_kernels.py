@@ -160,7 +160,7 @@ def test_pipelined_pass_over_many_batches_and_blocks_matches_the_dense_reference
     monkeypatch.setenv(threads.ENV, plan)
     report = audit_json(mlp_case, batch_size=7)  # 43 batches through the worker queue
     names, feats, weights, out = capture(mlp_case["model"], torch.from_numpy(mlp_case["x"]))
-    assert_layers_match(report["layers"], names, feats, weights, mlp_case["y"], out)
+    assert_layers_match(report["layers"], names, feats, weights, mlp_case["y"], out, k=report["settings"]["rank"])
 
 
 def test_pipelined_and_serial_passes_give_identical_reports(mlp_case, monkeypatch):
