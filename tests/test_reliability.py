@@ -313,14 +313,14 @@ def test_layer_narrower_than_the_target_rank(tmp_path, mlp_case):
     """t ≥ h: h < k gives null subspace metrics and a warning; h = k is defined (NRC1 = 0: no noise subspace)."""
     ckpt = nrc_audit.save_checkpoint(make_mlp([12, 2, 3, 3], seed=3), tmp_path / "narrow.safetensors",
                                      arch={"family": "mlp", "activation": "relu"})  # fmt: skip
-    result = run(ckpt, mlp_case["data"], "--no-features", "--format", "json")
+    result = run(ckpt, mlp_case["data"], "--no-features", "--format", "json", "--rank", "t")  # k = t = 3
     doc = audited(result)
     narrow, square = doc["layers"][1], doc["layers"][2]
     assert (narrow["in_dim"], square["in_dim"]) == (2, 3)
     _assert_null_with_warning(narrow, "2 feature dims, fewer than the rank k=3", fields=("nrc1", "nrc3"))
     assert narrow["nrc2"] is not None and narrow["nrc4"] is not None  # still defined without a top-k subspace
     assert square["nrc1"] == pytest.approx(0.0, abs=1e-12)
-    table = flat(run(ckpt, mlp_case["data"], "--no-features").stdout)
+    table = flat(run(ckpt, mlp_case["data"], "--no-features", "--rank", "t").stdout)
     assert "warning: layer 1 (2): the layer has 2 feature dims, fewer than the rank k=3" in table
 
 
