@@ -179,6 +179,8 @@ def test_unstandardised_targets_warn_that_the_model_does_not_fit(tmp_path):
     (warning,) = doc["warnings"]
     assert warning.startswith("the model does not fit the data: model MSE") and "R² =" in warning
     assert "does not fit the data" in err and code == 0  # warnings never change the exit code
+    table = runner.invoke(audit_app, [str(SAMPLES / "mlp_wd.safetensors"), str(data), "--no-features", "--no-progress"])
+    assert "warning: the model does not fit the data" in " ".join(table.stdout.split())  # the summary panel
 
 
 @pytest.mark.parametrize("kind", ["one-hot", "integers"])

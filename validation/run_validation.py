@@ -451,7 +451,7 @@ def write_doc(res: dict, path: Path) -> None:
             "",
             *summary_table(runs, config, "auto"),
             "",
-            f"**k = t = {T}** (`--rank {T}`, the default rank):",
+            f"**k = t = {T}** (`--rank {T}` = `--rank t`, the paper's k = t):",
             "",
             *summary_table(runs, config, "t"),
             "",

@@ -108,13 +108,10 @@ def trend(
     given = dict(locals())
 
     def body() -> ExitCode:
-        from rich.console import Console
-
         from nrc_audit.config import AuditConfig, DataOptions, ModelOptions
         from nrc_audit.engine.pipeline import run_audit
-        from nrc_audit.core.verdicts import exit_code
         from nrc_audit.outputs.emit import Outputs
-        from nrc_audit.outputs.trend import gate_of, load_history, natural_order, trend_tables, write_trend_json
+        from nrc_audit.outputs.trend import load_history, natural_order, write_trend_json
 
         if plot is not None:
             Outputs(plot_path=plot).check_before_run()
@@ -151,20 +148,33 @@ def trend(
             from nrc_audit.outputs.plot import plot_trend
 
             plot_trend(labels, reports, plot)
-        n = int(s["require_collapsed"])
-        if not 0 <= n <= reports[-1].summary.num_layers:
-            raise OptionsError(f"--require-collapsed {n} must lie between 0 and the {reports[-1].summary.num_layers} "
-                               "audited layers.")  # fmt: skip
-        console = Console()
-        for table in trend_tables(labels, reports, n):
-            console.print(table)
-        passed = gate_of(reports[-1], n)
-        if n:
-            err_console.print(f"gate on the last checkpoint ({labels[-1]}, last {n} layer(s)): "
-                              f"{'PASSED' if passed else 'FAILED'}", highlight=False)  # fmt: skip
-        return exit_code(passed)
+        return _show_trend(labels, reports, int(s["require_collapsed"]))
 
     guarded(body)
+
+
+def _show_trend(labels: list[str], reports: list, n: int) -> ExitCode:
+    """Print the trend tables (gate column: the last ``n`` layers of each checkpoint) and return the exit code
+    of the last checkpoint's gate."""
+    from rich.console import Console
+
+    from nrc_audit.core.verdicts import exit_code
+    from nrc_audit.outputs.trend import gate_of, trend_tables
+
+    layers = reports[-1].summary.num_layers
+    if n < 0:
+        raise OptionsError(f"--require-collapsed {n} is negative; pass 0 to disable the gate.")
+    if n > layers:
+        raise OptionsError(f"--require-collapsed {n} exceeds the {layers} audited layers; pass a number between 0 "
+                           f"and {layers}.")  # fmt: skip
+    console = Console()
+    for table in trend_tables(labels, reports, n):
+        console.print(table)
+    passed = gate_of(reports[-1], n)
+    if n:
+        err_console.print(f"gate on the last checkpoint ({labels[-1]}, last {n} layer(s)): "
+                          f"{'PASSED' if passed else 'FAILED'}", highlight=False, soft_wrap=True)  # fmt: skip
+    return exit_code(passed)
 
 
 @validate_app.command()

@@ -11,7 +11,7 @@ k = r (docs/validation.md, "Choice of k"). When the targets are full rank, r = t
 
 from __future__ import annotations
 
-from typing import Mapping
+from typing import Callable, Mapping
 
 from nrc_audit.config import Thresholds
 from nrc_audit.errors import ExitCode
@@ -46,7 +46,7 @@ def condition_passed(values: Mapping[str, float | None], th: Thresholds) -> dict
         th: the thresholds (NRC1 ≤ nrc1_max, NRC2 ≥ nrc2_min, NRC3 ≥ nrc3_min, NRC4 ratio ≤ nrc4_ratio_max).
     """
 
-    def ok(key: str, test) -> bool:
+    def ok(key: str, test: Callable[[float], bool]) -> bool:
         v = values.get(key)
         return v is not None and bool(test(v))
 
