@@ -240,3 +240,34 @@ def test_thread_plan_is_restored_after_the_pass(mlp_case, monkeypatch):
         assert torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(1)
+
+
+def test_store_writer_keeps_at_most_queue_bytes_in_flight(monkeypatch, tmp_path):
+    """A writer slowed by the disk may hold back the pass, never more than QUEUE_BYTES (≥ 1 batch) of rows."""
+    import threading
+    import time
+
+    from nrc_audit.io import store
+
+    monkeypatch.setattr(store, "QUEUE_BYTES", 1)  # every batch is over budget: one batch in flight
+    layers = [pipeline.LayerInfo(0, "l0", "linear", 3, 2, False, torch.zeros(2, 3, dtype=torch.float64))]
+    writer = store.FeatureStoreWriter(tmp_path / "s.h5", 40, layers, attrs={})
+    original, busy, most = writer._write_now, [0], [0]
+    lock = threading.Lock()
+
+    def slow(start, arrays):
+        with lock:
+            busy[0] += 1
+        time.sleep(0.02)
+        original(start, arrays)
+        with lock:
+            busy[0] -= 1
+
+    monkeypatch.setattr(writer, "_write_now", slow)
+    for a in range(0, 40, 8):
+        writer.write(a, torch.zeros(8, 2), torch.zeros(8, 2), [torch.ones(8, 3)])
+        most[0] = max(most[0], writer._queue.qsize() + busy[0])
+    writer.close(complete=True)
+    assert most[0] <= 1
+    with store.FeatureStore(tmp_path / "s.h5") as fs:
+        assert fs.n == 40

@@ -32,7 +32,8 @@ from nrc_audit.core.layer import LayerInfo
 
 SCHEMA = "nrc-audit-features/1"
 CHUNK_BYTES = 1 << 20  # ≈1 MiB per chunk (rows rounded down to a power of two); see docs/performance.md
-QUEUE_BATCHES = 4  # batches the writer may lag behind: bounds its memory to 4 batches of features
+QUEUE_BATCHES = 4  # batches the writer may lag behind: bounds its memory to 4 batches of features …
+QUEUE_BYTES = 64 << 20  # … and to ≈ 64 MiB of them (at least one batch): see docs/performance.md (b)
 _STOP = object()
 
 
@@ -72,7 +73,7 @@ class FeatureStoreWriter:
     :meth:`write` only queues the batch (CPU tensors as zero-copy numpy views; accelerator tensors through
     non-blocking copies into reused pinned buffers, waited for by the writer thread), so the forward pass
     and the Gram products of the next batch overlap with the HDF5 I/O of this one. At most
-    ``QUEUE_BATCHES`` batches wait in the queue.
+    ``QUEUE_BATCHES`` batches, and no more than ``QUEUE_BYTES`` of them (but always one), are in flight.
 
     Args:
         path: destination file (created or truncated).
@@ -100,7 +101,8 @@ class FeatureStoreWriter:
         self._sinks: list = []  # one _RawRows (or the h5py Dataset itself) per dataset
         self._fd: int | None = None
         self._pinned = _PinnedPool()
-        self._queue: queue.Queue = queue.Queue(maxsize=QUEUE_BATCHES)
+        self._queue: queue.Queue = queue.Queue()
+        self._slots: threading.Semaphore | None = None  # batches allowed in flight, sized by the first batch
         self._error: BaseException | None = None
         self._thread = threading.Thread(target=self._worker, name="nrc-audit-store", daemon=True)
         self._thread.start()
@@ -127,6 +129,10 @@ class FeatureStoreWriter:
             event.record()  # the writer thread waits for this point of the stream, the main thread does not
         else:
             arrays = [a.to("cpu", _host_dtype(a)) for a in arrays]  # a no-op view for CPU float32/float64
+        if self._slots is None:  # a writer slowed by the disk fills its queue only at large N: keep it small
+            nbytes = sum(a.numel() * a.element_size() for a in arrays)
+            self._slots = threading.Semaphore(max(1, min(QUEUE_BATCHES, QUEUE_BYTES // max(1, nbytes))))
+        self._slots.acquire()
         self._queue.put((start, arrays, event, pinned))
 
     def _stage(self, arrays: list[torch.Tensor]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
@@ -154,6 +160,8 @@ class FeatureStoreWriter:
                 self._error = exc
             finally:
                 self._pinned.give(pinned)
+                if self._slots is not None:
+                    self._slots.release()
 
     def _write_now(self, start: int, arrays: list[np.ndarray]) -> None:
         if not self._datasets:
