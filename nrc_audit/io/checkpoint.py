@@ -19,6 +19,7 @@ import safetensors
 from safetensors import safe_open
 
 from nrc_audit.errors import CheckpointError
+from nrc_audit.io import plan
 
 _SafetensorError = getattr(safetensors, "SafetensorError", OSError)
 
@@ -86,9 +87,14 @@ def load_checkpoint(path: Path) -> Checkpoint:
         raise CheckpointError(
             f"{path}: unknown checkpoint extension {path.suffix!r}; expected .safetensors, .pt or .pth."
         )
+    # plan before allocating: header dtypes/indices, zip inflation; then every loaded tensor (io/plan.py)
+    (plan.check_safetensors_header if fmt == "safetensors" else plan.check_pt_archive)(path)
     ckpt = _load_safetensors(path) if fmt == "safetensors" else _load_pt(path)
     if not ckpt.state_dict:
         raise CheckpointError(f"{path}: the checkpoint holds no tensors.")
+    plan.check_state_dict(ckpt.state_dict, path)
+    plan.refuse_over_memory(f"{path}: its {len(ckpt.state_dict)} tensors (as float32)",
+                            sum(t.numel() * 4 for t in ckpt.state_dict.values()), "Audit on a larger machine.")
     return ckpt
 
 
@@ -131,6 +137,8 @@ def _load_pt(path: Path) -> Checkpoint:
             break
         notes.append(f"state dict taken from the checkpoint's {inner!r} entry")
         obj = obj[inner]
+    if isinstance(obj, dict):
+        plan.check_state_dict({k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}, path)
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
         raise CheckpointError(
             f"{path}: expected a state dict (name → tensor), possibly inside one of {list(CONTAINER_KEYS)}; "

@@ -12,7 +12,8 @@ from typing import Any, Callable
 from torch import nn
 
 from nrc_audit.config import ModelOptions
-from nrc_audit.errors import CheckpointError
+from nrc_audit.errors import CheckpointError, Interrupted, NrcAuditError
+from nrc_audit.io.validate import json_object_of_scalars
 from nrc_audit.io.checkpoint import KWARGS_KEY, Checkpoint
 from nrc_audit.models import mlp as mlp_family
 from nrc_audit.models.base import ResolvedModel, load_strict
@@ -101,15 +102,18 @@ def _from_model_def(ckpt: Checkpoint, opts: ModelOptions) -> ResolvedModel:
         )
     kwargs: dict[str, Any] = {}
     if KWARGS_KEY in ckpt.metadata:
-        kwargs.update(json.loads(ckpt.metadata[KWARGS_KEY]))
+        kwargs.update(json_object_of_scalars(ckpt.metadata[KWARGS_KEY], str(ckpt.path),
+                                             f"metadata {KWARGS_KEY!r}", CheckpointError))  # fmt: skip
     kwargs.update(opts.model_kwargs or {})
     factory = getattr(_import_target(location), attr, None)
     if not callable(factory):
         raise CheckpointError(f"--model-def {target!r}: {location} has no callable named {attr!r}.")
     try:
         module = factory(**kwargs)
-    except Exception as exc:
-        raise CheckpointError(f"--model-def {target!r} raised {type(exc).__name__}: {exc}") from None
+    except (Interrupted, NrcAuditError, KeyboardInterrupt):
+        raise
+    except (Exception, SystemExit) as exc:  # user code is fenced: sys.exit(7) must not become exit 7
+        raise CheckpointError(f"--model-def {target!r} raised {user_exception_line(exc)}") from None
     if not isinstance(module, nn.Module):
         raise CheckpointError(f"--model-def {target!r} returned {type(module).__name__}, not an nn.Module.")
     load_strict(module, ckpt.state_dict, ckpt.path)
@@ -131,7 +135,14 @@ def _import_target(location: str) -> Any:
             spec.loader.exec_module(module)
             return module
         return importlib.import_module(location)
-    except CheckpointError:
+    except (Interrupted, NrcAuditError, KeyboardInterrupt):
         raise
-    except Exception as exc:
-        raise CheckpointError(f"--model-def: importing {location!r} failed: {type(exc).__name__}: {exc}") from None
+    except (Exception, SystemExit) as exc:
+        raise CheckpointError(f"--model-def: importing {location!r} failed: {user_exception_line(exc)}") from None
+
+
+def user_exception_line(exc: BaseException) -> str:
+    """``Type: first line of the message`` for an exception raised by user code (KeyError quotes kept)."""
+    text = str(exc).strip()
+    first = text.splitlines()[0] if text else "(no message)"
+    return f"{type(exc).__name__}: {first[:300]}"
