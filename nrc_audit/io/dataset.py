@@ -243,7 +243,8 @@ def _check_float32_range(a: np.ndarray, key: str, first_row: int, path: Path) ->
     """X values beyond float32's range would become Inf in a float32 model (and then NaN statistics)."""
     if a.dtype.itemsize <= 4:
         return  # float16/float32 data is in range by construction
-    big = np.abs(a.reshape(len(a), -1)) > F32_MAX
+    with np.errstate(over="ignore"):  # exactly the values the cast rounds to ±Inf (not merely > F32_MAX)
+        big = np.isinf(a.reshape(len(a), -1).astype(np.float32))
     if big.any():
         row = first_row + int(np.argmax(big.any(axis=1)))
         raise DatasetError(

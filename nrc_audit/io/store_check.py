@@ -75,8 +75,11 @@ def check_store(fh: h5py.File, path: Path) -> tuple[dict[str, Any], dict[str, An
     """Validate an open, complete store; returns (root attrs, context, layers, (N, t))."""
     attrs = {k: fh.attrs[k] for k in fh.attrs}
     raw = attrs.get("context", "{}")
-    context = json_object_of_scalars(raw.decode() if isinstance(raw, bytes) else raw, str(path),
-                                     "the attribute 'context'", FeatureStoreError)  # fmt: skip
+    try:
+        context = json_object_of_scalars(raw.decode() if isinstance(raw, bytes) else raw, str(path),
+                                         "the attribute 'context'", FeatureStoreError)  # fmt: skip
+    except FeatureStoreError as exc:
+        raise FeatureStoreError(f"{exc} {_FIX}") from None
     targets, outputs = _dataset(fh, "targets", path), _dataset(fh, "outputs", path)
     n, t = targets.shape
     if outputs.shape != (n, t):
