@@ -336,3 +336,22 @@ def test_non_json_model_kwargs_metadata_exits_2(model_def, raw, fragment):
     save_file(load_file(model_def["ckpt"]), ckpt, metadata={"nrc_audit.model_kwargs": raw})
     result = run(ckpt, model_def["data"], *NO_GATE, "--no-features", "--model-def", f"{model_def['src']}:build")
     assert_usage_error(result, "metadata 'nrc_audit.model_kwargs'", fragment)
+
+
+def test_deeply_nested_arch_metadata_exits_2(model_def, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    ckpt = tmp_path / "arch.safetensors"
+    save_file(load_file(model_def["ckpt"]), ckpt, metadata={"nrc_audit.arch": "[" * 100_000})
+    result = run(ckpt, model_def["data"], *NO_GATE, "--no-features")
+    assert_usage_error(result, "metadata 'nrc_audit.arch'", "not valid JSON")
+
+
+def test_reanalysis_plans_its_statistics_before_reading(audited_case, monkeypatch):
+    """A store whose declared widths need more than the budget is refused before any row is read."""
+    from nrc_audit.cli.commands import reanalyze_app
+
+    monkeypatch.setenv("NRC_AUDIT_MAX_MEMORY", "1K")
+    result = runner.invoke(reanalyze_app, [str(audited_case["store"]), "--no-progress"])
+    assert result.exit_code == 2, result.output
+    assert "Σ 8·h² bytes" in " ".join(result.stderr.split()) and "NRC_AUDIT_MAX_MEMORY" in result.stderr

@@ -359,3 +359,16 @@ def test_float32_range_check_matches_numpy_overflow(value):
             _check_float32_range(a, "X", 0, Path("d.h5"))
     else:
         _check_float32_range(a, "X", 0, Path("d.h5"))
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(dtype=st.text(alphabet="ABCDEFGIJKLMNOPQRSTUVWXYZ0123456789_", min_size=1, max_size=8))
+def test_any_safetensors_dtype_outside_the_plain_set_is_refused_by_name(tmp_path, dtype):
+    """Property: a header dtype is either one nrc-audit computes with, or refused naming the tensor and dtype."""
+    header = {"0.weight": {"dtype": dtype, "shape": [2, 2], "data_offsets": [0, 16]}}
+    path = _raw_safetensors(tmp_path / "h.safetensors", header, bytes(16))
+    if dtype in plan._ST_PLAIN:
+        plan.check_safetensors_header(path)
+    else:
+        with pytest.raises(PlanError, match=f"0.weight \\({dtype}\\)"):
+            plan.check_safetensors_header(path)

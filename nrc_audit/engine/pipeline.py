@@ -356,6 +356,7 @@ def reanalyze(store_path: Path, analysis: AnalysisOptions, batch_size: int = 409
     analysis.validate()
     stats = PassStatistics()
     with FeatureStore(store_path) as store:
+        plan.plan_statistics({layer.name: layer.in_dim for layer in store.layers}, store.n, None, 4)
         context = dict(store.context)
         for start, out, y, feats in store.batches(batch_size):
             stats.update(store.layers, out, y, feats)

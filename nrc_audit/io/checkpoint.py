@@ -20,6 +20,7 @@ from safetensors import safe_open
 
 from nrc_audit.errors import CheckpointError
 from nrc_audit.io import plan
+from nrc_audit.io.validate import parse_json
 
 _SafetensorError = getattr(safetensors, "SafetensorError", OSError)
 
@@ -49,10 +50,7 @@ class Checkpoint:
         raw = self.metadata.get(ARCH_KEY)
         if raw is None:
             return None
-        try:
-            spec = json.loads(raw)
-        except json.JSONDecodeError as exc:
-            raise CheckpointError(f"{self.path}: metadata {ARCH_KEY!r} is not valid JSON ({exc}).") from None
+        spec = parse_json(raw, f"{self.path}: metadata {ARCH_KEY!r}", CheckpointError)  # depth-limited
         if not isinstance(spec, dict) or "family" not in spec:
             raise CheckpointError(f"{self.path}: metadata {ARCH_KEY!r} must be a JSON object with a 'family'.")
         bad = [k for k in ("family", "activation", "head_activation") if not isinstance(spec.get(k), (str, type(None)))]
