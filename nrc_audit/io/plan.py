@@ -139,7 +139,8 @@ def plan_statistics(widths: Mapping[str, int], num_rows: int, store_path: Path |
 
 # Element types nrc-audit computes with; every other one is refused by name (never cast silently).
 _PLAIN = {torch.float64, torch.float32, torch.float16, torch.bfloat16, torch.int64, torch.int32, torch.int16,
-          torch.int8, torch.uint8, torch.bool}  # fmt: skip
+          torch.int8, torch.uint8, torch.bool,
+          *(getattr(torch, name) for name in ("uint16", "uint32", "uint64") if hasattr(torch, name))}  # fmt: skip
 _ADVICE = {
     "complex": "complex weights have an imaginary part that a real-valued audit would drop; audit the real model",
     "quantized": "dequantize first (tensor.dequantize()) and save the float state dict",
