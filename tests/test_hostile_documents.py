@@ -82,7 +82,8 @@ def test_malformed_baseline_fields_exit_2_naming_the_field(audited_case, tmp_pat
 
 @pytest.mark.parametrize("text, fragment", [("[" * 100_000, "not valid JSON"),
                                             ('{"a":' * 100 + "1" + "}" * 100, "nested more than 64"),
-                                            ('{"schema": NaN}', "NaN is not valid JSON")])  # fmt: skip
+                                            ('{"schema": NaN}', "NaN is not valid JSON")],
+                         ids=["1e5-deep", "100-deep", "NaN"])  # fmt: skip
 def test_deep_or_non_finite_json_exits_2_for_baseline_history_and_validate(audited_case, tmp_path, text, fragment):
     bad = tmp_path / "doc.json"
     bad.write_text(text)
