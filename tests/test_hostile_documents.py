@@ -47,8 +47,8 @@ def _set(doc: dict, path: str, value) -> dict:
     node = doc
     for p in parents:
         node = node[int(p)] if isinstance(node, list) else node[p]
-    if value is KeyError:
-        del node[last]
+    if value is KeyError:  # KeyError as the value means "remove this node"
+        del node[int(last) if isinstance(node, list) else last]
     elif isinstance(node, list):
         node[int(last)] = value
     else:

@@ -10,7 +10,6 @@ import os
 import subprocess
 import sys
 import zipfile
-import zlib
 from pathlib import Path
 
 import h5py

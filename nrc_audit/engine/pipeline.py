@@ -8,7 +8,6 @@ alone, so a saved store re-analyses to the same report (:func:`reanalyze`).
 from __future__ import annotations
 
 import functools
-import math
 import queue
 import threading
 from dataclasses import dataclass, field
@@ -26,7 +25,7 @@ from nrc_audit.errors import Interrupted, ModelDataMismatchError, NrcAuditError,
 from nrc_audit.io import plan
 from nrc_audit.core.layer import LayerInfo
 from nrc_audit.engine.extract import FeatureExtractor, candidate_layers
-from nrc_audit.models.architecture import resolve_model, user_exception_line
+from nrc_audit.models.architecture import resolve_model, user_forward_error
 from nrc_audit.io.checkpoint import load_checkpoint, sha256_file
 from nrc_audit.io.dataset import HDF5Dataset
 from nrc_audit.outputs.report import Gate, LayerReport, Report, Summary
@@ -146,7 +145,9 @@ def _audit(config: AuditConfig, device: torch.device, ctx: distributed.DistConte
         info = ds.info
         _check_input_width(model, info.input_shape)
         modules = candidate_layers(model, config.layers, config.exclude)
-        _plan(model, modules, ds, config)
+        ds.compute_dtype = _model_dtype(model)  # X beyond float32 is refused for a float32 model (io/dataset.py)
+        plan.plan_audit(modules, info.num_samples, info.input_shape, config.batch_size, config.features_path,
+                        8 if ds.compute_dtype == torch.float64 else 4)  # fmt: skip
         context = {
             "model": {"path": str(config.model_path), "sha256": sha256_file(config.model_path), "format": ckpt.format,
                       "architecture": resolved.architecture, "num_parameters": resolved.num_parameters,
@@ -202,18 +203,6 @@ def _audit(config: AuditConfig, device: torch.device, ctx: distributed.DistConte
         if config.features_path is not None and (ctx is None or ctx.is_main):
             Path(config.features_path).unlink(missing_ok=True)
         raise
-
-
-def _plan(model: torch.nn.Module, modules: dict[str, torch.nn.Module], ds: HDF5Dataset, config: AuditConfig) -> None:
-    """Refuse, before the pass, statistics or a store that cannot fit (io/plan.py), and X values that the
-    model's float32 would turn into Inf."""
-    widths = {name: int(getattr(m, "in_features", None) or getattr(m, "in_channels", 0)) for name, m in modules.items()}
-    dtype = _model_dtype(model)
-    plan.plan_statistics(widths, ds.info.num_samples, config.features_path, 8 if dtype == torch.float64 else 4)
-    per_sample = 8 * max(1, math.prod(ds.info.input_shape))  # read as stored, then cast: ≤ 8 bytes a value
-    plan.refuse_over_memory(f"a batch of {config.batch_size} samples of shape {ds.info.input_shape} (×2: read and "
-                            "prefetched)", 2 * config.batch_size * per_sample, "Lower --batch-size.")  # fmt: skip
-    ds.compute_dtype = dtype
 
 
 def _model_dtype(model: torch.nn.Module) -> torch.dtype:
@@ -335,19 +324,12 @@ def _forward(extractor: FeatureExtractor, x: torch.Tensor, start: int, shape: tu
         raise
     except (Exception, SystemExit) as exc:  # the model's forward is user code: fence it (issue 17 item 6)
         if not isinstance(exc, (RuntimeError, ValueError, IndexError, TypeError)):
-            raise _user_forward_error(extractor, exc, start) from None
+            raise user_forward_error(getattr(extractor, "model", None), exc, start) from None
         first_line = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise ModelDataMismatchError(
             f"the model failed on the batch starting at row {start} (per-sample input shape {shape}): "
             f"{first_line}. Check that the data are in the model's input space and the checkpoint matches."
         ) from None
-
-
-def _user_forward_error(extractor: FeatureExtractor, exc: BaseException, start: int) -> ModelDataMismatchError:
-    model = getattr(extractor, "model", None)
-    name = f"{type(model).__module__}.{type(model).__qualname__}.forward" if model is not None else "the model's forward"
-    return ModelDataMismatchError(f"{name} raised {user_exception_line(exc)} on the batch starting at row {start}. "
-                                  "Fix the model code (--model-def) or the data it is given.")
 
 
 def reanalyze(store_path: Path, analysis: AnalysisOptions, batch_size: int = 4096,

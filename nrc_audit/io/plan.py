@@ -14,6 +14,7 @@ the limit, and the knob that moves the limit. The limits:
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import shutil
@@ -135,6 +136,22 @@ def plan_statistics(widths: Mapping[str, int], num_rows: int, store_path: Path |
         raise PlanError(f"--features {store_path}: the store needs {_gib(need)} ({num_rows} rows × "
                         f"{sum(widths.values())} features × {itemsize} bytes) but {folder} has {_gib(free)} free. "
                         "Free space, choose another folder, pass --features-compression, or audit fewer layers.")
+
+
+def plan_audit(modules: Mapping[str, torch.nn.Module], num_rows: int, input_shape: tuple[int, ...], batch_size: int,
+               store_path: Path | None, itemsize: int) -> None:
+    """Everything the pass will allocate, refused up front: the statistics and store (:func:`plan_statistics`)
+    and one batch of data, read as stored (≤ 8 bytes a value) and prefetched once (×2).
+
+    Args:
+        modules: audited layers (Linear: h = in_features; Conv2d: h = in_channels, pooled).
+        input_shape: per-sample shape, e.g. (C, H, W). itemsize: bytes per stored feature (4 or 8).
+    """
+    widths = {name: int(getattr(m, "in_features", None) or getattr(m, "in_channels", 0)) for name, m in modules.items()}
+    plan_statistics(widths, num_rows, store_path, itemsize)
+    per_sample = 8 * max(1, math.prod(input_shape))
+    refuse_over_memory(f"a batch of {batch_size} samples of shape {input_shape} (×2: read and prefetched)",
+                       2 * batch_size * per_sample, "Lower --batch-size.")
 
 
 # Element types nrc-audit computes with; every other one is refused by name (never cast silently).

@@ -12,7 +12,7 @@ from typing import Any, Callable
 from torch import nn
 
 from nrc_audit.config import ModelOptions
-from nrc_audit.errors import CheckpointError, Interrupted, NrcAuditError
+from nrc_audit.errors import CheckpointError, Interrupted, ModelDataMismatchError, NrcAuditError
 from nrc_audit.io.validate import json_object_of_scalars
 from nrc_audit.io.checkpoint import KWARGS_KEY, Checkpoint
 from nrc_audit.models import mlp as mlp_family
@@ -146,3 +146,10 @@ def user_exception_line(exc: BaseException) -> str:
     text = str(exc).strip()
     first = text.splitlines()[0] if text else "(no message)"
     return f"{type(exc).__name__}: {first[:300]}"
+
+
+def user_forward_error(model: object, exc: BaseException, start: int) -> ModelDataMismatchError:
+    """The fence around the model's forward (user code under --model-def): which callable raised what."""
+    name = f"{type(model).__module__}.{type(model).__qualname__}.forward" if model is not None else "the model's forward"
+    return ModelDataMismatchError(f"{name} raised {user_exception_line(exc)} on the batch starting at row {start}. "
+                                  "Fix the model code (--model-def) or the data it is given.")
