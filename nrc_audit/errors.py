@@ -45,6 +45,10 @@ class FeatureStoreError(NrcAuditError):
     """A feature store that is missing, incomplete or of another schema."""
 
 
+class PlanError(NrcAuditError):
+    """What the audit would need (memory, disk, modules), estimated from headers, cannot fit or is absurd."""
+
+
 class Interrupted(Exception):
     """The run was stopped by SIGINT/SIGTERM; carries the exit code to use."""
 

@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -17,6 +16,7 @@ from nrc_audit.cli.common import (
     flag, make_app, opt, outputs, settings, with_progress,
 )  # fmt: skip
 from nrc_audit.errors import ExitCode, OptionsError
+from nrc_audit.io.validate import parse_json
 
 reanalyze_app = make_app("Recompute the audit report from a saved feature store, without the model or the data.")
 trend_app = make_app("Collapse over training: audit several checkpoints of one run (or a monitor history).")
@@ -192,9 +192,10 @@ def validate(reports: Annotated[list[Path], typer.Argument(metavar="REPORTS...",
         code = ExitCode.OK
         for path in reports:
             try:
-                doc = json.loads(path.read_text(encoding="utf-8"))
-            except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+                text = path.read_text(encoding="utf-8")
+            except (OSError, UnicodeDecodeError) as exc:
                 raise OptionsError(f"{path} is not a readable JSON file ({exc}).") from None
+            doc = parse_json(text, str(path))  # refuses 10⁵-deep nesting before jsonschema recurses
             errors = sorted(validator.iter_errors(doc), key=lambda e: list(e.absolute_path))
             for error in errors:
                 where = "/".join(map(str, error.absolute_path)) or "(root)"

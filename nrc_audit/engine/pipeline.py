@@ -22,11 +22,12 @@ from nrc_audit.core.conditions import LayerMetrics, layer_metrics, target_summar
 from nrc_audit.core.diagnostics import report_warnings
 from nrc_audit.core.verdicts import choose_rank, collapse_onset, gate
 from nrc_audit.config import AnalysisOptions, AuditConfig
-from nrc_audit.errors import ModelDataMismatchError, NrcAuditError, OptionsError
+from nrc_audit.errors import Interrupted, ModelDataMismatchError, NrcAuditError, OptionsError
+from nrc_audit.io.plan import plan_audit, plan_statistics
 from nrc_audit.core.layer import LayerInfo
 from nrc_audit.engine.extract import FeatureExtractor, candidate_layers, skipped_layers
 from nrc_audit.engine.model_io import check_first_layer, probe_batch
-from nrc_audit.models.architecture import inferred_architecture_warning, resolve_model
+from nrc_audit.models.architecture import inferred_architecture_warning, resolve_model, user_forward_error
 from nrc_audit.io.hf_layout import load_model_files, sha256_path
 from nrc_audit.io.dataset import HDF5Dataset
 from nrc_audit.outputs.report import Gate, Report, Summary
@@ -103,6 +104,9 @@ def _opened(config: AuditConfig, device: torch.device) -> Iterator[_Inputs]:
         info = ds.info
         check_first_layer(model, *probe_batch(ds, device, _model_dtype(model)), info.input_shape)
         modules = candidate_layers(model, config.layers, config.exclude)
+        ds.compute_dtype = _model_dtype(model)  # X beyond float32 is refused for a float32 model (io/dataset.py)
+        plan_audit(modules, info.num_samples, info.input_shape, config.batch_size, config.features_path,
+                   8 if ds.compute_dtype == torch.float64 else 4)  # fmt: skip
         context = RunContext(
             ModelContext(str(config.model_path), sha256_path(config.model_path), ckpt.format, resolved.architecture,
                          resolved.num_parameters,
@@ -278,9 +282,11 @@ def _forward(extractor: FeatureExtractor, x: torch.Tensor, start: int, shape: tu
              extra: dict[str, torch.Tensor] | None = None) -> tuple[torch.Tensor, list[torch.Tensor]]:  # fmt: skip
     try:
         return extractor.run(x, extra)
-    except NrcAuditError:
+    except (NrcAuditError, Interrupted, KeyboardInterrupt, MemoryError):
         raise
-    except (RuntimeError, ValueError, IndexError, TypeError) as exc:
+    except (Exception, SystemExit) as exc:  # the model's forward is user code: fence it (issue 17 item 6)
+        if not isinstance(exc, (RuntimeError, ValueError, IndexError, TypeError)):
+            raise user_forward_error(getattr(extractor, "model", None), exc, start) from None
         first_line = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise ModelDataMismatchError(
             f"the model failed on the batch starting at row {start} (per-sample input shape {shape}): "
@@ -294,6 +300,7 @@ def reanalyze(store_path: Path, analysis: AnalysisOptions, batch_size: int = 409
     analysis.validate()
     stats = PassStatistics()
     with FeatureStore(store_path) as store:
+        plan_statistics({layer.name: layer.in_dim for layer in store.layers}, store.n, None, 4)
         context = RunContext.from_dict(store.context)
         for start, out, y, feats in store.batches(batch_size):
             stats.update(store.layers, out, y, feats)

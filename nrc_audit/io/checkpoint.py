@@ -20,6 +20,8 @@ from safetensors import safe_open
 
 from nrc_audit.errors import CheckpointError
 from nrc_audit.io.fingerprint import fingerprint_metadata
+from nrc_audit.io import plan
+from nrc_audit.io.validate import parse_json
 
 _SafetensorError = getattr(safetensors, "SafetensorError", OSError)
 
@@ -49,10 +51,7 @@ class Checkpoint:
         raw = self.metadata.get(ARCH_KEY)
         if raw is None:
             return None
-        try:
-            spec = json.loads(raw)
-        except json.JSONDecodeError as exc:
-            raise CheckpointError(f"{self.path}: metadata {ARCH_KEY!r} is not valid JSON ({exc}).") from None
+        spec = parse_json(raw, f"{self.path}: metadata {ARCH_KEY!r}", CheckpointError)  # depth-limited
         if not isinstance(spec, dict) or "family" not in spec:
             raise CheckpointError(f"{self.path}: metadata {ARCH_KEY!r} must be a JSON object with a 'family'.")
         bad = [k for k in ("family", "activation", "head_activation") if not isinstance(spec.get(k), (str, type(None)))]
@@ -87,9 +86,16 @@ def load_checkpoint(path: Path) -> Checkpoint:
         raise CheckpointError(
             f"{path}: unknown checkpoint extension {path.suffix!r}; expected .safetensors, .pt or .pth."
         )
-    ckpt = _load_safetensors(path) if fmt == "safetensors" else _load_pt(path)
-    if not ckpt.state_dict:
-        raise CheckpointError(f"{path}: the checkpoint holds no tensors.")
+    try:  # plan before allocating: header dtypes/indices, zip inflation; then every loaded tensor (io/plan.py)
+        (plan.check_safetensors_header if fmt == "safetensors" else plan.check_pt_archive)(path)
+        ckpt = _load_safetensors(path) if fmt == "safetensors" else _load_pt(path)
+        if not ckpt.state_dict:
+            raise CheckpointError(f"{path}: the checkpoint holds no tensors.")
+        plan.check_state_dict(ckpt.state_dict, path)
+        plan.refuse_over_memory(f"{path}: its {len(ckpt.state_dict)} tensors (as float32)",
+                                sum(t.numel() * 4 for t in ckpt.state_dict.values()), "Audit on a larger machine.")
+    except plan.PlanError as exc:  # callers (and the fuzz tests) see one exception type per input file
+        raise CheckpointError(str(exc)) from None
     return ckpt
 
 
@@ -132,6 +138,8 @@ def _load_pt(path: Path) -> Checkpoint:
             break
         notes.append(f"state dict taken from the checkpoint's {inner!r} entry")
         obj = obj[inner]
+    if isinstance(obj, dict):
+        plan.check_state_dict({k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}, path)
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
         raise CheckpointError(
             f"{path}: expected a state dict (name → tensor), possibly inside one of {list(CONTAINER_KEYS)}; "

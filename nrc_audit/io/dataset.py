@@ -36,6 +36,7 @@ class DatasetInfo:
 def _dataset(fh: h5py.File, key: str, role: str, path: Path) -> h5py.Dataset:
     """Resolve ``key`` to a dataset inside this file; refuse external links, virtual datasets and
     external raw storage (anything that would read another file)."""
+    key = _resolve_soft_links(fh, key, role, path)
     parts = [p for p in key.split("/") if p] or [""]  # "" (an empty key) is reported as a missing array
     for depth in range(1, len(parts) + 1):  # check every component, so no external link is ever followed
         sub = "/".join(parts[:depth])
@@ -54,6 +55,9 @@ def _dataset(fh: h5py.File, key: str, role: str, path: Path) -> h5py.Dataset:
                 "(h5py: f[key] = src[...])."
             )
     obj = fh[key]
+    if isinstance(obj, h5py.Dataset) and obj.shape is None:
+        raise DatasetError(f"{path}: {role} array {key!r} has a null dataspace (no shape, no values); expected "
+                           "an array of one row per sample. Write the data into it (h5py: f[key] = array).")
     if not isinstance(obj, h5py.Dataset):
         raise DatasetError(f"{path}: {key!r} is an HDF5 group, not an array; pass the array's full path.")
     if obj.is_virtual or obj.external or obj.file.filename != fh.filename:
@@ -63,6 +67,26 @@ def _dataset(fh: h5py.File, key: str, role: str, path: Path) -> h5py.Dataset:
             "first (h5py: f[key] = src[...])."
         )
     return obj
+
+
+def _resolve_soft_links(fh: h5py.File, key: str, role: str, path: Path, hops: int = 32) -> str:
+    """Rewrite ``key`` until no component is a soft link, so that every component of the final path can be
+    checked for external links *before* h5py follows anything (a soft link may lead into an external
+    link, and an external link may name a FIFO, whose open blocks forever)."""
+    for _ in range(hops):
+        parts = [p for p in key.split("/") if p]
+        for depth in range(1, len(parts) + 1):
+            link = fh.get("/".join(parts[:depth]), getlink=True)
+            if isinstance(link, h5py.SoftLink):
+                target = link.path if link.path.startswith("/") else "/".join(parts[: depth - 1] + [link.path])
+                key = "/".join([target.rstrip("/")] + parts[depth:])
+                break
+            if link is None or isinstance(link, h5py.ExternalLink):
+                return key  # reported by the caller (missing array / external link)
+        else:
+            return key
+    raise DatasetError(f"{path}: {role} array {key!r} goes through more than {hops} soft links (a cycle?); "
+                       "point the key at the array itself.")
 
 
 def _x_kind(dtype: np.dtype, ndim: int, path: Path, key: str) -> str:
@@ -85,6 +109,8 @@ class HDF5Dataset:
         ...     for start, x, y in ds.batches(1024):
         ...         pass
     """
+
+    compute_dtype: torch.dtype = torch.float32  # the model's dtype; float64 lifts the float32 range check
 
     def __init__(self, path: Path, opts: DataOptions) -> None:
         self.path, self.opts = Path(path), opts
@@ -183,6 +209,8 @@ class HDF5Dataset:
                 with np.errstate(over="ignore"):  # out-of-range values become Inf, reported below
                     x = x.astype(np.float64)
             _check_finite(x, "X", self.opts.x_key, first_row, self.path)
+        if kind == "float" and self.compute_dtype != torch.float64:
+            _check_float32_range(x, self.opts.x_key, first_row, self.path)
         out = torch.from_numpy(np.ascontiguousarray(x))
         if out.dtype != torch.float64:  # float64 data stays exact for float64 models
             out = out.to(torch.float32)
@@ -241,3 +269,19 @@ def _extra_arrays(fh: h5py.File, o: DataOptions, n: int, path: Path) -> dict[str
             )
         found[name] = ds
     return found
+F32_MAX = float(np.finfo(np.float32).max)
+
+
+def _check_float32_range(a: np.ndarray, key: str, first_row: int, path: Path) -> None:
+    """X values beyond float32's range would become Inf in a float32 model (and then NaN statistics)."""
+    if a.dtype.itemsize <= 4:
+        return  # float16/float32 data is in range by construction
+    with np.errstate(over="ignore"):  # exactly the values the cast rounds to ±Inf (not merely > F32_MAX)
+        big = np.isinf(a.reshape(len(a), -1).astype(np.float32))
+    if big.any():
+        row = first_row + int(np.argmax(big.any(axis=1)))
+        raise DatasetError(
+            f"{path}: X {key!r} has a value beyond float32's ±{F32_MAX:.3g} at row {row}, and the model computes "
+            "in float32, where it would become Inf. Rescale the inputs, or convert the model to float64 "
+            "(model.double()) and re-save it."
+        )

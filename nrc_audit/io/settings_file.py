@@ -6,11 +6,13 @@ report's ``settings`` block records.
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any
 
 from nrc_audit.config import AnalysisOptions, AuditConfig, BaselineOptions, DataOptions, ModelOptions
 from nrc_audit.errors import OptionsError
+from nrc_audit.io.validate import check_tolerance
 
 try:  # Python ≥ 3.11
     import tomllib
@@ -97,9 +99,23 @@ def load_settings(config: Path | None, cwd: Path | None = None) -> tuple[dict[st
             "(use underscores, e.g. nrc1_max)."
         )
     for key, value in values.items():
-        if not isinstance(value, TYPES[key]) or isinstance(value, bool):
-            raise OptionsError(f"{path}: {key} = {value!r} has the wrong type; expected {TYPES[key][0].__name__}.")
+        _check_value(path, key, value)
     return dict(values), path
+
+
+def _check_value(path: Path | None, key: str, value: Any) -> None:
+    """Type (and, for numbers, finiteness) of one [tool.nrc-audit] value; lists must hold strings."""
+    expected = " or ".join(t.__name__ for t in TYPES[key])
+    if not isinstance(value, TYPES[key]) or isinstance(value, bool):
+        raise OptionsError(f"{path}: [tool.nrc-audit] {key} = {value!r} is a {type(value).__name__}; expected "
+                           f"{expected} (e.g. {key} = {DEFAULTS[key]!r}).")  # fmt: skip
+    if isinstance(value, float) and not math.isfinite(value):
+        raise OptionsError(f"{path}: [tool.nrc-audit] {key} = {value!r}; expected a finite number.")
+    if isinstance(value, list) and not all(isinstance(v, str) for v in value):
+        raise OptionsError(f"{path}: [tool.nrc-audit] {key} = {value!r}; expected a list of strings "
+                           "(module names or glob patterns).")  # fmt: skip
+    if key == "baseline_tolerance":
+        check_tolerance(value, f"{path}: [tool.nrc-audit] baseline_tolerance =")
 
 
 def resolve(cli: dict[str, Any], file_values: dict[str, Any]) -> dict[str, Any]:
@@ -107,4 +123,6 @@ def resolve(cli: dict[str, Any], file_values: dict[str, Any]) -> dict[str, Any]:
     merged = dict(DEFAULTS)
     merged.update(file_values)
     merged.update({k: v for k, v in cli.items() if v is not None and (v != [] or k not in DEFAULTS)})
+    if merged.get("baseline_tolerance") is not None:  # checked here, before the pass, for the option too
+        check_tolerance(merged["baseline_tolerance"])
     return merged

@@ -29,6 +29,7 @@ from h5py import h5d, h5p
 from nrc_audit import __version__
 from nrc_audit.errors import FeatureStoreError
 from nrc_audit.core.layer import LayerInfo
+from nrc_audit.io.store_check import check_store
 
 SCHEMA = "nrc-audit-features/1"
 CHUNK_BYTES = 1 << 20  # ≈1 MiB per chunk (rows rounded down to a power of two); see docs/performance.md
@@ -267,16 +268,15 @@ class FeatureStore:
             raise FeatureStoreError(
                 f"{self.path} is incomplete (the run that wrote it was interrupted or failed); re-run the audit."
             )
-        self.attrs = {k: attrs[k] for k in attrs}
-        self.context: dict[str, Any] = json.loads(self.attrs.get("context", "{}"))
-        self.layers = [self._layer_info(name) for name in sorted(self._fh["layers"])]
-        self.n, self.t = self._fh["targets"].shape
+        try:
+            self._read_layout()
+        except BaseException:
+            self._fh.close()
+            raise
 
-    def _layer_info(self, key: str) -> LayerInfo:
-        a = self._fh[f"layers/{key}"].attrs
-        w = torch.from_numpy(self._fh[f"weights/{key}"][...])
-        return LayerInfo(int(a["index"]), str(a["name"]), str(a["kind"]), int(a["in_dim"]), int(a["out_dim"]),
-                         bool(a["pooled"]), w)  # fmt: skip
+    def _read_layout(self) -> None:
+        """Validate the whole layout once (store_check.py); afterwards every read is of a known shape."""
+        self.attrs, self.context, self.layers, (self.n, self.t) = check_store(self._fh, self.path)
 
     def batches(self, batch_size: int) -> Iterator[tuple[int, torch.Tensor, torch.Tensor, list[torch.Tensor]]]:
         """Yield (start, outputs (B, t), targets (B, t), [features (B, h_ℓ)]) in row order."""

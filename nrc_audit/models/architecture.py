@@ -14,7 +14,8 @@ import torch
 from torch import nn
 
 from nrc_audit.config import ModelOptions
-from nrc_audit.errors import CheckpointError
+from nrc_audit.errors import CheckpointError, Interrupted, ModelDataMismatchError, NrcAuditError
+from nrc_audit.io.validate import json_object_of_scalars
 from nrc_audit.io.checkpoint import KWARGS_KEY, Checkpoint
 from nrc_audit.io.fingerprint import FINGERPRINT_KEY, LAYOUT_KEY, fingerprint_mismatch
 from nrc_audit.io.hf_layout import HF_CONFIG_KEY
@@ -229,7 +230,8 @@ def _from_model_def(ckpt: Checkpoint, opts: ModelOptions) -> ResolvedModel:
         )
     kwargs: dict[str, Any] = {}
     if KWARGS_KEY in ckpt.metadata:
-        kwargs.update(json.loads(ckpt.metadata[KWARGS_KEY]))
+        kwargs.update(json_object_of_scalars(ckpt.metadata[KWARGS_KEY], str(ckpt.path),
+                                             f"metadata {KWARGS_KEY!r}", CheckpointError))  # fmt: skip
     kwargs.update(opts.model_kwargs or {})
     factory = getattr(_import_target(location), attr, None)
     if not callable(factory):
@@ -239,8 +241,10 @@ def _from_model_def(ckpt: Checkpoint, opts: ModelOptions) -> ResolvedModel:
         kwargs["config"] = json.loads(ckpt.metadata[HF_CONFIG_KEY])  # config.json next to the weights
     try:
         module = factory(**kwargs)
-    except Exception as exc:
-        raise CheckpointError(f"--model-def {target!r} raised {type(exc).__name__}: {exc}") from None
+    except (Interrupted, NrcAuditError, KeyboardInterrupt):
+        raise
+    except (Exception, SystemExit) as exc:  # user code is fenced: sys.exit(7) must not become exit 7
+        raise CheckpointError(f"--model-def {target!r} raised {user_exception_line(exc)}") from None
     if not isinstance(module, nn.Module):
         raise CheckpointError(f"--model-def {target!r} returned {type(module).__name__}, not an nn.Module.")
     load_strict(module, ckpt.state_dict, ckpt.path)
@@ -271,7 +275,21 @@ def _import_target(location: str) -> Any:
             spec.loader.exec_module(module)
             return module
         return importlib.import_module(location)
-    except CheckpointError:
+    except (Interrupted, NrcAuditError, KeyboardInterrupt):
         raise
-    except Exception as exc:
-        raise CheckpointError(f"--model-def: importing {location!r} failed: {type(exc).__name__}: {exc}") from None
+    except (Exception, SystemExit) as exc:
+        raise CheckpointError(f"--model-def: importing {location!r} failed: {user_exception_line(exc)}") from None
+
+
+def user_exception_line(exc: BaseException) -> str:
+    """``Type: first line of the message`` for an exception raised by user code (KeyError quotes kept)."""
+    text = str(exc).strip()
+    first = text.splitlines()[0] if text else "(no message)"
+    return f"{type(exc).__name__}: {first[:300]}"
+
+
+def user_forward_error(model: object, exc: BaseException, start: int) -> ModelDataMismatchError:
+    """The fence around the model's forward (user code under --model-def): which callable raised what."""
+    name = f"{type(model).__module__}.{type(model).__qualname__}.forward" if model is not None else "the model's forward"
+    return ModelDataMismatchError(f"{name} raised {user_exception_line(exc)} on the batch starting at row {start}. "
+                                  "Fix the model code (--model-def) or the data it is given.")

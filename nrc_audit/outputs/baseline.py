@@ -7,11 +7,11 @@ no longer is; a metric worsens beyond the tolerance — NRC1 up, NRC2 or NRC3 do
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
 from nrc_audit.errors import OptionsError
+from nrc_audit.io.validate import check_report, check_tolerance, parse_json
 from nrc_audit.outputs.report import Report
 
 # field → +1 when larger is worse, −1 when smaller is worse; relative tolerance for ratios
@@ -28,13 +28,15 @@ class Regression:
 def load_baseline(path: Path) -> Report:
     """Read a baseline report (a JSON file written by ``--json``)."""
     try:
-        doc = json.loads(Path(path).read_text(encoding="utf-8"))
+        text = Path(path).read_text(encoding="utf-8")
     except FileNotFoundError:
         raise OptionsError(f"--baseline {path}: file not found.") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except (OSError, UnicodeDecodeError) as exc:
         raise OptionsError(f"--baseline {path} is not a JSON report ({exc}).") from None
+    doc = parse_json(text, f"--baseline {path}")
     if not isinstance(doc, dict) or doc.get("schema") != "nrc-audit-report/1":
         raise OptionsError(f"--baseline {path} is not an nrc-audit-report/1 document (its 'schema' field differs).")
+    check_report(doc, f"--baseline {path}")
     try:
         return Report.from_dict(doc)
     except (KeyError, TypeError) as exc:
@@ -42,7 +44,9 @@ def load_baseline(path: Path) -> Report:
 
 
 def compare(report: Report, baseline: Report, tolerance: float) -> list[Regression]:
-    """All regressions of ``report`` against ``baseline``; raises OptionsError for another architecture."""
+    """All regressions of ``report`` against ``baseline``; raises OptionsError for another architecture
+    or a tolerance that is not a finite number ≥ 0."""
+    tolerance = check_tolerance(tolerance)
     now = [(layer.name, layer.in_dim) for layer in report.layers]
     before = [(layer.name, layer.in_dim) for layer in baseline.layers]
     if now != before:

@@ -16,6 +16,7 @@ from rich.text import Text
 from nrc_audit.core.verdicts import gate
 from nrc_audit.errors import OptionsError
 from nrc_audit.io.files import write_atomic
+from nrc_audit.io.validate import check_report, parse_json
 from nrc_audit.outputs.report import Report
 
 _P = TypeVar("_P")
@@ -56,11 +57,16 @@ def load_history(path: Path) -> tuple[list[str], list[Report]]:
     for number, line in enumerate(lines, 1):
         if not line.strip():
             continue
+        where = f"{path}:{number}"
+        record = parse_json(line, where)
+        if not isinstance(record, dict) or not isinstance(record.get("label"), (str, int, float)):
+            raise OptionsError(f"{where}: expected a history record {{\"label\": str, \"report\": {{...}}}}; "
+                               f"found {type(record).__name__} without a string 'label'.")  # fmt: skip
+        check_report(record.get("report"), f"{where}: report")
         try:
-            record = json.loads(line)
             labels.append(str(record["label"]))
             reports.append(Report.from_dict(record["report"]))
-        except (json.JSONDecodeError, KeyError, TypeError) as exc:
+        except (KeyError, TypeError) as exc:
             raise OptionsError(f"{path}:{number} is not a history record ({exc}).") from None
     if not reports:
         raise OptionsError(f"{path} holds no history records.")
