@@ -317,14 +317,23 @@ def test_model_def_module_calling_sys_exit_at_import_exits_2(model_def):
 
 
 @pytest.mark.parametrize("fail, fragment", [("KeyError", "raised KeyError: 'missing_feature'"),
-                                            ("AssertionError", "raised AssertionError: expected 99 features on"),
+                                            ("AssertionError", "raised AssertionError: expected 99 features"),
                                             ("SystemExit", "raised SystemExit: 7"),
                                             ("ZeroDivisionError", "raised ZeroDivisionError: division by zero")])  # fmt: skip
-def test_model_def_forward_exceptions_exit_2_naming_the_forward(model_def, fail, fragment):
+@pytest.mark.parametrize("fingerprinted", [False, True])
+def test_model_def_forward_exceptions_exit_2_naming_the_forward(model_def, fail, fragment, fingerprinted):
+    """Without a fingerprint the pass's fence reports it; with one, the fingerprint check runs the forward first."""
+    ckpt = model_def["ckpt"]
+    if not fingerprinted:
+        from safetensors.torch import load_file, save_file
+
+        ckpt = model_def["dir"] / "plain.safetensors"
+        save_file(load_file(model_def["ckpt"]), ckpt)
     target = f"{model_def['src']}:build"
-    result = run(model_def["ckpt"], model_def["data"], *NO_GATE, "--no-features", "--model-def", target,
+    result = run(ckpt, model_def["data"], *NO_GATE, "--no-features", "--model-def", target,
                  "--model-kwargs", json.dumps({"fail": fail}))  # fmt: skip
-    assert_usage_error(result, "Net.forward", fragment, "batch starting at row 0")
+    where = "saved probe batch" if fingerprinted else "batch starting at row 0"
+    assert_usage_error(result, "Net.forward", fragment, where)
     assert "second line" not in result.stderr  # the first line only
 
 

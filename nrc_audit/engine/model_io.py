@@ -81,7 +81,7 @@ def check_first_layer(model: nn.Module, x: torch.Tensor, extra: dict[str, torch.
             model(x, **extra)
     except _Stop:
         pass
-    except Exception:  # noqa: BLE001 - reported by the pass with the batch's rows
+    except (Exception, SystemExit):  # noqa: BLE001 - user code (even sys.exit): reported by the pass, fenced
         return
     finally:
         for h in handles:

@@ -48,16 +48,22 @@ def _first_output(raw: Any) -> torch.Tensor | None:
 
 def _outputs(model: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
     """Eval-mode outputs on ``x`` as float64, or None when the model cannot run on it."""
+    out, _ = _try_outputs(model, x)
+    return out
+
+
+def _try_outputs(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor | None, BaseException | None]:
+    """``_outputs`` and, when the forward raised, the exception (user code may even raise SystemExit)."""
     was_training = model.training
     model.eval()
     try:
         with torch.no_grad():
             out = _first_output(model(x))
-    except Exception:  # noqa: BLE001 - no fingerprint for a model that needs other inputs
-        return None
+    except (Exception, SystemExit) as exc:  # noqa: BLE001 - no fingerprint for a model that needs other inputs
+        return None, exc
     finally:
         model.train(was_training)
-    return None if out is None else out.detach().to("cpu", torch.float64)
+    return (None if out is None else out.detach().to("cpu", torch.float64)), None
 
 
 def _guess_probe_shape(model: nn.Module) -> tuple[int, ...] | None:
@@ -93,9 +99,14 @@ def fingerprint_mismatch(model: nn.Module, fingerprint: dict[str, Any]) -> str |
     """None when ``model`` reproduces ``fingerprint``; otherwise what differs, in words."""
     dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
     x = probe_input(tuple(fingerprint["probe_shape"]), dtype, int(fingerprint.get("seed", PROBE_SEED)))
-    out = _outputs(model, x)
+    out, exc = _try_outputs(model, x)
     if out is None:
-        return f"the rebuilt model does not run on the saved probe batch of shape {tuple(x.shape)}"
+        raised = ""
+        if exc is not None:
+            text = str(exc).strip()
+            first = text.splitlines()[0][:300] if text else "(no message)"
+            raised = f" ({type(model).__module__}.{type(model).__qualname__}.forward raised {type(exc).__name__}: {first})"
+        return f"the rebuilt model does not run on the saved probe batch of shape {tuple(x.shape)}{raised}"
     if list(out.shape) != list(fingerprint["output_shape"]):
         return f"output shape {tuple(out.shape)} on the probe batch, saved {tuple(fingerprint['output_shape'])}"
     ref = torch.tensor(fingerprint["outputs"], dtype=torch.float64)
