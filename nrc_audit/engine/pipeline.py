@@ -102,9 +102,9 @@ def _opened(config: AuditConfig, device: torch.device) -> Iterator[_Inputs]:
     model = resolved.module.to(device)
     with HDF5Dataset(config.data_path, config.data) as ds:
         info = ds.info
-        check_first_layer(model, *probe_batch(ds, device, _model_dtype(model)), info.input_shape)
-        modules = candidate_layers(model, config.layers, config.exclude)
         ds.compute_dtype = _model_dtype(model)  # X beyond float32 is refused for a float32 model (io/dataset.py)
+        check_first_layer(model, *probe_batch(ds, device, ds.compute_dtype), info.input_shape)
+        modules = candidate_layers(model, config.layers, config.exclude)
         plan_audit(modules, info.num_samples, info.input_shape, config.batch_size, config.features_path,
                    8 if ds.compute_dtype == torch.float64 else 4)  # fmt: skip
         context = RunContext(
