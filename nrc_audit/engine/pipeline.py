@@ -103,10 +103,10 @@ def _opened(config: AuditConfig, device: torch.device) -> Iterator[_Inputs]:
     with HDF5Dataset(config.data_path, config.data) as ds:
         info = ds.info
         ds.compute_dtype = _model_dtype(model)  # X beyond float32 is refused for a float32 model (io/dataset.py)
-        check_first_layer(model, *probe_batch(ds, device, ds.compute_dtype), info.input_shape)
         modules = candidate_layers(model, config.layers, config.exclude)
         plan_audit(modules, info.num_samples, info.input_shape, config.batch_size, config.features_path,
-                   8 if ds.compute_dtype == torch.float64 else 4)  # fmt: skip
+                   8 if ds.compute_dtype == torch.float64 else 4)  # before any batch is read  # fmt: skip
+        check_first_layer(model, *probe_batch(ds, device, ds.compute_dtype), info.input_shape)
         context = RunContext(
             ModelContext(str(config.model_path), sha256_path(config.model_path), ckpt.format, resolved.architecture,
                          resolved.num_parameters,
