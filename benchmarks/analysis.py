@@ -4,8 +4,8 @@
     python benchmarks/analysis.py --widths 4096         # ≈ 1 min per layer more on 2 cores
 
 For each h: one layer's ``layer_metrics`` (statistics of N = 4h synthetic rows, a random h×h weight, t = 4),
-then eight such layers one after the other (numpy's BLAS on every core) and layer-parallel as the audit runs
-them (``engine.threads.parallel_map``: one layer per core, BLAS one thread each). Minimum of ``--reps``.
+then eight such layers one after the other (numpy's BLAS on every core, then on one thread) and layer-parallel
+as the audit runs them (``engine.threads.parallel_map``: one layer per core, BLAS one thread each). Minimum of ``--reps``.
 Updates the ``analysis`` section of docs/performance.md.
 """
 
@@ -22,6 +22,7 @@ from nrc_audit.engine.threads import quiet_idle_threads  # noqa: E402 — before
 quiet_idle_threads()
 
 import numpy as np  # noqa: E402
+from threadpoolctl import threadpool_limits  # noqa: E402
 
 from _common import Machine, markdown_table, stamp, update_doc_section  # noqa: E402
 from nrc_audit.config import Thresholds  # noqa: E402
@@ -64,13 +65,17 @@ def main(argv: list[str] | None = None) -> None:
         stats, w = layer_case(h, seed=h)
         run = lambda _: layer_metrics(stats, w, 4, 0.01, 1e-3, Thresholds())  # noqa: E731
         one = best(lambda: run(0), args.reps)
-        serial = best(lambda: [run(i) for i in range(args.layers)], 1 if h >= 2048 else args.reps)
-        parallel = best(lambda: parallel_map(run, range(args.layers)), 1 if h >= 2048 else args.reps)
-        rows.append([h, f"{one:.3f}", f"{serial:.2f}", f"{parallel:.2f}", f"{serial / parallel:.2f}×"])
-        print(f"h={h}: one layer {one:.3f} s, {args.layers} serial {serial:.2f} s, parallel {parallel:.2f} s",
-              file=sys.stderr, flush=True)  # fmt: skip
-    table = markdown_table(["h", "one layer s", f"{args.layers} layers, one by one s",
-                            f"{args.layers} layers, layer-parallel s", "speed-up"], rows)  # fmt: skip
+        reps = 1 if h >= 2048 else args.reps
+        serial = best(lambda: [run(i) for i in range(args.layers)], reps)
+        with threadpool_limits(limits={"openblas": 1}):
+            serial1 = best(lambda: [run(i) for i in range(args.layers)], reps)
+        parallel = best(lambda: parallel_map(run, range(args.layers)), reps)
+        rows.append([h, f"{one:.3f}", f"{serial:.2f}", f"{serial1:.2f}", f"{parallel:.2f}", f"{serial / parallel:.2f}×"])
+        print(f"h={h}: one layer {one:.3f} s, {args.layers} serial {serial:.2f} s, serial 1 thread {serial1:.2f} s, "
+              f"parallel {parallel:.2f} s", file=sys.stderr, flush=True)  # fmt: skip
+    table = markdown_table(["h", "one layer s (BLAS all cores)", f"{args.layers} layers one by one, BLAS all cores s",
+                            f"{args.layers} layers one by one, BLAS 1 thread s", f"{args.layers} layers layer-parallel s",
+                            "speed-up (col 3 ÷ col 5)"], rows)  # fmt: skip
     body = f"{stamp(machine)} Minimum of {args.reps} runs (1 at h ≥ 2048).\n\n{table}"
     print(body)
     if not args.no_doc:
