@@ -4,14 +4,17 @@ from __future__ import annotations
 
 from pathlib import Path
 from typing import Annotated, Optional
+import os
 import sys
 
 import typer
 
+from nrc_audit.cli.common import DEBUG_ENV
 from nrc_audit.cli.common import (
     BaselineOpt, BatchOpt, ConfigOpt, EnergyOpt, ExitZeroOpt, FormatOpt, JsonOpt, MarkdownOpt, ModelIndexOpt,
     Nrc1Opt, Nrc2Opt, Nrc3Opt, Nrc4Opt, OutputFormat, PlotOpt, QuietOpt, RankOpt, RequireOpt, RtolOpt,
-    ToleranceOpt, analysis_options, is_main, guarded, json_object, make_app, settings, with_progress,
+    ToleranceOpt, analysis_options, is_main, guarded, json_object, make_app, model_def_file, settings, settings_source,
+    with_progress,
 )  # fmt: skip
 from nrc_audit.cli.commands import SUBCOMMANDS
 from nrc_audit.config import AuditConfig, DataOptions, ModelOptions
@@ -66,8 +69,10 @@ def audit(
         s = settings(config, given)
         out = Outputs(fmt.value, json_path, markdown, model_index, plot, baseline, float(s["baseline_tolerance"]),
                       exit_zero, is_main=is_main())  # fmt: skip
-        out.check_before_run()
         store = None if no_features else (features or Path(f"{model.stem}.features.h5"))
+        out.check_before_run(
+            {"the checkpoint": model, "the data file": data, "the settings file": settings_source(config),
+             "the --model-def file": model_def_file(model_def)}, {"--features": store})  # fmt: skip
         cfg = AuditConfig(
             model_path=model, data_path=data,
             data=DataOptions(s["x_key"], s["y_key"], channels_last, scale_uint8, limit),
@@ -85,7 +90,23 @@ def audit(
 def main(argv: list[str] | None = None) -> None:
     """Console entry point: ``nrc-audit MODEL DATA [options]`` or ``nrc-audit SUBCOMMAND …``."""
     args = list(sys.argv[1:] if argv is None else argv)
-    if args and args[0] in SUBCOMMANDS:
-        SUBCOMMANDS[args[0]](args=args[1:], prog_name=f"nrc-audit {args[0]}")
-    else:
-        audit_app(args=args, prog_name="nrc-audit")
+    if "--debug" in args:  # every command: unexpected errors print their traceback (same as NRC_AUDIT_DEBUG=1)
+        args.remove("--debug")
+        os.environ[DEBUG_ENV] = "1"
+    try:
+        if args and args[0] in SUBCOMMANDS:
+            SUBCOMMANDS[args[0]](args=args[1:], prog_name=f"nrc-audit {args[0]}")
+        else:
+            audit_app(args=args, prog_name="nrc-audit")
+    except SystemExit as exc:
+        if exc.code in (ExitCode.SIGINT, ExitCode.SIGTERM):
+            # Stopped by a signal: the graceful path is done (workers stopped, partial files removed). The
+            # interpreter's teardown of torch & co. can take seconds on a loaded machine, during which no
+            # thread may run, so end now (docs/reliability.md: "within a second").
+            for stream in (sys.stdout, sys.stderr):
+                try:
+                    stream.flush()
+                except (OSError, ValueError):
+                    pass
+            os._exit(int(exc.code))
+        raise

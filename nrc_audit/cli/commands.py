@@ -13,10 +13,11 @@ from rich.console import Console
 from nrc_audit.cli.common import (
     BaselineOpt, BatchOpt, ConfigOpt, EnergyOpt, ExitZeroOpt, FormatOpt, JsonOpt, MarkdownOpt, ModelIndexOpt,
     Nrc1Opt, Nrc2Opt, Nrc3Opt, Nrc4Opt, OutputFormat, PlotOpt, QuietOpt, RankOpt, RequireOpt, RtolOpt,
-    ToleranceOpt, analysis_options, is_main, err_console, guarded, make_app, settings, with_progress,
+    ToleranceOpt, analysis_options, is_main, err_console, guarded, make_app, settings, settings_source, with_progress,
 )  # fmt: skip
 from nrc_audit.config import AuditConfig, DataOptions, ModelOptions
 from nrc_audit.errors import ExitCode, OptionsError
+from nrc_audit.io.files import write_with
 from nrc_audit.outputs.emit import Outputs, emit
 
 reanalyze_app = make_app("Recompute the audit report from a saved feature store, without the model or the data.")
@@ -58,7 +59,7 @@ def reanalyze(
             raise OptionsError(f"--batch-size {s['batch_size']} must be ≥ 1.")
         out = Outputs(fmt.value, json_path, markdown, model_index, plot, baseline, float(s["baseline_tolerance"]),
                       exit_zero, is_main=is_main())  # fmt: skip
-        out.check_before_run()
+        out.check_before_run({"the feature store": store, "the settings file": settings_source(config)})
         analysis = analysis_options(s)
         report = with_progress(not no_progress, lambda hook: run_reanalysis(store, analysis, int(s["batch_size"]), hook))
         return emit(report, out)
@@ -97,8 +98,9 @@ def trend(
         from nrc_audit.engine.pipeline import run_audit
         from nrc_audit.outputs.trend import load_history, trend_tables, write_trend_json
 
-        if plot is not None:
-            Outputs(plot_path=plot).check_before_run()
+        inputs = {f"the checkpoint {c}": c for c in checkpoints or []} | {"--data": data, "--history": history}
+        Outputs(plot_path=plot).check_before_run(inputs | {"the settings file": settings_source(config)},
+                                                 {"--json": json_path})  # fmt: skip
         if history is not None:
             if checkpoints:
                 raise OptionsError("pass either checkpoints (with --data) or --history, not both.")
@@ -125,7 +127,7 @@ def trend(
         if plot is not None:
             from nrc_audit.outputs.plot import plot_trend
 
-            plot_trend(labels, reports, plot)
+            write_with(plot, lambda tmp: plot_trend(labels, reports, tmp), suffix=plot.suffix or ".png")
         console = Console()
         for table in trend_tables(labels, reports):
             console.print(table)

@@ -25,6 +25,7 @@ from nrc_audit.errors import ModelDataMismatchError, NrcAuditError, OptionsError
 from nrc_audit.core.layer import LayerInfo
 from nrc_audit.engine.extract import FeatureExtractor, candidate_layers
 from nrc_audit.models.architecture import resolve_model
+from nrc_audit.io import lifecycle
 from nrc_audit.io.checkpoint import load_checkpoint, sha256_file
 from nrc_audit.io.dataset import HDF5Dataset
 from nrc_audit.outputs.report import Gate, LayerReport, Report, Summary
@@ -238,16 +239,10 @@ def extraction_pass(
                 if progress is not None:
                     progress(start + len(y), num_rows or 0)
         stats.flush()
-    except NrcAuditError:
+    except BaseException:  # unusable input, interruption, a bug: no partial store; an earlier one is kept
         reader.close()
-        if writer is not None:  # unusable input: leave no partial output behind
-            writer.close(complete=False)
-            Path(writer.path).unlink(missing_ok=True)
-        raise
-    except BaseException:
-        reader.close()
-        if writer is not None:  # interrupted: keep the store, marked incomplete
-            writer.close(complete=False)
+        if writer is not None:
+            writer.discard()
         raise
     reader.close()
     if writer is not None:
@@ -309,7 +304,7 @@ class _Prefetcher:
 
     def close(self) -> None:
         self._stop.set()
-        self._thread.join()
+        lifecycle.join(self._thread)  # with a timeout: a read stuck in C (a FIFO) must not hold the exit
 
 
 def _forward(extractor: FeatureExtractor, x: torch.Tensor, start: int, shape: tuple[int, ...]

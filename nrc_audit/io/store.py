@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import os
-import queue
 import threading
 from pathlib import Path
 from typing import Any, Iterator
@@ -26,14 +25,20 @@ import numpy as np
 import torch
 from h5py import h5d, h5p
 
+try:
+    import fcntl
+except ImportError:  # Windows: no advisory locks
+    fcntl = None  # type: ignore[assignment]
+
 from nrc_audit import __version__
+from nrc_audit.io import lifecycle
+from nrc_audit.io.files import new_file_mode, replace_target
 from nrc_audit.errors import FeatureStoreError
 from nrc_audit.core.layer import LayerInfo
 
 SCHEMA = "nrc-audit-features/1"
 CHUNK_BYTES = 1 << 20  # ≈1 MiB per chunk (rows rounded down to a power of two); see docs/performance.md
 QUEUE_BATCHES = 4  # batches the writer may lag behind: bounds its memory to 4 batches of features
-_STOP = object()
 
 
 def _chunk_rows(width: int, itemsize: int, n: int) -> int:
@@ -84,9 +89,14 @@ class FeatureStoreWriter:
     def __init__(self, path: Path, n: int, layers: list[LayerInfo], attrs: dict[str, Any],
                  compression: str | None = None) -> None:  # fmt: skip
         self.path, self.n, self.compression = Path(path), n, compression
+        self.final, self._mode = _store_target(self.path)
+        self.partial = self.final.with_name(f".{self.final.name}.partial")
+        self._lock_fd = _lock_partial(self.partial, self.path)
+        lifecycle.track(self.partial)
         try:
-            self._fh = h5py.File(self.path, "w")
+            self._fh = h5py.File(self.partial, "w", locking=False)  # our own lock (above) excludes other runs
         except OSError as exc:
+            self._release(remove=True)
             raise FeatureStoreError(f"cannot create the feature store {self.path}: {exc}") from None
         root = self._fh.attrs
         root["schema"], root["tool_version"], root["complete"] = SCHEMA, __version__, False
@@ -100,10 +110,8 @@ class FeatureStoreWriter:
         self._sinks: list = []  # one _RawRows (or the h5py Dataset itself) per dataset
         self._fd: int | None = None
         self._pinned = _PinnedPool()
-        self._queue: queue.Queue = queue.Queue(maxsize=QUEUE_BATCHES)
-        self._error: BaseException | None = None
-        self._thread = threading.Thread(target=self._worker, name="nrc-audit-store", daemon=True)
-        self._thread.start()
+        self._worker = lifecycle.Worker("nrc-audit-store", self._handle, QUEUE_BATCHES,
+                                        on_skip=lambda item: self._pinned.give(item[3]))  # fmt: skip
 
     def _create(self, name: str, width: int, dtype: np.dtype) -> h5py.Dataset:
         rows = _chunk_rows(width, dtype.itemsize, self.n)
@@ -127,7 +135,9 @@ class FeatureStoreWriter:
             event.record()  # the writer thread waits for this point of the stream, the main thread does not
         else:
             arrays = [a.to("cpu", _host_dtype(a)) for a in arrays]  # a no-op view for CPU float32/float64
-        self._queue.put((start, arrays, event, pinned))
+        if not self._worker.submit((start, arrays, event, pinned)):
+            self._raise_if_failed()
+            raise FeatureStoreError(f"the feature store writer for {self.path} has stopped")
 
     def _stage(self, arrays: list[torch.Tensor]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         """Start non-blocking copies of the CUDA tensors into pinned buffers; returns (host tensors, pinned)."""
@@ -142,18 +152,14 @@ class FeatureStoreWriter:
             pinned.append(buf)
         return host, pinned
 
-    def _worker(self) -> None:
-        while (item := self._queue.get()) is not _STOP:
-            start, arrays, event, pinned = item
-            try:
-                if self._error is None:
-                    if event is not None:
-                        event.synchronize()  # the non-blocking copies into the pinned buffers are done
-                    self._write_now(start, [a.numpy() for a in arrays])
-            except BaseException as exc:  # surfaced to the main thread on the next write/close
-                self._error = exc
-            finally:
-                self._pinned.give(pinned)
+    def _handle(self, item: tuple) -> None:
+        start, arrays, event, pinned = item
+        try:
+            if event is not None:
+                event.synchronize()  # the non-blocking copies into the pinned buffers are done
+            self._write_now(start, [a.numpy() for a in arrays])
+        finally:
+            self._pinned.give(pinned)
 
     def _write_now(self, start: int, arrays: list[np.ndarray]) -> None:
         if not self._datasets:
@@ -177,7 +183,7 @@ class FeatureStoreWriter:
             return None
         try:
             self._fh.flush()
-            self._fd = os.open(self.path, os.O_WRONLY)
+            self._fd = os.open(self.partial, os.O_WRONLY)
             return [_RawRows(ds, self._fd) for ds in self._datasets]
         except (AttributeError, NotImplementedError, OSError, RuntimeError, ValueError):
             if self._fd is not None:
@@ -186,22 +192,82 @@ class FeatureStoreWriter:
             return None
 
     def _raise_if_failed(self) -> None:
-        if self._error is not None:
-            raise FeatureStoreError(f"writing the feature store {self.path} failed: {self._error}")
+        if self._worker.error is not None:
+            raise FeatureStoreError(f"writing the feature store {self.path} failed: {self._worker.error}")
 
     def close(self, complete: bool) -> None:
-        """Drain the queue, mark the store complete (or not) and close it."""
-        self._queue.put(_STOP)
-        self._thread.join()
+        """``complete``: write what is queued, mark the store complete and rename it into place (atomically,
+        keeping an existing store's mode). Otherwise (error, interruption): drop the queue and delete the
+        partial file; an earlier store at the path is left as it was."""
+        if not complete:
+            self.discard()
+            return
+        self._worker.finish()
         try:
-            if self._fd is not None:
-                os.close(self._fd)
-                self._fd = None
-            if complete:
-                self._raise_if_failed()
-                self._fh.attrs["complete"] = True
-        finally:
+            self._close_fd()
+            self._raise_if_failed()
+            self._fh.attrs["complete"] = True
             self._fh.close()
+            os.chmod(self.partial, new_file_mode(self._mode))
+            os.replace(self.partial, self.final)
+        except BaseException:
+            self.discard()
+            raise
+        self._release(remove=False)
+
+    def discard(self) -> None:
+        """Stop the writer (queued batches dropped) and delete the partial file. Safe to call more than once."""
+        stopped = self._worker.stop()
+        self._close_fd()
+        if stopped:  # a wedged writer thread may still be inside h5py: leave the handle to process exit
+            try:
+                self._fh.close()
+            except Exception:  # already closed, or the file is broken: it is deleted next anyway
+                pass
+        self._release(remove=True)
+
+    def _close_fd(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+    def _release(self, remove: bool) -> None:
+        if remove:
+            self.partial.unlink(missing_ok=True)
+        lifecycle.untrack(self.partial)
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)  # releases the lock
+            self._lock_fd = None
+
+
+def _store_target(path: Path) -> tuple[Path, int | None]:
+    try:
+        return replace_target(path)
+    except OSError:
+        raise FeatureStoreError(f"--features {path} is not a regular file; pass the path of an .h5 file.") from None
+
+
+def _lock_partial(partial: Path, path: Path) -> int | None:
+    """Open ``partial`` and take an exclusive, non-blocking lock on it; another run holding it → exit 2.
+
+    The lock lives as long as the descriptor (the kernel drops it when a run is killed), so a partial file
+    left by a killed run is simply reused. Without fcntl (Windows) there is no lock: None.
+    """
+    try:
+        fd = os.open(partial, os.O_RDWR | os.O_CREAT, 0o600)
+    except OSError as exc:
+        raise FeatureStoreError(f"cannot create the feature store {path}: {exc.strerror} ({partial})") from None
+    if fcntl is None:
+        return fd
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        os.close(fd)
+        raise FeatureStoreError(
+            f"another nrc-audit run is writing the feature store {path} right now (it holds the lock on {partial}). "
+            "Wait for it to finish, or pass another --features path (or --no-features)."
+        ) from None
+    return fd
 
 
 class _RawRows:

@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import os
 import sys
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Mapping
 
 from rich.console import Console
 from rich.table import Table
@@ -14,7 +13,7 @@ from rich.text import Text
 
 from nrc_audit.outputs.baseline import Regression, compare, load_baseline
 from nrc_audit.errors import ExitCode, OptionsError
-from nrc_audit.io.files import write_atomic
+from nrc_audit.io.files import check_output_paths, write_atomic, write_with
 from nrc_audit.outputs.report import Report
 
 
@@ -32,10 +31,19 @@ class Outputs:
     exit_zero: bool = False
     is_main: bool = True  # False on torchrun ranks other than 0: they write and print nothing
 
-    def check_before_run(self) -> None:
-        """Fail before the (long) pass on what can be known now: missing folders, matplotlib, the baseline."""
-        for option, path in (("--json", self.json_path), ("--markdown", self.markdown_path),
-                             ("--model-index", self.model_index_path), ("--plot", self.plot_path)):  # fmt: skip
+    def paths(self) -> dict[str, Path | None]:
+        """Option name → output file (None: not requested)."""
+        return {"--json": self.json_path, "--markdown": self.markdown_path, "--model-index": self.model_index_path,
+                "--plot": self.plot_path}  # fmt: skip
+
+    def check_before_run(self, inputs: Mapping[str, Path | None] | None = None,
+                         more_outputs: Mapping[str, Path | None] | None = None) -> None:  # fmt: skip
+        """Fail before the (long) pass on what can be known now: missing folders, matplotlib, the baseline,
+        and an output that is an input or another output (``inputs``: label → path; ``more_outputs``: option
+        → path, e.g. the feature store). The baseline is always an input."""
+        outputs = {**self.paths(), **(more_outputs or {})}
+        check_output_paths(outputs, {"the baseline": self.baseline_path, **(inputs or {})})
+        for option, path in outputs.items():
             if path is not None and not path.resolve().parent.is_dir():
                 raise OptionsError(
                     f"{option} {path}: the folder {path.resolve().parent} does not exist; create it or choose another path."
@@ -51,14 +59,7 @@ class Outputs:
 def _write_plot(report: Report, path: Path) -> None:
     from nrc_audit.outputs.plot import plot_report
 
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".png", dir=path.parent or ".")
-    os.close(fd)
-    try:
-        plot_report(report, Path(tmp))
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_with(path, lambda tmp: plot_report(report, tmp), suffix=path.suffix or ".png")
 
 
 def baseline_table(regressions: list[Regression], report: Report, baseline: Report) -> Table:
