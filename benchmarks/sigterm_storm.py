@@ -106,6 +106,7 @@ def one(case: dict, i: int, sleep: float, deadline: float, seed: int) -> dict:
     for name in ("f.h5", "r.json"):
         shutil.copy2(case["folder"] / "base" / name, out / name)
     before = digest(out / "f.h5")
+    inode = (out / "f.h5").stat().st_ino  # a published new store is a new file (renamed into place)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "NRC_TEST_SLEEP": str(sleep)}
     child = subprocess.Popen([sys.executable, "-m", "nrc_audit", *args_for(case, out)], env=env,
                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)  # fmt: skip
@@ -124,12 +125,14 @@ def one(case: dict, i: int, sleep: float, deadline: float, seed: int) -> dict:
         _, err = child.communicate()
     took = time.monotonic() - sent
     after = digest(out / "f.h5")
+    replaced = after is not None and (out / "f.h5").stat().st_ino != inode
     code = child.returncode
-    store_fine = after is not None and (after == before or store_ok(out / "f.h5"))
+    store_fine = after is not None and (after == before if not replaced else store_ok(out / "f.h5"))
     leftovers = sorted(p.name for p in out.iterdir() if p.name.startswith("."))
+    # -15: the signal came after the CLI had finished (default handler restored); the shell reports 143
     ok = code in (143, -signal.SIGTERM, 0) and took <= deadline and store_fine and not leftovers
     ok = ok and b"Traceback" not in err
-    return {"i": i, "code": code, "seconds": round(took, 3), "store": "same" if after == before else "new",
+    return {"i": i, "code": code, "seconds": round(took, 3), "store": "new" if replaced else "same",
             "store_ok": store_fine, "leftovers": leftovers, "ok": ok, "stderr": err.decode()[-300:]}
 
 

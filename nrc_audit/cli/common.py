@@ -155,7 +155,7 @@ def _run_body(body: Callable[[], ExitCode | int]) -> int:
     except (typer.Exit, click.exceptions.ClickException):
         raise
     except SystemExit as exc:  # sys.exit() in code we called (a --model-def factory): never its own code
-        _report_internal_error(RuntimeError(f"SystemExit({exc.code!r}) raised inside the audit"))
+        _report_internal_error(exc)
         return int(ExitCode.USAGE)
     except Exception as exc:  # anything else is a bug or an unforeseen input: exit 2 (ruff's convention), never 1
         _report_internal_error(exc)
