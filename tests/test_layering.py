@@ -17,7 +17,7 @@ LAYERS = ["errors", "config", "core", "io", "models", "outputs", "engine", "cli"
 # Order inside a layer (lower first); a module not listed ranks below every listed one of its layer.
 WITHIN = {
     "core": ["layer", "kernels", "stats", "conditions", "verdicts"],
-    "io": ["files", "settings_file", "checkpoint", "dataset", "store"],
+    "io": ["lifecycle", "files", "settings_file", "checkpoint", "dataset", "store"],
     "models": ["base", "mlp", "resnet", "architecture"],
     "outputs": ["records", "render", "markdown", "plot", "report", "baseline", "trend", "emit"],
     "engine": ["extract", "distributed", "pipeline", "api", "monitor"],

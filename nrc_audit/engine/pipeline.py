@@ -160,11 +160,12 @@ def _audit(config: AuditConfig, device: torch.device, ctx: distributed.DistConte
             distributed.agree(ctx, "data files (sha256)", context["data"]["sha256"])
             context["world_size"] = ctx.world_size
             start, stop = distributed.shard(info.num_samples, config.batch_size, ctx)
-            if start >= stop:
-                raise OptionsError(
+            if start >= stop:  # reported to every rank by sync_errors, so that none waits for this one
+                no_rows = OptionsError(
                     f"{info.num_samples} rows in batches of {config.batch_size} leave rank {ctx.rank} of "
                     f"{ctx.world_size} without data; lower --batch-size or use fewer processes."
                 )
+                distributed.sync_errors(ctx, no_rows)
         writer_factory = None
         store_path = config.features_path
         if store_path is not None:
@@ -185,7 +186,12 @@ def _audit(config: AuditConfig, device: torch.device, ctx: distributed.DistConte
                 raise
             error = exc
     if ctx is not None:
-        distributed.sync_errors(ctx, error)
+        try:
+            distributed.sync_errors(ctx, error)
+        except BaseException:  # another rank failed: no complete-looking shard of this one stays behind
+            if store_path is not None:
+                Path(store_path).unlink(missing_ok=True)
+            raise
         distributed.merge_pass(ctx, stats, device)
         if config.features_path is not None:
             distributed.barrier(ctx)
