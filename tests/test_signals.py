@@ -7,7 +7,6 @@ while ``NRC_TEST_SLEEP`` is set, so the signal is sure to land mid-extraction; t
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess

@@ -126,7 +126,7 @@ def write_atomic(path: Path, text: str | bytes) -> None:
     write_with(path, lambda tmp: tmp.write_bytes(data))
 
 
-def write_with(path: Path, produce: Callable[[Path], None], suffix: str = ".tmp") -> None:
+def write_with(path: os.PathLike | str, produce: Callable[[Path], object], suffix: str = ".tmp") -> None:
     """Let ``produce(tmp)`` write a temporary file, then put it at ``path`` (rename, or copy into a stream).
 
     For a regular file (or a symlink to one, or a new name) the temporary file sits next to the resolved
