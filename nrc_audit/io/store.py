@@ -4,7 +4,9 @@ Layout: root attrs (schema, tool_version, model_sha256, data_sha256, complete, c
 ``/targets (N, t)``, ``/outputs (N, t)``, ``/layers/NN (N, h)`` with row chunks and attrs
 (index, name, kind, pooled, in_dim, out_dim), ``/weights/NN`` (the W used for NRC3, float64).
 Features are float32 (float64 when the model computes in float64). ``complete`` turns true only after the
-last batch, so a store left by an interrupted run is recognisable and refused for re-analysis.
+last batch. The store is written as ``.NAME.partial`` beside the target, under an exclusive ``flock`` (a
+second run on the same path exits 2 instead of truncating it), and renamed over the target when complete;
+a failed or interrupted run deletes its partial file, so an earlier store is never damaged.
 
 Writes go through a background thread so the forward pass and the Gram products overlap with the I/O.
 Without compression every chunk is allocated when its dataset is created and the thread writes rows
@@ -80,7 +82,7 @@ class FeatureStoreWriter:
     ``QUEUE_BATCHES`` batches wait in the queue.
 
     Args:
-        path: destination file (created or truncated).
+        path: destination file (replaced by a rename when :meth:`close` completes it; symlinks followed).
         n: number of rows N. layers: the audited layers (weights are written immediately).
         attrs: root attributes (model/data sha256 and the report ``context``).
         compression: None, "gzip" or "lzf".
