@@ -19,6 +19,7 @@ from nrc_audit.cli.common import (
 from nrc_audit.cli.commands import SUBCOMMANDS
 from nrc_audit.config import AuditConfig, DataOptions, ModelOptions
 from nrc_audit.errors import ExitCode
+from nrc_audit.io import lifecycle
 from nrc_audit.outputs.emit import Outputs, emit
 audit_app = make_app("Audit a trained regression network for Deep Neural Regression Collapse (NRC1–NRC4).")
 
@@ -99,7 +100,7 @@ def main(argv: list[str] | None = None) -> None:
         else:
             audit_app(args=args, prog_name="nrc-audit")
     except SystemExit as exc:
-        if exc.code in (ExitCode.SIGINT, ExitCode.SIGTERM):
+        if lifecycle.received or exc.code in (ExitCode.SIGINT, ExitCode.SIGTERM):
             # Stopped by a signal: the graceful path is done (workers stopped, partial files removed). The
             # interpreter's teardown of torch & co. can take seconds on a loaded machine, during which no
             # thread may run, so end now (docs/reliability.md: "within a second").
@@ -108,5 +109,6 @@ def main(argv: list[str] | None = None) -> None:
                     stream.flush()
                 except (OSError, ValueError):
                     pass
-            os._exit(int(exc.code))
+            lifecycle.remove_tracked()
+            os._exit(128 + lifecycle.received[0] if lifecycle.received else int(exc.code or 0))
         raise

@@ -28,6 +28,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from nrc_audit.config import AnalysisOptions, Thresholds
 from nrc_audit.errors import ExitCode, Interrupted, NrcAuditError, OptionsError
+from nrc_audit.io import lifecycle
 from nrc_audit.io.lifecycle import Watchdog
 from nrc_audit.io.settings_file import DEFAULTS, find_pyproject, load_settings, resolve
 
@@ -173,15 +174,22 @@ def guarded(body: Callable[[], ExitCode | int]) -> None:
     previous: Any = signal.getsignal(signal.SIGTERM)
 
     def on_term(signum: int, frame: object) -> None:
+        lifecycle.note_signal(signum)  # kept even where the raise below is swallowed (a weakref callback)
         raise Interrupted(ExitCode.SIGTERM)
 
     try:
-        signal.signal(signal.SIGTERM, on_term)
-    except ValueError:  # not the main thread: keep the default handler
-        previous = None
-    try:
+        try:
+            signal.signal(signal.SIGTERM, on_term)
+        except ValueError:  # not the main thread: keep the default handler
+            previous = None
         with Watchdog():
             code = _run_body(body)
+    except Interrupted as exc:  # a signal outside the body (just before or after it)
+        err_console.print(f"[bold red]interrupted[/] ({exc.exit_code.name}); no report written.")
+        code = int(exc.exit_code)
+    except KeyboardInterrupt:
+        err_console.print("[bold red]interrupted[/] (SIGINT); no report written.")
+        code = int(ExitCode.SIGINT)
     finally:
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)

@@ -28,6 +28,12 @@ JOIN_TIMEOUT_S = 5.0  # a worker that has not stopped by then is abandoned (it i
 POLL_S = 0.05
 
 _tracked: set[str] = set()
+received: list[int] = []  # signals (SIGTERM/SIGINT) received while a Watchdog was active, in order
+
+
+def note_signal(signum: int) -> None:
+    """Record a stop signal (from the Python handler or the watchdog): the process must end with 128+signum."""
+    received.append(int(signum))
 _tracked_lock = threading.Lock()
 
 
@@ -168,6 +174,7 @@ class Watchdog:
                 return
             for signum in data:
                 if signum in (signal.SIGTERM, signal.SIGINT):
+                    note_signal(signum)
                     self._fired.set()
                     if self._cancel.wait(self.grace):
                         return

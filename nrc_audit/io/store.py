@@ -93,13 +93,19 @@ class FeatureStoreWriter:
         self.path, self.n, self.compression = Path(path), n, compression
         self.final, self._mode = _store_target(self.path)
         self.partial = self.final.with_name(f".{self.final.name}.partial")
-        self._lock_fd = _lock_partial(self.partial, self.path)
-        lifecycle.track(self.partial)
+        self._lock_fd = _lock_partial(self.partial, self.path)  # tracks the partial file once it holds the lock
         try:
-            self._fh = h5py.File(self.partial, "w", locking=False)  # our own lock (above) excludes other runs
-        except OSError as exc:
+            self._open(attrs, layers)
+        except BaseException as exc:  # also an interruption here: no partial file may stay behind
+            if getattr(self, "_fh", None) is not None:
+                self._fh.close()
             self._release(remove=True)
-            raise FeatureStoreError(f"cannot create the feature store {self.path}: {exc}") from None
+            if isinstance(exc, OSError):
+                raise FeatureStoreError(f"cannot create the feature store {self.path}: {exc}") from None
+            raise
+
+    def _open(self, attrs: dict[str, Any], layers: list[LayerInfo]) -> None:
+        self._fh = h5py.File(self.partial, "w", locking=False)  # our own lock (above) excludes other runs
         root = self._fh.attrs
         root["schema"], root["tool_version"], root["complete"] = SCHEMA, __version__, False
         for key, value in attrs.items():
@@ -260,9 +266,11 @@ def _lock_partial(partial: Path, path: Path) -> int | None:
     except OSError as exc:
         raise FeatureStoreError(f"cannot create the feature store {path}: {exc.strerror} ({partial})") from None
     if fcntl is None:
+        lifecycle.track(partial)
         return fd
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        lifecycle.track(partial)
     except OSError:
         os.close(fd)
         raise FeatureStoreError(
