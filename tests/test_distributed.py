@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -106,3 +108,82 @@ def test_torchrun_launcher(tmp_path):
                           env=ENV, capture_output=True, text=True, timeout=300, cwd=tmp_path)  # fmt: skip
     assert done.returncode == 0, done.stderr
     assert_same_audit(json.loads(report.read_text()), reference)
+
+
+def test_error_on_one_rank_only_ends_every_rank_with_exit_2(tmp_path):
+    """--limit 100 with batches of 256 leaves rank 1 without rows: both ranks exit 2 at once, no shard left."""
+    store = tmp_path / "features.h5"
+    t0 = time.monotonic()
+    results = launch(2, lambda r: [MODEL, DATA, "--features", store, "--limit", "100", *COMMON], tmp_path)
+    assert time.monotonic() - t0 < 60  # seconds of work; before the fix rank 0 waited until killed
+    for r in results:
+        assert r.returncode == 2, (r.returncode, r.stderr)
+        assert "Traceback" not in r.stderr
+    assert "without data" in " ".join(results[0].stderr.split())  # rank 0 names rank 1's problem
+    assert list(tmp_path.glob("*.h5")) == [] and list(tmp_path.glob(".*")) == []
+
+
+def test_rank_without_rendezvous_exits_2(tmp_path):
+    env = {k: v for k, v in ENV.items() if k not in ("MASTER_ADDR", "MASTER_PORT")} | {"WORLD_SIZE": "2", "RANK": "1"}
+    done = subprocess.run([sys.executable, "-m", "nrc_audit", str(MODEL), str(DATA), "--features",
+                           str(tmp_path / "f.h5"), *COMMON], env=env, capture_output=True, text=True, cwd=tmp_path,
+                          timeout=300)  # fmt: skip
+    assert done.returncode == 2, done.stderr
+    assert "not started by torchrun's rendezvous" in " ".join(done.stderr.split()) and "Traceback" not in done.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
+SLOW_DEF = """
+import os, time
+from pathlib import Path
+from torch import nn
+
+class Slow(nn.Sequential):
+    def forward(self, x):
+        Path(os.environ["PID_DIR"], os.environ["RANK"]).write_text(str(os.getpid()))
+        time.sleep(0.2)
+        return super().forward(x)
+
+def build():
+    return Slow(nn.Linear(12, 16, bias=False), nn.ReLU(), nn.Linear(16, 3, bias=False))
+"""
+
+
+def test_rank_killed_mid_pass_ends_the_run_within_10_s(tmp_path):
+    """torchrun notices a SIGKILLed worker and sends SIGTERM to the others, which must obey at once."""
+    import torch
+
+    import nrc_audit
+    from conftest import make_xy, write_h5
+
+    src = tmp_path / "slow.py"
+    src.write_text(SLOW_DEF)
+    ns: dict = {}
+    exec(compile(SLOW_DEF, str(src), "exec"), ns)
+    torch.manual_seed(0)
+    ckpt = nrc_audit.save_checkpoint(ns["build"](), tmp_path / "slow.safetensors")
+    data = write_h5(tmp_path / "d.h5", **dict(zip("XY", make_xy(2000, 12, 3))))
+    pids = tmp_path / "pids"
+    pids.mkdir()
+    run = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                            "-m", "nrc_audit", str(ckpt), str(data), "--model-def", f"{src}:build", "--features",
+                            str(tmp_path / "f.h5"), "--no-progress", "--batch-size", "10", "--require-collapsed", "0"],
+                           env={**ENV, "PID_DIR": str(pids)}, cwd=tmp_path, stdout=subprocess.PIPE,
+                           stderr=subprocess.PIPE, text=True)  # fmt: skip
+    try:
+        deadline = time.monotonic() + 120
+        while not ((pids / "0").exists() and (pids / "1").exists()):
+            assert run.poll() is None and time.monotonic() < deadline, run.communicate()
+            time.sleep(0.05)
+        time.sleep(0.5)
+        os.kill(int((pids / "1").read_text()), signal.SIGKILL)
+        killed = time.monotonic()
+        run.communicate(timeout=60)
+        took = time.monotonic() - killed
+    finally:
+        if run.poll() is None:
+            run.kill()
+            run.wait()
+    assert run.returncode != 0 and took < 10, took
+    assert not (tmp_path / "f.h5").exists()
+    assert not any(p.name.endswith(".h5") and "rank" in p.name and not p.name.startswith(".") for p in tmp_path.iterdir())

@@ -1,5 +1,5 @@
-"""A run stopped mid-extraction by SIGTERM or SIGINT (Ctrl-C) exits 143 / 130, leaves no report and a feature
-store marked ``complete = false``, and the same command then succeeds (docs/reliability.md).
+"""A run stopped mid-extraction by SIGTERM or SIGINT (Ctrl-C) exits 143 / 130 within a second, writes no report,
+leaves no partial store and keeps an earlier run's store and report untouched (docs/reliability.md).
 
 The run is a real ``python -m nrc_audit`` process. Its model (``--model-def``) sleeps in every forward pass
 while ``NRC_TEST_SLEEP`` is set, so the signal is sure to land mid-extraction; the re-run leaves it unset.
@@ -7,7 +7,6 @@ while ``NRC_TEST_SLEEP`` is set, so the signal is sure to land mid-extraction; t
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -71,40 +70,77 @@ def _default_sigint() -> None:
 
 @pytest.mark.parametrize(("sig", "code", "name"), [(signal.SIGTERM, 143, "SIGTERM"), (signal.SIGINT, 130, "SIGINT")],
                          ids=["SIGTERM", "SIGINT"])  # fmt: skip
-def test_signal_mid_extraction_leaves_incomplete_store_and_no_report(slow_case, sig, code, name):
+def test_signal_mid_extraction_keeps_earlier_outputs_and_leaves_no_partial(slow_case, sig, code, name):
+    first = CliRunner().invoke(audit_app, slow_case["args"])  # an earlier, finished run (full speed)
+    assert first.exit_code == 0, first.stderr
+    before = {p.name: p.read_bytes() for p in slow_case["out"].iterdir()}
     env = dict(os.environ, NRC_TEST_SLEEP=str(SLEEP_S))
     child = subprocess.Popen([sys.executable, "-m", "nrc_audit", *slow_case["args"]], env=env,
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, preexec_fn=_default_sigint)  # fmt: skip
+    partial = slow_case["out"] / ".f.h5.partial"  # the new store is written here, renamed when complete
     try:
         deadline = time.monotonic() + START_TIMEOUT_S
-        while not slow_case["store"].exists():  # created with the first batch
+        while not partial.exists():  # created with the first batch
             assert child.poll() is None, child.communicate()
             if time.monotonic() > deadline:  # a guard against hanging, not a performance check
                 pytest.fail("the audit did not start extracting")
             time.sleep(0.02)
         time.sleep(2 * SLEEP_S)  # a couple of batches further into the pass
         assert child.poll() is None, "the run finished before the signal; raise SLEEP_S"
+        sent = time.monotonic()
         child.send_signal(sig)
         stdout, stderr = child.communicate(timeout=60)
+        took = time.monotonic() - sent
     finally:
         if child.poll() is None:
             child.kill()
             child.wait()
     assert child.returncode == code, stderr.decode()
+    assert took < 2.0, f"{took:.2f} s from the signal to the exit"
     assert "Traceback" not in stderr.decode() and f"interrupted ({name}); no report written" in stderr.decode()
     assert stdout == b""
-    assert sorted(p.name for p in slow_case["out"].iterdir()) == ["f.h5"]  # no report, no temporary file
-    with h5py.File(slow_case["store"]) as fh:
-        assert bool(fh.attrs["complete"]) is False
-        assert fh.attrs["schema"] == "nrc-audit-features/1"
+    # the earlier store and report are untouched; no partial or temporary file is left
+    assert {p.name: p.read_bytes() for p in slow_case["out"].iterdir()} == before
 
     from nrc_audit.cli.commands import reanalyze_app
 
-    refused = CliRunner().invoke(reanalyze_app, [str(slow_case["store"]), "--no-progress"])
-    assert refused.exit_code == 2 and "is incomplete" in " ".join(refused.stderr.split())
-
-    rerun = CliRunner().invoke(audit_app, slow_case["args"])  # no NRC_TEST_SLEEP: full speed
-    assert rerun.exit_code == 0, rerun.stderr
-    assert json.loads(slow_case["report"].read_text())["data"]["num_samples"] == 300
+    again = CliRunner().invoke(reanalyze_app, [str(slow_case["store"]), "--no-progress", "--require-collapsed", "0"])
+    assert again.exit_code == 0, again.stderr
     with h5py.File(slow_case["store"]) as fh:
         assert bool(fh.attrs["complete"]) is True
+
+
+def test_sigterm_at_random_moments_sample():
+    """A small sample of benchmarks/sigterm_storm.py (the 200-run version is measured in docs/reliability.md)."""
+    storm = _storm_module()
+    results = storm.storm(runs=int(os.environ.get("NRC_TEST_SIGTERM_RUNS", "2")), parallel=1)
+    bad = [r for r in results if not r["ok"]]
+    assert not bad, bad
+
+
+def _storm_module():
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "sigterm_storm.py"
+    spec = importlib.util.spec_from_file_location("sigterm_storm", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_store_writer_stops_when_told_even_with_a_full_queue(tmp_path):
+    """The writer thread ends on every path: discard() with batches queued returns promptly, no partial left."""
+    import torch
+
+    from nrc_audit.core.layer import LayerInfo
+    from nrc_audit.io.store import FeatureStoreWriter
+
+    layer = LayerInfo(0, "0", "linear", 4, 3, False, torch.zeros(3, 4, dtype=torch.float64))
+    writer = FeatureStoreWriter(tmp_path / "s.h5", 64, [layer], {"context": {}})
+    for start in range(0, 32, 8):
+        writer.write(start, torch.zeros(8, 3), torch.zeros(8, 3), [torch.zeros(8, 4)])
+    t0 = time.monotonic()
+    writer.discard()
+    assert time.monotonic() - t0 < 1.0
+    assert list(tmp_path.iterdir()) == []
+    writer.discard()  # idempotent

@@ -4,19 +4,23 @@ from __future__ import annotations
 
 from pathlib import Path
 from typing import Annotated, Optional
+import os
 import sys
 
 import typer
 
+from nrc_audit.cli.common import DEBUG_ENV
 from nrc_audit.cli.common import (
     MODEL, ANALYSIS, OUTPUTS, ActivationOpt, BaselineOpt, BatchOpt, ChannelsLastOpt, ConfigOpt, DatasetIdOpt,
     DatasetNameOpt, DeviceOpt, EnergyOpt, ExitZeroOpt, FormatOpt, HubTaskOpt, JsonOpt, JunitOpt, LimitOpt,
     MarkdownOpt, ModelCardOpt, ModelIndexOpt, Nrc1Opt, Nrc2Opt, Nrc3Opt, Nrc4Opt, OutputFormat, PlotOpt, QuietFlag,
     QuietOpt, RankOpt, RequireOpt, RtolOpt, ScaleUint8Opt, ToleranceOpt, VersionOpt, XKeyOpt, YKeyOpt, flag,
-    err_console, guarded, json_object, make_app, opt, outputs, settings, with_progress, analysis_options,
+    err_console, guarded, json_object, make_app, model_def_file, opt, outputs, settings, settings_source,
+    with_progress, analysis_options,
 )  # fmt: skip
 from nrc_audit.cli.commands import SUBCOMMANDS
 from nrc_audit.errors import ExitCode, OptionsError
+from nrc_audit.io import lifecycle
 
 audit_app = make_app("Audit a trained regression network for Deep Neural Regression Collapse (NRC1–NRC4).")
 EPILOG = ("Subcommands (each with its own --help): nrc-audit trend CHECKPOINTS… --data DATA: collapse over "
@@ -85,8 +89,10 @@ def audit(
         with failure_reports(out):
             s = settings(config, given)
             out = out.with_tolerance(float(s["baseline_tolerance"]))
-            out.check_before_run()
             store = None if no_features else (features or Path(f"{model.stem}.features.h5"))
+            out.check_before_run(
+                {"the checkpoint": model, "the data file": data, "the settings file": settings_source(config),
+                 "the --model-def file": model_def_file(model_def)}, {"--features": store})  # fmt: skip
             cfg = AuditConfig(
                 model_path=model, data_path=data,
                 data=DataOptions(s["x_key"], s["y_key"], channels_last, scale_uint8, limit, input_keys(input_key)),
@@ -125,7 +131,24 @@ def _note_store(path: Path) -> None:
 def main(argv: list[str] | None = None) -> None:
     """Console entry point: ``nrc-audit MODEL DATA [options]`` or ``nrc-audit SUBCOMMAND …``."""
     args = list(sys.argv[1:] if argv is None else argv)
-    if args and args[0] in SUBCOMMANDS:
-        SUBCOMMANDS[args[0]](args=args[1:], prog_name=f"nrc-audit {args[0]}")
-    else:
-        audit_app(args=args, prog_name="nrc-audit")
+    if "--debug" in args:  # every command: unexpected errors print their traceback (same as NRC_AUDIT_DEBUG=1)
+        args.remove("--debug")
+        os.environ[DEBUG_ENV] = "1"
+    try:
+        if args and args[0] in SUBCOMMANDS:
+            SUBCOMMANDS[args[0]](args=args[1:], prog_name=f"nrc-audit {args[0]}")
+        else:
+            audit_app(args=args, prog_name="nrc-audit")
+    except SystemExit as exc:
+        if lifecycle.received or exc.code in (ExitCode.SIGINT, ExitCode.SIGTERM):
+            # Stopped by a signal: the graceful path is done (workers stopped, partial files removed). The
+            # interpreter's teardown of torch & co. can take seconds on a loaded machine, during which no
+            # thread may run, so end now (docs/reliability.md: "within a second").
+            for stream in (sys.stdout, sys.stderr):
+                try:
+                    stream.flush()
+                except (OSError, ValueError):
+                    pass
+            lifecycle.remove_tracked()
+            os._exit(128 + lifecycle.received[0] if lifecycle.received else int(exc.code or 0))
+        raise

@@ -13,9 +13,10 @@ from nrc_audit.cli.common import (
     EnergyOpt, ExitZeroOpt, FormatOpt, HubTaskOpt, JsonOpt, JunitOpt, LimitOpt, MarkdownOpt, ModelCardOpt,
     ModelIndexOpt, Nrc1Opt, Nrc2Opt, Nrc3Opt, Nrc4Opt, OutputFormat, PlotOpt, QuietFlag, QuietOpt, RankOpt,
     RequireOpt, RtolOpt, ScaleUint8Opt, ToleranceOpt, XKeyOpt, YKeyOpt, analysis_options, err_console, guarded,
-    flag, make_app, opt, outputs, settings, with_progress,
+    flag, make_app, opt, outputs, settings, settings_source, with_progress,
 )  # fmt: skip
 from nrc_audit.errors import ExitCode, OptionsError
+from nrc_audit.io.files import write_with
 from nrc_audit.io.validate import parse_json
 
 reanalyze_app = make_app("Recompute the audit report from a saved feature store, without the model or the data.")
@@ -65,7 +66,7 @@ def reanalyze(
             if int(s["batch_size"]) < 1:
                 raise OptionsError(f"--batch-size {s['batch_size']} must be ≥ 1.")
             out = out.with_tolerance(float(s["baseline_tolerance"]))
-            out.check_before_run()
+            out.check_before_run({"the feature store": store, "the settings file": settings_source(config)})
             analysis = analysis_options(s)
             report = with_progress(not (no_progress or quiet),
                                    lambda hook: run_reanalysis(store, analysis, int(s["batch_size"]), hook))  # fmt: skip
@@ -113,8 +114,9 @@ def trend(
         from nrc_audit.outputs.emit import Outputs
         from nrc_audit.outputs.trend import load_history, natural_order, write_trend_json
 
-        if plot is not None:
-            Outputs(plot_path=plot).check_before_run()
+        inputs = {f"the checkpoint {c}": c for c in checkpoints or []} | {"--data": data, "--history": history}
+        Outputs(plot_path=plot).check_before_run(inputs | {"the settings file": settings_source(config)},
+                                                 {"--json": json_path})  # fmt: skip
         if history is not None:
             if checkpoints:
                 raise OptionsError("pass either checkpoints (with --data) or --history, not both.")
@@ -147,7 +149,7 @@ def trend(
         if plot is not None:
             from nrc_audit.outputs.plot import plot_trend
 
-            plot_trend(labels, reports, plot)
+            write_with(plot, lambda tmp: plot_trend(labels, reports, tmp), suffix=plot.suffix or ".png")
         return _show_trend(labels, reports, int(s["require_collapsed"]))
 
     guarded(body)

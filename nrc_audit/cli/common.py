@@ -3,7 +3,8 @@ exceptions and signals become exit codes.
 
 Originally: Typer wiring only: options → settings → config → run_audit → outputs → exit code.
 
-Exceptions become exit codes here and nowhere else: NrcAuditError → 2, SIGINT → 130, SIGTERM → 143.
+Exceptions become exit codes here and nowhere else: NrcAuditError → 2, any unexpected exception → 2 (one
+paragraph; traceback with --debug), SIGINT → 130, SIGTERM → 143; 1 only for a failed gate or baseline.
 stdout carries only the product (table or JSON); progress, warnings and errors go to stderr.
 Analysis options default to None on the command line so that a ``[tool.nrc-audit]`` table can fill them
 (command line > settings file > built-in default).
@@ -13,10 +14,13 @@ from __future__ import annotations
 
 import enum
 import json
+import os
 import signal
+import traceback
 from pathlib import Path
 from typing import Annotated, Any, Callable, Optional
 
+import click
 import typer
 from rich.console import Console
 from rich.text import Text
@@ -24,7 +28,9 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from nrc_audit.config import AnalysisOptions, Thresholds
 from nrc_audit.errors import ExitCode, Interrupted, NrcAuditError, OptionsError
-from nrc_audit.io.settings_file import DEFAULTS, load_settings, resolve
+from nrc_audit.io import lifecycle
+from nrc_audit.io.lifecycle import Watchdog
+from nrc_audit.io.settings_file import DEFAULTS, find_pyproject, load_settings, resolve
 
 err_console = Console(stderr=True)
 
@@ -172,39 +178,98 @@ def with_progress(enabled: bool, run: Callable[[Callable[[int, int], None] | Non
         return run(hook)
 
 
-def guarded(body: Callable[[], ExitCode | int]) -> None:
-    """Run ``body`` and exit with its code; the package's exceptions and signals become exit codes here."""
-    previous: Any = signal.getsignal(signal.SIGTERM)
+DEBUG_ENV = "NRC_AUDIT_DEBUG"  # "1": unexpected errors print their traceback too (also: --debug)
 
-    def on_term(signum: int, frame: object) -> None:
-        raise Interrupted(ExitCode.SIGTERM)
 
+def debug_enabled() -> bool:
+    return os.environ.get(DEBUG_ENV, "") not in ("", "0")
+
+
+def _report_internal_error(exc: BaseException) -> None:
+    """One paragraph for an exception that is not a known failure (a bug, or an input nobody foresaw)."""
+    first = str(exc).splitlines()[0] if str(exc) else ""
+    err_console.print(Text.assemble(("error: ", "bold red"), (
+        f"internal error: {type(exc).__name__}{': ' + first if first else ''}. This is a bug in nrc-audit or an input "
+        f"it does not recognise; no report was written. Re-run with --debug (or {DEBUG_ENV}=1) for the traceback "
+        "and report it with the command line.")), highlight=False, soft_wrap=True)  # fmt: skip
+    if debug_enabled():
+        err_console.print("".join(traceback.format_exception(type(exc), exc, exc.__traceback__)), markup=False,
+                          highlight=False, soft_wrap=True)  # fmt: skip
+
+
+def _run_body(body: Callable[[], ExitCode | int]) -> int:
     try:
-        signal.signal(signal.SIGTERM, on_term)
-    except ValueError:  # not the main thread: keep the default handler
-        previous = None
-    try:
-        code = body()
+        return int(body())
     except NrcAuditError as exc:
         # Text, not markup: messages quote user strings and key lists whose brackets Rich would eat
         err_console.print(Text.assemble(("error: ", "bold red"), str(exc)), highlight=False, soft_wrap=True)
-        code = exc.exit_code
+        return int(exc.exit_code)
     except OSError as exc:  # a file that cannot be written or read: missing folder, permissions, full disk
         where = f" ({exc.filename})" if exc.filename else ""
         err_console.print(Text.assemble(("error: ", "bold red"), f"{exc.strerror or exc}{where}. Check that the "
                                         "path's folder exists and is writable, and that the disk has space."),
                           highlight=False, soft_wrap=True)  # fmt: skip
-        code = ExitCode.USAGE
+        return int(ExitCode.USAGE)
     except KeyboardInterrupt:
         err_console.print("[bold red]interrupted[/] (SIGINT); no report written.")
-        code = ExitCode.SIGINT
+        return int(ExitCode.SIGINT)
     except Interrupted as exc:
         err_console.print(f"[bold red]interrupted[/] ({exc.exit_code.name}); no report written.")
-        code = exc.exit_code
+        return int(exc.exit_code)
+    except (typer.Exit, click.exceptions.ClickException):
+        raise
+    except SystemExit as exc:  # sys.exit() in code we called (a --model-def factory): never its own code
+        _report_internal_error(exc)
+        return int(ExitCode.USAGE)
+    except Exception as exc:  # anything else is a bug or an unforeseen input: exit 2 (ruff's convention), never 1
+        _report_internal_error(exc)
+        return int(ExitCode.USAGE)
+
+
+def guarded(body: Callable[[], ExitCode | int]) -> None:
+    """Run ``body`` and exit with its code; exceptions and signals become exit codes here and nowhere else.
+
+    NrcAuditError → its code (2); OSError → 2; any other exception → 2 with a one-paragraph "internal error"
+    message (the traceback only with --debug / NRC_AUDIT_DEBUG=1); SIGINT → 130; SIGTERM → 143. Exit 1
+    comes only from ``body``'s own return value (a failed gate or baseline). A signal that the graceful path
+    does not turn into an exit within a second ends the process anyway (io.lifecycle.Watchdog).
+    """
+    previous: Any = signal.getsignal(signal.SIGTERM)
+
+    def on_term(signum: int, frame: object) -> None:
+        lifecycle.note_signal(signum)  # kept even where the raise below is swallowed (a weakref callback)
+        raise Interrupted(ExitCode.SIGTERM)
+
+    try:
+        try:
+            signal.signal(signal.SIGTERM, on_term)
+        except ValueError:  # not the main thread: keep the default handler
+            previous = None
+        with Watchdog():
+            code = _run_body(body)
+    except Interrupted as exc:  # a signal outside the body (just before or after it)
+        err_console.print(f"[bold red]interrupted[/] ({exc.exit_code.name}); no report written.")
+        code = int(exc.exit_code)
+    except KeyboardInterrupt:
+        err_console.print("[bold red]interrupted[/] (SIGINT); no report written.")
+        code = int(ExitCode.SIGINT)
     finally:
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
-    raise typer.Exit(int(code))
+    raise typer.Exit(code)
+
+
+def model_def_file(spec: str | None) -> Path | None:
+    """The Python file of ``--model-def file.py:callable`` (None for ``package.module:callable``)."""
+    if spec is None or ":" not in spec:
+        return None
+    path = spec.rsplit(":", 1)[0]
+    return Path(path) if path.endswith(".py") else None
+
+
+def settings_source(config: Path | None) -> Path | None:
+    """The settings file a command reads (``--config`` or the nearest pyproject.toml), an input to protect."""
+    return config if config is not None else find_pyproject(Path.cwd())
 
 
 def json_object(text: str | None) -> dict | None:

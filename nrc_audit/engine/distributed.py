@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any
 
 import h5py
@@ -18,6 +19,13 @@ import torch
 
 from nrc_audit.errors import NrcAuditError, OptionsError
 from nrc_audit.core.stats import Accumulator, JointAccumulator, Moments, PassStatistics
+from nrc_audit.io.files import write_with
+
+TIMEOUT_ENV = "NRC_AUDIT_DIST_TIMEOUT"
+# How long a rank waits for the others in a collective (gloo/NCCL timeout) and at the rendezvous. Ranks of
+# one audit stream equal shards, so they reach each collective close together; a dead rank is noticed at
+# once through its closed connections, and the timeout is the bound for everything else.
+DEFAULT_TIMEOUT_S = 300.0
 
 
 @dataclass(frozen=True)
@@ -47,7 +55,22 @@ def from_env(device: torch.device) -> DistContext | None:
         raise OptionsError("WORLD_SIZE > 1 but this torch build has no torch.distributed; run a single process.")
     owns = not dist.is_initialized()
     if owns:
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        missing = [k for k in ("RANK", "MASTER_ADDR", "MASTER_PORT") if not os.environ.get(k)]
+        if missing:
+            raise OptionsError(
+                f"WORLD_SIZE={os.environ['WORLD_SIZE']} but {', '.join(missing)} not set: this process was not started "
+                "by torchrun's rendezvous. Launch with `torchrun --nproc-per-node N -m nrc_audit …`, or unset WORLD_SIZE."
+            )
+        timeout = timedelta(seconds=float(os.environ.get(TIMEOUT_ENV, DEFAULT_TIMEOUT_S)))
+        try:
+            dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=timeout)
+        except (RuntimeError, ValueError) as exc:  # DistNetworkError / DistStoreError are RuntimeErrors
+            first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            raise OptionsError(
+                f"rank {os.environ.get('RANK')} could not join the process group at {os.environ.get('MASTER_ADDR')}:"
+                f"{os.environ.get('MASTER_PORT')} ({first}). Start every rank with torchrun (same MASTER_ADDR/PORT); "
+                f"{TIMEOUT_ENV} sets how long ranks wait for each other (default {DEFAULT_TIMEOUT_S:g} s)."
+            ) from None
     return DistContext(dist.get_rank(), dist.get_world_size(), str(dist.get_backend()), owns)
 
 
@@ -171,6 +194,10 @@ def write_master_store(path: os.PathLike, shard_files: list[str], num_rows: int)
 
     Sources are named relative to the master's folder, so the set of files can be moved together.
     """
+    write_with(path, lambda tmp: _write_master(tmp, shard_files, num_rows), suffix=".h5")  # beside the target
+
+
+def _write_master(path: os.PathLike, shard_files: list[str], num_rows: int) -> None:
     folder = os.path.dirname(os.path.abspath(path))
     with h5py.File(shard_files[0], "r") as first, h5py.File(path, "w") as out:
         for key, value in first.attrs.items():

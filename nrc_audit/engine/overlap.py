@@ -17,6 +17,8 @@ from typing import Callable, Iterable
 
 import torch
 
+from nrc_audit.io import lifecycle
+
 _STOP = object()
 
 
@@ -38,7 +40,9 @@ class FoldWorker:
 
     def _run(self) -> None:
         while (item := self._queue.get()) is not _STOP:
-            if self._error is None and not self._cancelled.is_set():
+            if self._cancelled.is_set():
+                return  # cancel() does not wait for the queued batches
+            if self._error is None:
                 try:
                     self._fold(*item)
                 except BaseException as exc:  # handed to the main thread
@@ -60,9 +64,16 @@ class FoldWorker:
         self._raise_if_failed()
 
     def cancel(self) -> None:
-        """Drop the queued batches and stop the thread (after an error or an interrupt)."""
+        """Drop the queued batches and stop the thread (after an error or an interrupt), waiting at most
+        ``lifecycle.JOIN_TIMEOUT_S`` for the fold in progress: a signal must end the process promptly."""
         self._cancelled.set()
-        self._stop()
+        if not self._done:
+            self._done = True
+            try:
+                self._queue.put_nowait(_STOP)  # a full queue is fine: the thread returns at its next item
+            except queue.Full:
+                pass
+            lifecycle.join(self._thread)
 
     def _stop(self) -> None:
         if not self._done:
@@ -130,4 +141,4 @@ class Prefetcher:
 
     def close(self) -> None:
         self._stop.set()
-        self._thread.join()
+        lifecycle.join(self._thread)  # with a timeout: a read stuck in C (a FIFO) must not hold the exit

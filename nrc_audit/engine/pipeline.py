@@ -171,18 +171,23 @@ def _audit_sharded(config: AuditConfig, device: torch.device, ctx: distributed.D
         distributed.agree(ctx, "data files (sha256)", inputs.context.data.sha256)
         context = replace(inputs.context, world_size=ctx.world_size)
         start, stop = distributed.shard(num_samples, config.batch_size, ctx)
-        if start >= stop:
-            raise OptionsError(
+        if start >= stop:  # reported to every rank by sync_errors, so that none waits for this one
+            distributed.sync_errors(ctx, OptionsError(
                 f"{num_samples} rows in batches of {config.batch_size} leave rank {ctx.rank} of "
                 f"{ctx.world_size} without data; lower --batch-size or use fewer processes."
-            )
+            ))  # fmt: skip
         store = None if config.features_path is None else Path(distributed.shard_path(config.features_path, ctx))
         try:
             stats, context = _pass_rows(config, replace(inputs, context=context), device, (start, stop), store,
                                         progress if ctx.is_main else None)  # fmt: skip
         except NrcAuditError as exc:
             error = exc
-    distributed.sync_errors(ctx, error)
+    try:
+        distributed.sync_errors(ctx, error)
+    except BaseException:  # another rank failed: no complete-looking shard of this one stays behind
+        if store is not None:
+            Path(store).unlink(missing_ok=True)
+        raise
     distributed.merge_pass(ctx, stats, device)
     if config.features_path is not None:
         distributed.barrier(ctx)
@@ -255,16 +260,10 @@ def extraction_pass(
             if folder is not None:
                 folder.finish()
         stats.flush()
-    except NrcAuditError:
+    except BaseException:  # unusable input, interruption, a bug: no partial store; an earlier one is kept
         _stop(reader, folder)
-        if writer is not None:  # unusable input: leave no partial output behind
-            writer.close(complete=False)
-            Path(writer.path).unlink(missing_ok=True)
-        raise
-    except BaseException:
-        _stop(reader, folder)
-        if writer is not None:  # interrupted: keep the store, marked incomplete
-            writer.close(complete=False)
+        if writer is not None:
+            writer.discard()
         raise
     reader.close()
     if writer is not None:

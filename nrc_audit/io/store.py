@@ -4,7 +4,9 @@ Layout: root attrs (schema, tool_version, model_sha256, data_sha256, complete, c
 ``/targets (N, t)``, ``/outputs (N, t)``, ``/layers/NN (N, h)`` with row chunks and attrs
 (index, name, kind, pooled, in_dim, out_dim), ``/weights/NN`` (the W used for NRC3, float64).
 Features are float32 (float64 when the model computes in float64). ``complete`` turns true only after the
-last batch, so a store left by an interrupted run is recognisable and refused for re-analysis.
+last batch. The store is written as ``.NAME.partial`` beside the target, under an exclusive ``flock`` (a
+second run on the same path exits 2 instead of truncating it), and renamed over the target when complete;
+a failed or interrupted run deletes its partial file, so an earlier store is never damaged.
 
 Writes go through a background thread so the forward pass and the Gram products overlap with the I/O.
 Without compression every chunk is allocated when its dataset is created and the thread writes rows
@@ -16,7 +18,6 @@ from __future__ import annotations
 
 import json
 import os
-import queue
 import threading
 from pathlib import Path
 from typing import Any, Iterator
@@ -26,7 +27,14 @@ import numpy as np
 import torch
 from h5py import h5d, h5p
 
+try:
+    import fcntl
+except ImportError:  # Windows: no advisory locks
+    fcntl = None  # type: ignore[assignment]
+
 from nrc_audit import __version__
+from nrc_audit.io import lifecycle
+from nrc_audit.io.files import new_file_mode, replace_target
 from nrc_audit.errors import FeatureStoreError
 from nrc_audit.core.layer import LayerInfo
 from nrc_audit.io.store_check import check_store
@@ -35,7 +43,6 @@ SCHEMA = "nrc-audit-features/1"
 CHUNK_BYTES = 1 << 20  # ≈1 MiB per chunk (rows rounded down to a power of two); see docs/performance.md
 QUEUE_BATCHES = 4  # batches the writer may lag behind: bounds its memory to 4 batches of features …
 QUEUE_BYTES = 64 << 20  # … and to ≈ 64 MiB of them (at least one batch): see docs/performance.md (b)
-_STOP = object()
 
 
 def _chunk_rows(width: int, itemsize: int, n: int) -> int:
@@ -77,7 +84,7 @@ class FeatureStoreWriter:
     ``QUEUE_BATCHES`` batches, and no more than ``QUEUE_BYTES`` of them (but always one), are in flight.
 
     Args:
-        path: destination file (created or truncated).
+        path: destination file (replaced by a rename when :meth:`close` completes it; symlinks followed).
         n: number of rows N. layers: the audited layers (weights are written immediately).
         attrs: root attributes (model/data sha256 and the report ``context``).
         compression: None, "gzip" or "lzf".
@@ -86,10 +93,21 @@ class FeatureStoreWriter:
     def __init__(self, path: Path, n: int, layers: list[LayerInfo], attrs: dict[str, Any],
                  compression: str | None = None) -> None:  # fmt: skip
         self.path, self.n, self.compression = Path(path), n, compression
+        self.final, self._mode = _store_target(self.path)
+        self.partial = self.final.with_name(f".{self.final.name}.partial")
+        self._lock_fd = _lock_partial(self.partial, self.path)  # tracks the partial file once it holds the lock
         try:
-            self._fh = h5py.File(self.path, "w")
-        except OSError as exc:
-            raise FeatureStoreError(f"cannot create the feature store {self.path}: {exc}") from None
+            self._open(attrs, layers)
+        except BaseException as exc:  # also an interruption here: no partial file may stay behind
+            if getattr(self, "_fh", None) is not None:
+                self._fh.close()
+            self._release(remove=True)
+            if isinstance(exc, OSError):
+                raise FeatureStoreError(f"cannot create the feature store {self.path}: {exc}") from None
+            raise
+
+    def _open(self, attrs: dict[str, Any], layers: list[LayerInfo]) -> None:
+        self._fh = h5py.File(self.partial, "w", locking=False)  # our own lock (above) excludes other runs
         root = self._fh.attrs
         root["schema"], root["tool_version"], root["complete"] = SCHEMA, __version__, False
         for key, value in attrs.items():
@@ -102,11 +120,9 @@ class FeatureStoreWriter:
         self._sinks: list = []  # one _RawRows (or the h5py Dataset itself) per dataset
         self._fd: int | None = None
         self._pinned = _PinnedPool()
-        self._queue: queue.Queue = queue.Queue()
-        self._slots: threading.Semaphore | None = None  # batches allowed in flight, sized by the first batch
-        self._error: BaseException | None = None
-        self._thread = threading.Thread(target=self._worker, name="nrc-audit-store", daemon=True)
-        self._thread.start()
+        self._worker = lifecycle.Worker("nrc-audit-store", self._handle, QUEUE_BATCHES,
+                                        on_skip=lambda item: self._pinned.give(item[3]))  # fmt: skip
+        self._sized = False  # the queue's bound in batches is set from the first batch's bytes
 
     def _create(self, name: str, width: int, dtype: np.dtype) -> h5py.Dataset:
         rows = _chunk_rows(width, dtype.itemsize, self.n)
@@ -130,11 +146,13 @@ class FeatureStoreWriter:
             event.record()  # the writer thread waits for this point of the stream, the main thread does not
         else:
             arrays = [a.to("cpu", _host_dtype(a)) for a in arrays]  # a no-op view for CPU float32/float64
-        if self._slots is None:  # a writer slowed by the disk fills its queue only at large N: keep it small
+        if not self._sized:  # a writer slowed by the disk fills its queue only at large N: keep it small
             nbytes = sum(a.numel() * a.element_size() for a in arrays)
-            self._slots = threading.Semaphore(max(1, min(QUEUE_BATCHES, QUEUE_BYTES // max(1, nbytes))))
-        self._slots.acquire()
-        self._queue.put((start, arrays, event, pinned))
+            self._worker.limit(max(1, min(QUEUE_BATCHES, QUEUE_BYTES // max(1, nbytes))))
+            self._sized = True
+        if not self._worker.submit((start, arrays, event, pinned)):
+            self._raise_if_failed()
+            raise FeatureStoreError(f"the feature store writer for {self.path} has stopped")
 
     def _stage(self, arrays: list[torch.Tensor]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         """Start non-blocking copies of the CUDA tensors into pinned buffers; returns (host tensors, pinned)."""
@@ -149,20 +167,14 @@ class FeatureStoreWriter:
             pinned.append(buf)
         return host, pinned
 
-    def _worker(self) -> None:
-        while (item := self._queue.get()) is not _STOP:
-            start, arrays, event, pinned = item
-            try:
-                if self._error is None:
-                    if event is not None:
-                        event.synchronize()  # the non-blocking copies into the pinned buffers are done
-                    self._write_now(start, [a.numpy() for a in arrays])
-            except BaseException as exc:  # surfaced to the main thread on the next write/close
-                self._error = exc
-            finally:
-                self._pinned.give(pinned)
-                if self._slots is not None:
-                    self._slots.release()
+    def _handle(self, item: tuple) -> None:
+        start, arrays, event, pinned = item
+        try:
+            if event is not None:
+                event.synchronize()  # the non-blocking copies into the pinned buffers are done
+            self._write_now(start, [a.numpy() for a in arrays])
+        finally:
+            self._pinned.give(pinned)
 
     def _write_now(self, start: int, arrays: list[np.ndarray]) -> None:
         if not self._datasets:
@@ -186,7 +198,7 @@ class FeatureStoreWriter:
             return None
         try:
             self._fh.flush()
-            self._fd = os.open(self.path, os.O_WRONLY)
+            self._fd = os.open(self.partial, os.O_WRONLY)
             return [_RawRows(ds, self._fd) for ds in self._datasets]
         except (AttributeError, NotImplementedError, OSError, RuntimeError, ValueError):
             if self._fd is not None:
@@ -195,22 +207,84 @@ class FeatureStoreWriter:
             return None
 
     def _raise_if_failed(self) -> None:
-        if self._error is not None:
-            raise FeatureStoreError(f"writing the feature store {self.path} failed: {self._error}")
+        if self._worker.error is not None:
+            raise FeatureStoreError(f"writing the feature store {self.path} failed: {self._worker.error}")
 
     def close(self, complete: bool) -> None:
-        """Drain the queue, mark the store complete (or not) and close it."""
-        self._queue.put(_STOP)
-        self._thread.join()
+        """``complete``: write what is queued, mark the store complete and rename it into place (atomically,
+        keeping an existing store's mode). Otherwise (error, interruption): drop the queue and delete the
+        partial file; an earlier store at the path is left as it was."""
+        if not complete:
+            self.discard()
+            return
+        self._worker.finish()
         try:
-            if self._fd is not None:
-                os.close(self._fd)
-                self._fd = None
-            if complete:
-                self._raise_if_failed()
-                self._fh.attrs["complete"] = True
-        finally:
+            self._close_fd()
+            self._raise_if_failed()
+            self._fh.attrs["complete"] = True
             self._fh.close()
+            os.chmod(self.partial, new_file_mode(self._mode))
+            os.replace(self.partial, self.final)
+        except BaseException:
+            self.discard()
+            raise
+        self._release(remove=False)
+
+    def discard(self) -> None:
+        """Stop the writer (queued batches dropped) and delete the partial file. Safe to call more than once."""
+        stopped = self._worker.stop()
+        self._close_fd()
+        if stopped:  # a wedged writer thread may still be inside h5py: leave the handle to process exit
+            try:
+                self._fh.close()
+            except Exception:  # already closed, or the file is broken: it is deleted next anyway
+                pass
+        self._release(remove=True)
+
+    def _close_fd(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+    def _release(self, remove: bool) -> None:
+        if remove:
+            self.partial.unlink(missing_ok=True)
+        lifecycle.untrack(self.partial)
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)  # releases the lock
+            self._lock_fd = None
+
+
+def _store_target(path: Path) -> tuple[Path, int | None]:
+    try:
+        return replace_target(path)
+    except OSError:
+        raise FeatureStoreError(f"--features {path} is not a regular file; pass the path of an .h5 file.") from None
+
+
+def _lock_partial(partial: Path, path: Path) -> int | None:
+    """Open ``partial`` and take an exclusive, non-blocking lock on it; another run holding it → exit 2.
+
+    The lock lives as long as the descriptor (the kernel drops it when a run is killed), so a partial file
+    left by a killed run is simply reused. Without fcntl (Windows) there is no lock: None.
+    """
+    try:
+        fd = os.open(partial, os.O_RDWR | os.O_CREAT, 0o600)
+    except OSError as exc:
+        raise FeatureStoreError(f"cannot create the feature store {path}: {exc.strerror} ({partial})") from None
+    if fcntl is None:
+        lifecycle.track(partial)
+        return fd
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        lifecycle.track(partial)
+    except OSError:
+        os.close(fd)
+        raise FeatureStoreError(
+            f"another nrc-audit run is writing the feature store {path} right now (it holds the lock on {partial}). "
+            "Wait for it to finish, or pass another --features path (or --no-features)."
+        ) from None
+    return fd
 
 
 class _RawRows:

@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import os
 import sys
-import tempfile
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Mapping
 
 from rich.console import Console
 from rich.table import Table
@@ -18,7 +16,7 @@ from nrc_audit.core.verdicts import exit_code
 from nrc_audit.outputs.baseline import Regression, compare, load_baseline
 from nrc_audit.config import BaselineOptions
 from nrc_audit.errors import ExitCode, NrcAuditError, OptionsError
-from nrc_audit.io.files import write_atomic
+from nrc_audit.io.files import check_output_paths, write_atomic, write_with
 from nrc_audit.outputs.model_card import HubCard
 from nrc_audit.outputs.report import Report
 
@@ -44,12 +42,22 @@ class Outputs:
     def with_tolerance(self, tolerance: float) -> "Outputs":
         return replace(self, baseline_tolerance=tolerance)
 
-    def check_before_run(self) -> None:
+    def paths(self) -> dict[str, Path | None]:
+        """Option name → output file (None: not requested)."""
+        return {"--json": self.json_path, "--markdown": self.markdown_path, "--model-index": self.model_index_path,
+                "--plot": self.plot_path, "--junit-xml": self.junit_path,
+                "--model-card": self.model_card_path}  # fmt: skip
+
+    def check_before_run(self, inputs: Mapping[str, Path | None] | None = None,
+                         more_outputs: Mapping[str, Path | None] | None = None) -> None:  # fmt: skip
         """Fail before the (long) pass on what can be known now: missing folders, matplotlib, the baseline,
-        a model-index without a dataset id, an existing card that cannot be merged into."""
-        for option, path in (("--json", self.json_path), ("--markdown", self.markdown_path),
-                             ("--model-index", self.model_index_path), ("--plot", self.plot_path),
-                             ("--junit-xml", self.junit_path), ("--model-card", self.model_card_path)):  # fmt: skip
+        a model-index without a dataset id, an existing card that cannot be merged into, and an output that is
+        an input or another output (``inputs``: label → path; ``more_outputs``: option → path, e.g. the
+        feature store). The baseline is always an input; a --model-card is read and rewritten, so it is an
+        output only."""
+        outputs = {**self.paths(), **(more_outputs or {})}
+        check_output_paths(outputs, {"the baseline": self.baseline_path, **(inputs or {})})
+        for option, path in outputs.items():
             if path is not None and not path.resolve().parent.is_dir():
                 raise OptionsError(
                     f"{option} {path}: the folder {path.resolve().parent} does not exist; create it or choose another path."
@@ -72,14 +80,7 @@ class Outputs:
 def _write_plot(report: Report, path: Path) -> None:
     from nrc_audit.outputs.plot import plot_report
 
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".png", dir=path.parent or ".")
-    os.close(fd)
-    try:
-        plot_report(report, Path(tmp))
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_with(path, lambda tmp: plot_report(report, tmp), suffix=path.suffix or ".png")
 
 
 def baseline_table(regressions: list[Regression], report: Report, baseline: Report) -> Table:
