@@ -243,7 +243,8 @@ def test_thread_plan_is_restored_after_the_pass(mlp_case, monkeypatch):
 
 
 def test_store_writer_keeps_at_most_queue_bytes_in_flight(monkeypatch, tmp_path):
-    """A writer slowed by the disk may hold back the pass, never more than QUEUE_BYTES (≥ 1 batch) of rows."""
+    """A writer slowed by the disk may hold back the pass: it queues no more than QUEUE_BYTES (≥ 1 batch) of rows
+    besides the batch it is writing."""
     import threading
     import time
 
@@ -266,8 +267,8 @@ def test_store_writer_keeps_at_most_queue_bytes_in_flight(monkeypatch, tmp_path)
     monkeypatch.setattr(writer, "_write_now", slow)
     for a in range(0, 40, 8):
         writer.write(a, torch.zeros(8, 2), torch.zeros(8, 2), [torch.ones(8, 3)])
-        most[0] = max(most[0], writer._queue.qsize() + busy[0])
+        most[0] = max(most[0], writer._worker.queue.qsize() + busy[0])
     writer.close(complete=True)
-    assert most[0] <= 1
+    assert most[0] <= 2  # one batch queued (the byte bound) while one is being written
     with store.FeatureStore(tmp_path / "s.h5") as fs:
         assert fs.n == 40

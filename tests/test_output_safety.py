@@ -137,11 +137,13 @@ def test_new_outputs_honour_the_umask(mlp_case, tmp_path, umask, expected):
     old = os.umask(umask)
     try:
         result = run(mlp_case["ckpt"], mlp_case["data"], "--json", tmp_path / "r.json", "--markdown",
-                     tmp_path / "r.md", "--model-index", tmp_path / "r.yaml", "--features", tmp_path / "f.h5")  # fmt: skip
+                     tmp_path / "r.md", "--model-index", tmp_path / "r.yaml", "--dataset-id", "user/data",
+                     "--junit-xml", tmp_path / "r.xml", "--plot", tmp_path / "r.png", "--require-collapsed", "0",
+                     "--features", tmp_path / "f.h5")  # fmt: skip
     finally:
         os.umask(old)
     assert result.exit_code == 0, result.stderr
-    for name in ("r.json", "r.md", "r.yaml", "f.h5"):
+    for name in ("r.json", "r.md", "r.yaml", "r.xml", "r.png", "f.h5"):
         assert stat.S_IMODE((tmp_path / name).stat().st_mode) == expected, name
 
 

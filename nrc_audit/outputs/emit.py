@@ -38,6 +38,9 @@ class Outputs:
     junit_path: Path | None = None
     model_card_path: Path | None = None
     card: HubCard = field(default_factory=HubCard)
+    # Set once check_before_run has found every output path safe (shared by with_tolerance's copies): only
+    # then may an audit that could not run write its could-not-run files, which must never land on an input.
+    _paths_safe: list[bool] = field(default_factory=list, compare=False, repr=False)
 
     def with_tolerance(self, tolerance: float) -> "Outputs":
         return replace(self, baseline_tolerance=tolerance)
@@ -57,6 +60,7 @@ class Outputs:
         output only."""
         outputs = {**self.paths(), **(more_outputs or {})}
         check_output_paths(outputs, {"the baseline": self.baseline_path, **(inputs or {})})
+        self._paths_safe.append(True)
         for option, path in outputs.items():
             if path is not None and not path.resolve().parent.is_dir():
                 raise OptionsError(
@@ -182,6 +186,10 @@ def emit_failure(out: Outputs, message: str) -> None:
 
     if not out.is_main:
         return
+    if out.fmt == "github":
+        sys.stdout.write(github_failure(message) + "\n")
+    if not out._paths_safe:  # the failure may be that an output path is an input: write no file at all
+        return
     section = failure_markdown(message)
     writers = [(out.markdown_path, lambda p: write_atomic(p, section)),
                (out.junit_path, lambda p: write_atomic(p, junit_failure(message, out.card.model_name or "nrc-audit")))]
@@ -192,8 +200,6 @@ def emit_failure(out: Outputs, message: str) -> None:
             write(path)
         except (OSError, NrcAuditError):  # the original error is what the user must see; this one is secondary
             pass
-    if out.fmt == "github":
-        sys.stdout.write(github_failure(message) + "\n")
 
 
 @contextmanager
