@@ -16,6 +16,7 @@ import enum
 import json
 import os
 import signal
+import sys
 import traceback
 from pathlib import Path
 from typing import Annotated, Any, Callable, Optional
@@ -240,6 +241,13 @@ def guarded(body: Callable[[], ExitCode | int]) -> None:
         lifecycle.note_signal(signum)  # kept even where the raise below is swallowed (a weakref callback)
         raise Interrupted(ExitCode.SIGTERM)
 
+    unraisable = sys.unraisablehook
+
+    def quiet_unraisable(u: Any) -> None:  # the signal raised inside a weakref callback: noted, exit follows
+        if not isinstance(u.exc_value, (Interrupted, KeyboardInterrupt)):
+            unraisable(u)
+
+    sys.unraisablehook = quiet_unraisable
     try:
         try:
             signal.signal(signal.SIGTERM, on_term)
@@ -254,6 +262,7 @@ def guarded(body: Callable[[], ExitCode | int]) -> None:
         err_console.print("[bold red]interrupted[/] (SIGINT); no report written.")
         code = int(ExitCode.SIGINT)
     finally:
+        sys.unraisablehook = unraisable
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
     raise typer.Exit(code)
