@@ -559,3 +559,27 @@ def test_collapse_onset(collapsed, onset):
 )
 def test_gate(collapsed, require, result):
     assert gate(collapsed, require) == result
+
+
+@pytest.mark.parametrize("aligned", [True, False])
+def test_features_collapsed_below_k_keep_a_defined_nrc3(aligned):
+    """Issue 12: features of rank r = 1 audited at k = 2 (λ_2 ≈ λ_3 ≈ 0) are no ambiguity: NRC3 is the
+    cosine between their 1-dim subspace and W's top-2 input subspace, against numpy on the full matrices."""
+    rng = np.random.default_rng(5)
+    n, h = 400, 6
+    z = rng.standard_normal(n)
+    a = rng.standard_normal(h)
+    feats = np.outer(z, a) + 3.0  # rank 1 after centring, large mean on purpose
+    targets = np.stack([z + 0.1 * rng.standard_normal(n), 0.5 * z + 0.1 * rng.standard_normal(n)], axis=1)
+    weight = rng.standard_normal((3, h))
+    if aligned:  # put the feature direction inside W's row space, so its top-2 input subspace can hold it
+        weight[0] = 10 * a
+    got = layer_metrics(stats_of(feats, targets), weight, 2, 0.05, 1e-3, TH)
+    # reference: U_1 = a/|a| (the only direction of H_c), V_2 = top-2 right singular vectors of W
+    _, _, vt = np.linalg.svd(weight)
+    want = float(np.linalg.norm(vt[:2] @ (a / np.linalg.norm(a))))
+    assert got.nrc3 == pytest.approx(want, abs=1e-9)
+    assert got.noise_alignment is None
+    assert any("rank 1 < k=2" in w for w in got.warnings)
+    assert (got.nrc3 > 0.99) is aligned
+    assert got.nrc1 == pytest.approx(0.0, abs=1e-9)

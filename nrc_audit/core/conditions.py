@@ -260,19 +260,29 @@ def _subspace_part(out: LayerMetrics, lam: np.ndarray, u: np.ndarray, c: np.ndar
     if h < k:
         out.warnings.append(f"the layer has {h} feature dims, fewer than the rank k={k}")
         return
-    u_k, u_perp = u[:, :k], u[:, k:]
     out.nrc1 = float(lam[k:].sum() / lam.sum())
     # Subspace metrics are undefined (null, warned) when the subspace is: a tie λ_k ≈ λ_(k+1) (or σ_k ≈
     # σ_(k+1) of W) leaves U_k (V_k) an arbitrary basis, and rounding alone would pick the reported number.
+    # One tie is no ambiguity: λ_k ≈ λ_(k+1) ≈ 0, features that collapsed *below* k. Their subspace, of
+    # dimension r < k, is well defined, and NRC3 asks whether W's top-k input subspace holds it.
     features_tied = k < h and lam[k - 1] - lam[k] <= GAP_RTOL * lam[0]
-    if features_tied:
+    r = _collapsed_rank(lam, k) if features_tied else k
+    if features_tied and r is None:
         out.warnings.append(
             f"λ_k ≈ λ_(k+1) for k={k}: the top-k feature subspace is ill-defined, so nrc3, noise_alignment and "
-            "cka_signal are undefined (the features may have collapsed below k: audit at the targets' intrinsic rank, --rank auto, the default)"
+            "cka_signal are undefined (audit at the targets' intrinsic rank, --rank auto, the default)"
         )
-    else:
-        sig_k = float(np.sqrt((lam[:k] ** 2).sum()))
-        out.cka_signal = _ratio(float(((u_k.T @ c) ** 2).sum()), sig_k * float(np.linalg.norm(sigma_y)))
+        r = 0
+    elif r < k:
+        out.warnings.append(
+            f"the features have rank {r} < k={k} (λ_k ≈ 0: they collapsed below k), so nrc3 is the mean cosine of "
+            f"the {r} principal angles between their {r}-dim subspace and W's top-k input subspace, cka_signal "
+            "uses that subspace, and noise_alignment is undefined"
+        )
+    if r:
+        u_r = u[:, :r]  # (h, r): U_k, or the whole feature subspace when it has rank r < k
+        sig = float(np.sqrt((lam[:r] ** 2).sum()))
+        out.cka_signal = _ratio(float(((u_r.T @ c) ** 2).sum()), sig * float(np.linalg.norm(sigma_y)))
     if out.stable_rank_w is None:
         return
     if u_w.shape[1] < k:
@@ -280,10 +290,22 @@ def _subspace_part(out: LayerMetrics, lam: np.ndarray, u: np.ndarray, c: np.ndar
     elif k < h and s_w[k - 1] - (s_w[k] if k < len(s_w) else 0.0) <= GAP_RTOL * s_w[0]:
         out.warnings.append(f"σ_k ≈ σ_(k+1) of the weight for k={k}: its top-k input subspace is ill-defined, "
                             "so nrc3 and noise_alignment are undefined")  # fmt: skip
-    elif not features_tied:
+    elif r:
         v_k = u_w[:, :k]  # (h, k)
-        out.nrc3 = mean_principal_cosine(u_k, v_k, k)
-        out.noise_alignment = mean_principal_cosine(u_perp, v_k, k)
+        out.nrc3 = mean_principal_cosine(u[:, :r], v_k, r)
+        if r == k:
+            out.noise_alignment = mean_principal_cosine(u[:, k:], v_k, k)
+
+
+def _collapsed_rank(lam: np.ndarray, k: int) -> int | None:
+    """The features' rank r < k when λ_k ≈ λ_(k+1) ≈ 0 and λ_r is clearly apart from λ_(r+1); else None."""
+    tol = GAP_RTOL * lam[0]
+    if lam[k - 1] > tol:
+        return None  # a tie among non-zero eigenvalues: a real ambiguity
+    r = int((lam > tol).sum())
+    if r == 0 or lam[r - 1] - lam[r] <= tol:
+        return None
+    return r
 
 
 def _bound_part(out: LayerMetrics, lam: np.ndarray, c: np.ndarray, sigma_y: np.ndarray, pinv_rtol: float) -> None:
