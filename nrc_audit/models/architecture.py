@@ -151,6 +151,15 @@ def _activation(arch: dict, opts: ModelOptions, assumptions: list[str]) -> str:
     return name
 
 
+def _layout_name(module: nn.Module) -> str:
+    """``mlp(20-64-64-4, relu)``: the widths, then the other module kinds in order of first use (norms, activations)."""
+    leaves = [m for m in module.modules() if not list(m.children())]
+    linears = [m for m in leaves if isinstance(m, nn.Linear)]
+    dims = [linears[0].in_features] + [m.out_features for m in linears] if linears else []
+    others = list(dict.fromkeys(type(m).__name__.lower() for m in leaves if not isinstance(m, nn.Linear)))
+    return f"mlp({', '.join(['-'.join(map(str, dims)), *others])})"
+
+
 def _build_mlp(ckpt: Checkpoint, arch: dict, opts: ModelOptions) -> ResolvedModel | None:
     spec = mlp_family.detect_mlp(ckpt.state_dict)
     layout = _layout(ckpt)
@@ -158,8 +167,7 @@ def _build_mlp(ckpt: Checkpoint, arch: dict, opts: ModelOptions) -> ResolvedMode
         module = mlp_family.build_from_layout(spec, layout, ckpt.state_dict)
         if module is not None:
             load_strict(module, ckpt.state_dict, ckpt.path)
-            kinds = [type(m).__name__ for m in module.modules() if not list(m.children())]
-            return ResolvedModel(module, f"mlp({'-'.join(kinds)})", ["MLP built from the module layout stored by save_checkpoint"])
+            return ResolvedModel(module, _layout_name(module), ["MLP built from the module layout stored by save_checkpoint"])
     if spec is None:
         return None
     assumptions: list[str] = []
