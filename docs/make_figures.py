@@ -27,7 +27,7 @@ def main() -> None:
     for name in ("mlp_wd", "mlp_nowd"):
         cli(SAMPLES / f"{name}.safetensors", data, "--no-features", "-q", "--plot", IMG / f"audit_{name}.png")
     trend = sorted((SAMPLES / "trend").glob("mlp_wd_epoch*.safetensors"), key=lambda p: int(p.stem.split("epoch")[1]))
-    cli("trend", *trend, SAMPLES / "mlp_wd.safetensors", "--data", data, "-q", "--plot", IMG / "trend_mlp_wd.png")
+    cli("trend", *trend, SAMPLES / "mlp_wd.safetensors", "--data", data, "-q", "--as-given", "--plot", IMG / "trend_mlp_wd.png")
     for png in sorted(IMG.glob("*.png")):
         print(png.relative_to(ROOT))
 
