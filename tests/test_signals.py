@@ -11,7 +11,6 @@ import os
 import signal
 import subprocess
 import sys
-import textwrap
 import time
 from pathlib import Path
 
@@ -23,25 +22,6 @@ import nrc_audit
 from conftest import make_xy, write_h5
 from nrc_audit.cli.app import audit_app
 
-SLOW_SOURCE = textwrap.dedent(
-    """
-    import os
-    import time
-
-    from torch import nn
-
-
-    class Slow(nn.Sequential):
-        def forward(self, x):
-            time.sleep(float(os.environ.get("NRC_TEST_SLEEP", "0")))
-            return super().forward(x)
-
-
-    def build():
-        return Slow(nn.Linear(12, 16, bias=False), nn.ReLU(), nn.Linear(16, 8, bias=False), nn.ReLU(),
-                    nn.Linear(8, 3, bias=False))
-    """
-)
 SLEEP_S = 0.25  # per batch of 10 rows: 30 batches ≈ 7.5 s, far longer than the wait below
 START_TIMEOUT_S = 120.0  # the child imports torch first, slow on a loaded CI machine
 
@@ -49,9 +29,10 @@ START_TIMEOUT_S = 120.0  # the child imports torch first, slow on a loaded CI ma
 @pytest.fixture
 def slow_case(tmp_path: Path) -> dict:
     src = tmp_path / "slow.py"
-    src.write_text(SLOW_SOURCE)
+    slow_source = _storm_module().SLOW_SOURCE  # one model definition for the tests and the storm benchmark
+    src.write_text(slow_source)
     ns: dict = {}
-    exec(compile(SLOW_SOURCE, str(src), "exec"), ns)
+    exec(compile(slow_source, str(src), "exec"), ns)
     ckpt = nrc_audit.save_checkpoint(ns["build"](), tmp_path / "slow.safetensors")
     x, y = make_xy(300, 12, 3, seed=4)
     data = write_h5(tmp_path / "data.h5", X=x, Y=y)
