@@ -13,7 +13,7 @@ import ast
 from conftest import REPO
 
 PACKAGE = REPO / "nrc_audit"
-LAYERS = ["errors", "config", "core", "io", "models", "outputs", "engine", "cli"]
+LAYERS = ["version", "errors", "config", "core", "io", "models", "outputs", "engine", "cli"]
 # Order inside a layer (lower first); a module not listed ranks below every listed one of its layer.
 WITHIN = {
     "core": ["layer", "kernels", "facts", "stats", "verdicts", "conditions", "diagnostics"],

@@ -107,7 +107,7 @@ ActivationOpt = Annotated[Optional[str], opt("--activation", help="MLP activatio
 
 def version_callback(value: bool) -> None:
     if value:
-        from nrc_audit import __version__
+        from nrc_audit.version import __version__
 
         print(f"nrc-audit {__version__}")
         raise typer.Exit()

@@ -15,7 +15,7 @@ from typing import Callable, Iterable, Iterator
 
 import torch
 
-from nrc_audit import __version__
+from nrc_audit.version import __version__
 from nrc_audit.engine import distributed, overlap, threads
 from nrc_audit.engine.context import DataContext, ModelContext, RunContext
 from nrc_audit.core.conditions import LayerMetrics, layer_metrics, target_summary, with_identity

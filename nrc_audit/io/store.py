@@ -32,7 +32,7 @@ try:
 except ImportError:  # Windows: no advisory locks
     fcntl = None  # type: ignore[assignment]
 
-from nrc_audit import __version__
+from nrc_audit.version import __version__
 from nrc_audit.io import lifecycle
 from nrc_audit.io.files import new_file_mode, replace_target
 from nrc_audit.errors import FeatureStoreError
