@@ -236,6 +236,7 @@ def extraction_pass(
     stats, writer = PassStatistics(), None
     dtype = _model_dtype(model)
     plan = threads.plan() if device.type == "cpu" else threads.ThreadPlan(None, None, False)
+    first = True
     reader = overlap.Prefetcher(batches, pin=device.type == "cuda")  # reads batch k+1 while batch k is computed
     folder = overlap.FoldWorker(stats.update) if plan.pipelined else None  # folds batch k during forward k+1
     fold = folder.put if folder is not None else stats.update
@@ -247,8 +248,9 @@ def extraction_pass(
                 extra = {k: v.to(device) for k, v in extras(start, len(y)).items()} if extras else {}
                 out, feats = _forward(extractor, x, start, input_shape, extra)
                 out = _check_output(out, target_dim)
-                if notes is not None and writer is None:  # first batch: before the store writer copies the context
+                if notes is not None and first:  # the first batch: before the store writer copies the context
                     notes.extend(n for n in (extractor.output_note, extractor.pooling_note()) if n and n not in notes)
+                first = False
                 layers = extractor.layers or []
                 if writer is None and writer_factory is not None:
                     writer = writer_factory(layers)
