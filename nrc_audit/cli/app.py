@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, Any, Optional
 import os
 import sys
 
@@ -11,12 +11,9 @@ import typer
 
 from nrc_audit.cli.common import DEBUG_ENV
 from nrc_audit.cli.common import (
-    MODEL, ANALYSIS, OUTPUTS, ActivationOpt, BaselineOpt, BatchOpt, ChannelsLastOpt, ConfigOpt, DatasetIdOpt,
-    DatasetNameOpt, DeviceOpt, EnergyOpt, ExitZeroOpt, FormatOpt, HubTaskOpt, JsonOpt, JunitOpt, LimitOpt,
-    MarkdownOpt, ModelCardOpt, ModelIndexOpt, Nrc1Opt, Nrc2Opt, Nrc3Opt, Nrc4Opt, OutputFormat, PlotOpt, QuietFlag,
-    QuietOpt, RankOpt, RequireOpt, RtolOpt, ScaleUint8Opt, ToleranceOpt, VersionOpt, XKeyOpt, YKeyOpt, flag,
-    err_console, guarded, json_object, make_app, model_def_file, opt, outputs, settings, settings_source,
-    with_progress, analysis_options,
+    ANALYSIS, ANALYSIS_OPTIONS, DATA_PASS_OPTIONS, MODEL, OUTPUTS, REPORT_OUTPUTS, RUN_OPTIONS, ActivationOpt,
+    VersionOpt, analysis_options, err_console, flag, guarded, json_object, make_app, model_def_file, opt, outputs,
+    settings, settings_source, takes, with_progress,
 )  # fmt: skip
 from nrc_audit.cli.commands import SUBCOMMANDS
 from nrc_audit.errors import ExitCode, OptionsError
@@ -29,15 +26,10 @@ EPILOG = ("Subcommands (each with its own --help): nrc-audit trend CHECKPOINTS�
 
 
 @audit_app.command(epilog=EPILOG)
+@takes(ANALYSIS_OPTIONS, DATA_PASS_OPTIONS, REPORT_OUTPUTS, RUN_OPTIONS)
 def audit(
     model: Annotated[Path, typer.Argument(metavar="MODEL", help="Checkpoint: .safetensors, or a .pt/.pth state dict.", show_default=False)],
     data: Annotated[Path, typer.Argument(metavar="DATA", help="HDF5 file with inputs and targets.", show_default=False)],
-    x_key: XKeyOpt = None,
-    y_key: YKeyOpt = None,
-    channels_last: ChannelsLastOpt = False,
-    scale_uint8: ScaleUint8Opt = False,
-    limit: LimitOpt = None,
-    config: ConfigOpt = None,
     model_def: Annotated[Optional[str], opt("--model-def", help="file.py:callable or package.module:callable returning the nn.Module. EXECUTES that code.", panel=MODEL, show="built-in MLP/ResNet from the state dict")] = None,
     model_kwargs: Annotated[Optional[str], opt("--model-kwargs", help="JSON object of keyword arguments for --model-def.", panel=MODEL, show=False)] = None,
     activation: ActivationOpt = None,
@@ -46,38 +38,14 @@ def audit(
     token_pooling: Annotated[str, opt("--token-pooling", help="Linear inputs (B, T, h) → (B, h): mean (unmasked tokens), cls (token 0) or last (last unmasked token).", panel=MODEL)] = "mean",
     layers: Annotated[Optional[list[str]], opt("--layers", help="Glob of layer names to audit (repeatable).", panel=ANALYSIS, show="every Linear/Conv2d layer")] = None,
     exclude: Annotated[Optional[list[str]], opt("--exclude", help="Glob of layer names to skip (repeatable).", panel=ANALYSIS, key="exclude")] = None,
-    rank: RankOpt = None,
-    pinv_rtol: RtolOpt = None,
-    rank_energy: EnergyOpt = None,
-    batch_size: BatchOpt = None,
-    device: DeviceOpt = None,
-    nrc1_max: Nrc1Opt = None,
-    nrc2_min: Nrc2Opt = None,
-    nrc3_min: Nrc3Opt = None,
-    nrc4_ratio_max: Nrc4Opt = None,
-    json_path: JsonOpt = None,
-    fmt: FormatOpt = OutputFormat.table,
-    markdown: MarkdownOpt = None,
-    model_index: ModelIndexOpt = None,
-    model_card: ModelCardOpt = None,
-    dataset_id: DatasetIdOpt = None,
-    dataset_name: DatasetNameOpt = None,
-    hub_task: HubTaskOpt = None,
-    plot: PlotOpt = None,
     features: Annotated[Optional[Path], opt("--features", help="Feature store path.", panel=OUTPUTS, show="MODEL-STEM.features.h5 in the current folder")] = None,
     no_features: Annotated[bool, flag("--no-features", help="Do not write the feature store.", panel=OUTPUTS)] = False,
     features_compression: Annotated[Optional[str], opt("--features-compression", help="gzip or lzf.", panel=OUTPUTS, show="none")] = None,
-    no_progress: QuietOpt = False,
-    quiet: QuietFlag = False,
     version: VersionOpt = False,
-    junit_xml: JunitOpt = None,
-    require_collapsed: RequireOpt = None,
-    baseline: BaselineOpt = None,
-    baseline_tolerance: ToleranceOpt = None,
-    exit_zero: ExitZeroOpt = False,
+    **opts: Any,
 ) -> None:
     """Audit MODEL on DATA: per-layer NRC1–NRC4, the Frobenius bound, a table, a JSON report and a gate."""
-    given = dict(locals())  # the options as typed (None: not given), resolved against the settings file
+    given = {**locals(), **opts}  # every option by name as typed (None: not given), resolved with the settings file
 
     def body() -> ExitCode:
         # heavy imports (torch) only once a command runs: --help and --version stay fast
@@ -87,22 +55,23 @@ def audit(
 
         out = outputs(given, model)
         with failure_reports(out):
-            s = settings(config, given)
+            s = settings(opts["config"], given)
             out = out.with_tolerance(float(s["baseline_tolerance"]))
             store = None if no_features else (features or Path(f"{model.stem}.features.h5"))
             out.check_before_run(
-                {"the checkpoint": model, "the data file": data, "the settings file": settings_source(config),
+                {"the checkpoint": model, "the data file": data, "the settings file": settings_source(opts["config"]),
                  "the --model-def file": model_def_file(model_def)}, {"--features": store})  # fmt: skip
             cfg = AuditConfig(
                 model_path=model, data_path=data,
-                data=DataOptions(s["x_key"], s["y_key"], channels_last, scale_uint8, limit, input_keys(input_key)),
+                data=DataOptions(s["x_key"], s["y_key"], opts["channels_last"], opts["scale_uint8"], opts["limit"],
+                                 input_keys(input_key)),
                 model=ModelOptions(model_def, json_object(model_kwargs), s["activation"], output_key, token_pooling),
                 analysis=analysis_options(s), layers=tuple(s["layers"]), exclude=tuple(s["exclude"]),
                 device=s["device"], batch_size=int(s["batch_size"]), features_path=store,
                 features_compression=features_compression,
             )  # fmt: skip
-            report = with_progress(not (no_progress or quiet), lambda hook: run_audit(cfg, hook))
-        if store is not None and out.is_main and not quiet:
+            report = with_progress(not (opts["no_progress"] or opts["quiet"]), lambda hook: run_audit(cfg, hook))
+        if store is not None and out.is_main and not opts["quiet"]:
             _note_store(store)
         return emit(report, out)
 

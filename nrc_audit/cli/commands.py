@@ -4,16 +4,13 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, Any, Optional
 
 import typer
 
 from nrc_audit.cli.common import (
-    INPUTS, OUTPUTS, BaselineOpt, BatchOpt, ChannelsLastOpt, ConfigOpt, DatasetIdOpt, DatasetNameOpt, DeviceOpt,
-    EnergyOpt, ExitZeroOpt, FormatOpt, HubTaskOpt, JsonOpt, JunitOpt, LimitOpt, MarkdownOpt, ModelCardOpt,
-    ModelIndexOpt, Nrc1Opt, Nrc2Opt, Nrc3Opt, Nrc4Opt, OutputFormat, PlotOpt, QuietFlag, QuietOpt, RankOpt,
-    RequireOpt, RtolOpt, ScaleUint8Opt, ToleranceOpt, XKeyOpt, YKeyOpt, analysis_options, err_console, guarded,
-    flag, make_app, opt, outputs, settings, settings_source, with_progress,
+    ANALYSIS_OPTIONS, DATA_PASS_OPTIONS, INPUTS, OUTPUTS, REPORT_OUTPUTS, RUN_OPTIONS, PlotOpt, analysis_options,
+    err_console, flag, guarded, make_app, opt, outputs, settings, settings_source, takes, with_progress,
 )  # fmt: skip
 from nrc_audit.errors import ExitCode, OptionsError
 from nrc_audit.io.files import write_with
@@ -25,36 +22,13 @@ validate_app = make_app("Validate JSON reports against the shipped nrc-audit-rep
 
 
 @reanalyze_app.command()
+@takes(ANALYSIS_OPTIONS, REPORT_OUTPUTS, RUN_OPTIONS)
 def reanalyze(
     store: Annotated[Path, typer.Argument(metavar="STORE", help="Feature store written by a previous audit (--features).", show_default=False)],
-    json_path: JsonOpt = None,
-    fmt: FormatOpt = OutputFormat.table,
-    markdown: MarkdownOpt = None,
-    model_index: ModelIndexOpt = None,
-    model_card: ModelCardOpt = None,
-    dataset_id: DatasetIdOpt = None,
-    dataset_name: DatasetNameOpt = None,
-    hub_task: HubTaskOpt = None,
-    plot: PlotOpt = None,
-    junit_xml: JunitOpt = None,
-    baseline: BaselineOpt = None,
-    baseline_tolerance: ToleranceOpt = None,
-    batch_size: BatchOpt = None,
-    rank: RankOpt = None,
-    nrc1_max: Nrc1Opt = None,
-    nrc2_min: Nrc2Opt = None,
-    nrc3_min: Nrc3Opt = None,
-    nrc4_ratio_max: Nrc4Opt = None,
-    pinv_rtol: RtolOpt = None,
-    rank_energy: EnergyOpt = None,
-    require_collapsed: RequireOpt = None,
-    config: ConfigOpt = None,
-    exit_zero: ExitZeroOpt = False,
-    no_progress: QuietOpt = False,
-    quiet: QuietFlag = False,
+    **opts: Any,
 ) -> None:
     """Recompute the report from STORE alone (new thresholds or rank allowed)."""
-    given = dict(locals())
+    given = {**locals(), **opts}
 
     def body() -> ExitCode:
         from nrc_audit.engine.pipeline import reanalyze as run_reanalysis
@@ -62,13 +36,14 @@ def reanalyze(
 
         out = outputs(given)
         with failure_reports(out):
-            s = settings(config, given)
+            s = settings(opts["config"], given)
             if int(s["batch_size"]) < 1:
                 raise OptionsError(f"--batch-size {s['batch_size']} must be ≥ 1.")
             out = out.with_tolerance(float(s["baseline_tolerance"]))
-            out.check_before_run({"the feature store": store, "the settings file": settings_source(config)})
+            out.check_before_run({"the feature store": store,
+                                  "the settings file": settings_source(opts["config"])})  # fmt: skip
             analysis = analysis_options(s)
-            report = with_progress(not (no_progress or quiet),
+            report = with_progress(not (opts["no_progress"] or opts["quiet"]),
                                    lambda hook: run_reanalysis(store, analysis, int(s["batch_size"]), hook))  # fmt: skip
         return emit(report, out)
 
@@ -76,37 +51,21 @@ def reanalyze(
 
 
 @trend_app.command()
+@takes(ANALYSIS_OPTIONS, DATA_PASS_OPTIONS, RUN_OPTIONS)
 def trend(
     checkpoints: Annotated[Optional[list[Path]], typer.Argument(metavar="CHECKPOINTS...", help="Checkpoints of one run (sorted by the numbers in their names: epoch_2 before epoch_10, unless --as-given).", show_default=False)] = None,
     data: Annotated[Optional[Path], opt("--data", help="HDF5 dataset to audit every checkpoint on.", panel=INPUTS, show=False)] = None,
     history: Annotated[Optional[Path], opt("--history", help="Render a JSON-lines history (from CollapseMonitor) instead.", panel=INPUTS, show=False)] = None,
     json_path: Annotated[Optional[Path], opt("--json", help="Write all reports as one JSON document.", panel=OUTPUTS, show=False)] = None,
     plot: PlotOpt = None,
-    x_key: XKeyOpt = None,
-    y_key: YKeyOpt = None,
-    scale_uint8: ScaleUint8Opt = False,
-    channels_last: ChannelsLastOpt = False,
-    limit: LimitOpt = None,
-    batch_size: BatchOpt = None,
-    device: DeviceOpt = None,
-    rank: RankOpt = None,
-    nrc1_max: Nrc1Opt = None,
-    nrc2_min: Nrc2Opt = None,
-    nrc3_min: Nrc3Opt = None,
-    nrc4_ratio_max: Nrc4Opt = None,
-    pinv_rtol: RtolOpt = None,
-    rank_energy: EnergyOpt = None,
-    require_collapsed: RequireOpt = None,
     as_given: Annotated[bool, flag("--as-given", help="Keep the checkpoints in the order given instead of sorting them naturally.", panel=INPUTS)] = False,
-    config: ConfigOpt = None,
-    no_progress: QuietOpt = False,
-    quiet: QuietFlag = False,
+    **opts: Any,
 ) -> None:
     """Audit each checkpoint (one data pass each) and show every condition per layer against checkpoint.
 
     The gate (--require-collapsed N) applies to the last checkpoint and sets the exit code (0/1/2 as for an audit).
     """
-    given = dict(locals())
+    given = {**locals(), **opts}
 
     def body() -> ExitCode:
         from nrc_audit.config import AuditConfig, DataOptions, ModelOptions
@@ -115,32 +74,34 @@ def trend(
         from nrc_audit.outputs.trend import load_history, natural_order, write_trend_json
 
         inputs = {f"the checkpoint {c}": c for c in checkpoints or []} | {"--data": data, "--history": history}
-        Outputs(plot_path=plot).check_before_run(inputs | {"the settings file": settings_source(config)},
+        Outputs(plot_path=plot).check_before_run(inputs | {"the settings file": settings_source(opts["config"])},
                                                  {"--json": json_path})  # fmt: skip
         if history is not None:
             if checkpoints:
                 raise OptionsError("pass either checkpoints (with --data) or --history, not both.")
-            s = settings(config, given)
+            s = settings(opts["config"], given)
             labels, reports = load_history(history)  # in the order recorded (training order)
         else:
             if not checkpoints or data is None:
                 raise OptionsError("pass the checkpoints of one run and --data DATA.h5 (or --history FILE).")
-            s = settings(config, given)
+            s = settings(opts["config"], given)
             analysis = analysis_options(s)
             ordered = list(checkpoints) if as_given else natural_order(checkpoints)
-            if not quiet:
+            if not opts["quiet"]:
                 err_console.print(f"order{' (as given)' if as_given else ''}: " + ", ".join(c.stem for c in ordered),
                                   highlight=False, soft_wrap=True)  # fmt: skip
             labels, reports = [], []
             for ckpt in ordered:
                 cfg = AuditConfig(model_path=ckpt, data_path=data,
-                                  data=DataOptions(s["x_key"], s["y_key"], channels_last, scale_uint8, limit),
+                                  data=DataOptions(s["x_key"], s["y_key"], opts["channels_last"], opts["scale_uint8"],
+                                                   opts["limit"]),
                                   model=ModelOptions(activation=s["activation"]), analysis=analysis,
                                   layers=tuple(s["layers"]), exclude=tuple(s["exclude"]), device=s["device"],
                                   batch_size=int(s["batch_size"]), features_path=None)  # fmt: skip
-                if not quiet:
+                if not opts["quiet"]:
                     err_console.print(f"auditing {ckpt}", highlight=False)
-                reports.append(with_progress(not (no_progress or quiet), lambda hook, c=cfg: run_audit(c, hook)))
+                shown = not (opts["no_progress"] or opts["quiet"])
+                reports.append(with_progress(shown, lambda hook, c=cfg: run_audit(c, hook)))
                 labels.append(ckpt.stem)
         if len({tuple(layer.name for layer in r.layers) for r in reports}) > 1:
             raise OptionsError("the checkpoints audit different layers; trend needs checkpoints of one architecture.")

@@ -13,13 +13,14 @@ Analysis options default to None on the command line so that a ``[tool.nrc-audit
 from __future__ import annotations
 
 import enum
+import inspect
 import json
 import os
 import signal
 import sys
 import traceback
 from pathlib import Path
-from typing import Annotated, Any, Callable, Optional
+from typing import Annotated, Any, Callable, Optional, TypeVar
 
 import click
 import typer
@@ -114,6 +115,60 @@ def version_callback(value: bool) -> None:
 
 
 VersionOpt = Annotated[bool, flag("--version", help="Print the version and exit.", panel=OUTPUTS, callback=version_callback, is_eager=True)]
+
+
+# Option groups: each shared option is declared once above and listed in one group here; a command takes whole
+# groups with ``@takes(...)`` and receives them in ``**opts`` under these names (the settings keys where the
+# option is one). Entries: (parameter name, Annotated type with its typer.Option, command-line default).
+SharedOption = tuple[str, Any, Any]
+ANALYSIS_OPTIONS: tuple[SharedOption, ...] = (
+    ("rank", RankOpt, None), ("pinv_rtol", RtolOpt, None), ("rank_energy", EnergyOpt, None),
+    ("batch_size", BatchOpt, None), ("nrc1_max", Nrc1Opt, None), ("nrc2_min", Nrc2Opt, None),
+    ("nrc3_min", Nrc3Opt, None), ("nrc4_ratio_max", Nrc4Opt, None), ("require_collapsed", RequireOpt, None),
+)  # fmt: skip
+DATA_PASS_OPTIONS: tuple[SharedOption, ...] = (  # commands that run the model over a data file
+    ("x_key", XKeyOpt, None), ("y_key", YKeyOpt, None), ("channels_last", ChannelsLastOpt, False),
+    ("scale_uint8", ScaleUint8Opt, False), ("limit", LimitOpt, None), ("device", DeviceOpt, None),
+)  # fmt: skip
+REPORT_OUTPUTS: tuple[SharedOption, ...] = (  # commands that end in one report (outputs.emit)
+    ("json_path", JsonOpt, None), ("fmt", FormatOpt, OutputFormat.table), ("markdown", MarkdownOpt, None),
+    ("model_index", ModelIndexOpt, None), ("model_card", ModelCardOpt, None), ("dataset_id", DatasetIdOpt, None),
+    ("dataset_name", DatasetNameOpt, None), ("hub_task", HubTaskOpt, None), ("plot", PlotOpt, None),
+    ("junit_xml", JunitOpt, None), ("baseline", BaselineOpt, None), ("baseline_tolerance", ToleranceOpt, None),
+    ("exit_zero", ExitZeroOpt, False),
+)  # fmt: skip
+RUN_OPTIONS: tuple[SharedOption, ...] = (
+    ("config", ConfigOpt, None), ("no_progress", QuietOpt, False), ("quiet", QuietFlag, False),
+)  # fmt: skip
+PANEL_ORDER = (INPUTS, MODEL, ANALYSIS, THRESHOLDS, OUTPUTS, CI)
+Command = TypeVar("Command", bound=Callable[..., Any])
+
+
+def takes(*groups: tuple[SharedOption, ...]) -> Callable[[Command], Command]:
+    """Add the options of ``groups`` to a command that ends in ``**opts``: Typer builds a command from
+    ``inspect.signature``, which returns ``__signature__`` when set, so the shared options are declared once
+    and the command still receives every option by name (``opts["quiet"]``). The parameters are ordered for
+    help: positional arguments, then one panel after another (PANEL_ORDER); within a panel the command's own
+    options first, then the groups' in the order given."""
+
+    def declare(command: Command) -> Command:
+        own = list(inspect.signature(command, eval_str=True).parameters.values())
+        if not own or own[-1].kind is not inspect.Parameter.VAR_KEYWORD:
+            raise TypeError(f"{command.__name__} must end in **opts to take shared options")
+        keyword = inspect.Parameter.KEYWORD_ONLY  # Typer passes every parameter by name
+        params = [p.replace(kind=keyword) for p in own[:-1]]
+        params += [inspect.Parameter(name, keyword, annotation=kind, default=default)
+                   for group in groups for name, kind, default in group]  # fmt: skip
+        setattr(command, "__signature__", inspect.Signature(sorted(params, key=_panel_rank), return_annotation=None))
+        return command
+
+    return declare
+
+
+def _panel_rank(param: inspect.Parameter) -> int:
+    """0 for arguments (no panel), else 1 + the panel's place in PANEL_ORDER."""
+    panels = [getattr(m, "rich_help_panel", None) for m in getattr(param.annotation, "__metadata__", ())]
+    return next((1 + PANEL_ORDER.index(p) for p in panels if p in PANEL_ORDER), 0)
 
 
 def analysis_options(s: dict[str, Any]) -> AnalysisOptions:
