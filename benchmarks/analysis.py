@@ -22,12 +22,12 @@ from nrc_audit.engine.threads import quiet_idle_threads  # noqa: E402 — before
 quiet_idle_threads()
 
 import numpy as np  # noqa: E402
-from threadpoolctl import threadpool_limits  # noqa: E402
 
 from _common import Machine, markdown_table, stamp, update_doc_section  # noqa: E402
 from nrc_audit.config import Thresholds  # noqa: E402
 from nrc_audit.core.conditions import layer_metrics  # noqa: E402
 from nrc_audit.core.stats import LayerStatistics  # noqa: E402
+from nrc_audit.engine import threads  # noqa: E402
 from nrc_audit.engine.threads import parallel_map  # noqa: E402
 
 
@@ -67,7 +67,7 @@ def main(argv: list[str] | None = None) -> None:
         one = best(lambda: run(0), args.reps)
         reps = 1 if h >= 2048 else args.reps
         serial = best(lambda: [run(i) for i in range(args.layers)], reps)
-        with threadpool_limits(limits={"openblas": 1}):
+        with threads.blas_limit(1):
             serial1 = best(lambda: [run(i) for i in range(args.layers)], reps)
         parallel = best(lambda: parallel_map(run, range(args.layers)), reps)
         rows.append([h, f"{one:.3f}", f"{serial:.2f}", f"{serial1:.2f}", f"{parallel:.2f}", f"{serial / parallel:.2f}×"])

@@ -242,6 +242,45 @@ def test_thread_plan_is_restored_after_the_pass(mlp_case, monkeypatch):
         torch.set_num_threads(1)
 
 
+def _numpy_blas_threads() -> int:
+    from threadpoolctl import threadpool_info
+
+    (blas,) = [i for i in threadpool_info() if i["internal_api"] == "openblas"]
+    return blas["num_threads"]
+
+
+@pytest.fixture
+def numpy_blas_at_two_threads():
+    """numpy's OpenBLAS at 2 threads, so that a plan of 1 is visible even on a 1-core machine."""
+    from threadpoolctl import ThreadpoolController
+
+    with ThreadpoolController().select(internal_api="openblas").limit(limits=2):
+        assert _numpy_blas_threads() == 2
+        yield
+
+
+def test_thread_plan_sizes_numpys_blas(numpy_blas_at_two_threads):
+    # read back through threadpoolctl's own inventory, not through the code under test
+    with threads.applied(threads.ThreadPlan(1, 1, True)):
+        assert _numpy_blas_threads() == 1 and torch.get_num_threads() == 1
+    assert _numpy_blas_threads() == 2
+    assert threads.parallel_map(lambda _: _numpy_blas_threads(), range(4), cores=2) == [1, 1, 1, 1]
+
+
+def test_the_pass_folds_with_the_plans_blas_threads(mlp_case, monkeypatch, numpy_blas_at_two_threads):
+    seen = []
+    update = PassStatistics.update
+
+    def spy(self, *args, **kw):  # every batch's folds, on the fold worker
+        seen.append(_numpy_blas_threads())
+        return update(self, *args, **kw)
+
+    monkeypatch.setattr(PassStatistics, "update", spy)
+    monkeypatch.setenv(threads.ENV, "1,1")
+    audit_json(mlp_case)
+    assert seen and set(seen) == {1}
+
+
 def test_store_writer_keeps_at_most_queue_bytes_in_flight(monkeypatch, tmp_path):
     """A writer slowed by the disk may hold back the pass: it queues no more than QUEUE_BYTES (≥ 1 batch) of rows
     besides the batch it is writing."""

@@ -97,19 +97,23 @@ def applied(p: ThreadPlan) -> Iterator[ThreadPlan]:
     before = torch.get_num_threads()
     torch.set_num_threads(p.torch_threads)
     try:
-        with _blas_limit(p.blas_threads):
+        with blas_limit(p.blas_threads):
             yield p
     finally:
         torch.set_num_threads(before)
 
 
-def _blas_limit(threads: int | None) -> contextlib.AbstractContextManager:
+def blas_limit(threads: int | None) -> contextlib.AbstractContextManager:
     """numpy's OpenBLAS only (internal_api "openblas"): torch's MKL follows ``torch.set_num_threads``."""
     try:
-        from threadpoolctl import threadpool_limits
+        from threadpoolctl import ThreadpoolController
     except ImportError:  # optional: without it numpy's BLAS keeps its own size
         return contextlib.nullcontext()
-    return threadpool_limits(limits={"openblas": threads}) if threads else contextlib.nullcontext()
+    if not threads:
+        return contextlib.nullcontext()
+    # select by internal_api: ``threadpool_limits(limits={"openblas": n})`` matches a *prefix* or user_api and
+    # so silently limits nothing with numpy's "libscipy_openblas" build (measured: the pass ran at 2 threads)
+    return ThreadpoolController().select(internal_api="openblas").limit(limits=threads)
 
 
 def parallel_map(fn: Callable[[T], R], items: Iterable[T], cores: int | None = None) -> list[R]:
@@ -122,5 +126,5 @@ def parallel_map(fn: Callable[[T], R], items: Iterable[T], cores: int | None = N
     workers = min(len(items), cores or _usable_cores())
     if workers <= 1:
         return [fn(x) for x in items]
-    with _blas_limit(1), ThreadPoolExecutor(max_workers=workers, thread_name_prefix="nrc-audit-analysis") as pool:
+    with blas_limit(1), ThreadPoolExecutor(max_workers=workers, thread_name_prefix="nrc-audit-analysis") as pool:
         return list(pool.map(fn, items))
