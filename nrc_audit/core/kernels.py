@@ -111,15 +111,19 @@ def merge_states(a: _State, b: _State) -> None:
 
 
 class _HostFolder:
-    """CPU kernel: numpy float64; rows are staged into per-part buffers and folded in blocks.
+    """CPU kernel: numpy float64; the parts' rows are staged side by side into one buffer and folded in blocks.
 
     Staging decouples the Gram block from the caller's batch size: a forward batch of 1024 rows would run
     syrk at about half the rate of a 4096-row block. Staging costs one cast-copy, which the centring needs
-    anyway. The block is at most ``MAX_BLOCK_ROWS`` rows and ``BLOCK_BYTES`` of float64 per accumulator.
+    anyway. The parts share one buffer, [Z_0 | Z_1 | …] = [H | Y], so one syrk over p = Σ p_i columns gives
+    every block S_ij at once: a separate H×Y product would read the whole block from memory a second time
+    (measured 12 % of the fold at h = 512, t = 4), and the centring and Chan row are one pass each. The block
+    is at most ``MAX_BLOCK_ROWS`` rows and ``BLOCK_BYTES`` of float64.
     """
 
     def __init__(self) -> None:
-        self.buffers: list[np.ndarray] = []  # (rows + 1, p_i) float64; the extra row carries Chan's term
+        self.buffer = np.empty((1, 0))  # (rows + 1, p) float64; the extra row carries Chan's term
+        self.edges: list[int] = []  # part i is buffer[:, edges[i]:edges[i + 1]]
         self.rows = 0  # staged rows not yet folded
         self.cap = 0
 
@@ -130,55 +134,52 @@ class _HostFolder:
     def add(self, state: _State, parts: list[torch.Tensor]) -> None:
         arrays = [_host64(z) for z in parts]  # (B, p_i) float32/float64 views, no copy
         if not self.cap:
-            width = sum(a.shape[1] for a in arrays)
-            self.cap = max(1, min(MAX_BLOCK_ROWS, 1 << (max(1, BLOCK_BYTES // (8 * width)).bit_length() - 1)))
+            self.edges = [0, *np.cumsum([a.shape[1] for a in arrays]).tolist()]
+            self.cap = max(1, min(MAX_BLOCK_ROWS, 1 << (max(1, BLOCK_BYTES // (8 * self.edges[-1])).bit_length() - 1)))
         b, done = arrays[0].shape[0], 0
         while done < b:
             take = min(self.cap - self.rows, b - done)
-            self._reserve(self.rows + take, arrays)
-            for buf, a in zip(self.buffers, arrays):
-                buf[self.rows : self.rows + take] = a[done : done + take]  # cast to float64
+            self._reserve(self.rows + take)
+            rows = self.buffer[self.rows : self.rows + take]
+            for (lo, hi), a in zip(zip(self.edges, self.edges[1:]), arrays):
+                rows[:, lo:hi] = a[done : done + take]  # cast to float64
             self.rows += take
             done += take
             if self.rows == self.cap:
                 self.flush(state)
 
-    def _reserve(self, rows: int, arrays: list[np.ndarray]) -> None:
-        """Grow the staging buffers (doubling, up to the block size) so that tiny inputs stay tiny."""
-        have = self.buffers[0].shape[0] - 1 if self.buffers else 0
+    def _reserve(self, rows: int) -> None:
+        """Grow the staging buffer (doubling, up to the block size) so that tiny inputs stay tiny."""
+        have = self.buffer.shape[0] - 1
         if rows <= have:
             return
-        grown = [np.empty((min(self.cap, max(rows, 2 * have)) + 1, a.shape[1])) for a in arrays]
-        for new, old in zip(grown, self.buffers):
-            new[: self.rows] = old[: self.rows]
-        self.buffers = grown
+        grown = np.empty((min(self.cap, max(rows, 2 * have)) + 1, self.edges[-1]))
+        if self.rows:
+            grown[: self.rows] = self.buffer[: self.rows]
+        self.buffer = grown
 
     def flush(self, state: _State) -> None:
-        """Fold the staged rows into ``state`` (centre, Chan row, syrk/GEMM into the scatter blocks)."""
+        """Fold the staged rows into ``state`` (centre, Chan row, one syrk, then the scatter blocks)."""
         b = self.rows
         if b == 0:
             return
-        blocks = [buf[:b] for buf in self.buffers]  # (B, p_i)
+        block, spans = self.buffer[:b], list(zip(self.edges, self.edges[1:]))  # (B, p)
         with np.errstate(invalid="ignore", over="ignore"):  # NaN/Inf rows are counted, not warned about
-            batch_means = [blk.mean(axis=0) for blk in blocks]  # (p_i,)
-            if not all(np.isfinite(m).all() for m in batch_means):  # a NaN/Inf anywhere reaches its column mean
-                state.bad += int(np.logical_or.reduce([~np.isfinite(blk).all(axis=1) for blk in blocks]).sum())
-            for blk, m in zip(blocks, batch_means):
-                blk -= m  # centred on the block mean, in the staging buffer
+            mean = block.mean(axis=0)  # (p,)
+            if not np.isfinite(mean).all():  # a NaN/Inf anywhere reaches its column mean
+                state.bad += int((~np.isfinite(block).all(axis=1)).sum())
+            block -= mean  # centred on the block mean, in the staging buffer
 
             def add(corrections: list[np.ndarray]) -> None:
-                for buf, r in zip(self.buffers, corrections):
-                    buf[b] = r  # the Chan row: C_iᵀC_j over b + 1 rows adds S_block,ij + r_i r_jᵀ
-                _add_products(state.scatter, [buf[: b + 1] for buf in self.buffers])
+                for (lo, hi), r in zip(spans, corrections):
+                    self.buffer[b, lo:hi] = r  # the Chan row: CᵀC over b + 1 rows adds S_block + r rᵀ
+                c = self.buffer[: b + 1]
+                full = c.T @ c  # (p, p): one buffer times its own transpose, which numpy runs as syrk
+                for (i, j), s in state.scatter.items():
+                    s += full[spans[i][0] : spans[i][1], spans[j][0] : spans[j][1]]
 
-            fold_block(state, b, batch_means, add)
+            fold_block(state, b, [mean[lo:hi] for lo, hi in spans], add)
         self.rows = 0
-
-
-def _add_products(scatter: dict, centred: list[np.ndarray]) -> None:
-    """S_ij += C_iᵀ C_j for every block; i == j is one buffer times its own transpose, which numpy runs as syrk."""
-    for (i, j), s in scatter.items():
-        s += centred[i].T @ centred[j]
 
 
 class _DeviceFolder:
