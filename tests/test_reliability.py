@@ -439,6 +439,20 @@ def test_error_after_the_pass_leaves_no_store(mlp_case, tmp_path, case):
     assert not store.exists() and not out.exists()
 
 
+def test_report_failure_keeps_an_earlier_store_and_no_partial(mlp_case, tmp_path):
+    """The store is completed only once the report exists: a report that cannot be built (constant targets,
+    found after the pass) drops the new store's partial file and leaves the earlier store as it was."""
+    folder = tmp_path / "out"
+    folder.mkdir()
+    store = folder / "f.h5"
+    store.write_text("earlier store")
+    data = write_h5(tmp_path / "const.h5", X=mlp_case["x"], Y=np.ones((len(mlp_case["x"]), 3), np.float32))
+    result = run(mlp_case["ckpt"], data, "--features", store, *NO_GATE)
+    assert result.exit_code == 2 and "targets are constant" in result.stderr
+    assert store.read_text() == "earlier store"
+    assert sorted(p.name for p in folder.iterdir()) == ["f.h5"]
+
+
 def test_existing_outputs_are_replaced_atomically(mlp_case, tmp_path):
     """Policy: outputs are replaced, through a temporary file in the same folder and a rename (a new inode)."""
     folder = tmp_path / "out"

@@ -120,13 +120,16 @@ def _opened(config: AuditConfig, device: torch.device) -> Iterator[_Inputs]:
 
 
 def _pass_rows(config: AuditConfig, inputs: _Inputs, device: torch.device, rows: tuple[int, int],
-               store_path: Path | None, progress: ProgressHook | None) -> tuple[PassStatistics, RunContext]:  # fmt: skip
+               store_path: Path | None,
+               progress: ProgressHook | None) -> tuple[PassStatistics, RunContext, FeatureStoreWriter | None]:  # fmt: skip
     """The one pass over rows [start, stop) of the data, writing them (renumbered from 0) to ``store_path``.
 
-    Returns the statistics and the context with what the first batch taught (output container, token
-    pooling) added to the model's assumptions; the store records that same context."""
+    Returns the statistics, the context with what the first batch taught (output container, token
+    pooling) added to the model's assumptions (the store records that same context), and the store's
+    writer, still open and writing what is queued: the caller completes it (``close``) or drops it."""
     (start, stop), info = rows, inputs.ds.info
     notes = list(inputs.context.model.assumptions)
+    made: list[FeatureStoreWriter] = []
 
     def noted() -> RunContext:
         return replace(inputs.context, model=replace(inputs.context.model, assumptions=tuple(notes)))
@@ -136,8 +139,9 @@ def _pass_rows(config: AuditConfig, inputs: _Inputs, device: torch.device, rows:
         attrs = {"model_sha256": context.model.sha256, "data_sha256": context.data.sha256,
                  "context": context.to_dict()}  # fmt: skip
         assert store_path is not None
-        return FeatureStoreWriter(store_path, stop - start, layers, attrs=attrs,
-                                  compression=config.features_compression)  # fmt: skip
+        made.append(FeatureStoreWriter(store_path, stop - start, layers, attrs=attrs,
+                                       compression=config.features_compression))  # fmt: skip
+        return made[-1]
 
     batches = ((a - start, x, y) for a, x, y in inputs.ds.batches(config.batch_size, start, stop))  # local rows
     extras = functools.partial(_shard_extras, inputs.ds, start) if config.data.input_keys else None
@@ -145,8 +149,8 @@ def _pass_rows(config: AuditConfig, inputs: _Inputs, device: torch.device, rows:
                             input_shape=info.input_shape, num_rows=stop - start,
                             writer_factory=writer_factory if store_path is not None else None, progress=progress,
                             extras=extras, token_pooling=config.model.token_pooling,
-                            output_key=config.model.output_key, notes=notes)  # fmt: skip
-    return stats, noted()
+                            output_key=config.model.output_key, notes=notes, close_store=False)  # fmt: skip
+    return stats, noted(), (made[0] if made else None)
 
 
 def _shard_extras(ds: HDF5Dataset, offset: int, start: int, size: int) -> dict[str, torch.Tensor]:
@@ -155,10 +159,16 @@ def _shard_extras(ds: HDF5Dataset, offset: int, start: int, size: int) -> dict[s
 
 def _audit(config: AuditConfig, device: torch.device, progress: ProgressHook | None) -> Report:
     """The single-process audit: one pass over every row, then the report."""
-    with _opened(config, device) as inputs:
-        stats, context = _pass_rows(config, inputs, device, (0, inputs.ds.info.num_samples), config.features_path,
-                                    progress)  # fmt: skip
-    return _report(stats, config, context, config.features_path)
+    writer = None
+    try:
+        with _opened(config, device) as inputs:
+            stats, context, writer = _pass_rows(config, inputs, device, (0, inputs.ds.info.num_samples),
+                                                config.features_path, progress)  # fmt: skip
+    except BaseException:  # closing the inputs failed or was interrupted: the open store goes too
+        if writer is not None:
+            writer.discard()
+        raise
+    return _report(stats, config, context, writer)
 
 
 def _audit_sharded(config: AuditConfig, device: torch.device, ctx: distributed.DistContext,
@@ -178,8 +188,10 @@ def _audit_sharded(config: AuditConfig, device: torch.device, ctx: distributed.D
             ))  # fmt: skip
         store = None if config.features_path is None else Path(distributed.shard_path(config.features_path, ctx))
         try:
-            stats, context = _pass_rows(config, replace(inputs, context=context), device, (start, stop), store,
-                                        progress if ctx.is_main else None)  # fmt: skip
+            stats, context, writer = _pass_rows(config, replace(inputs, context=context), device, (start, stop),
+                                                store, progress if ctx.is_main else None)  # fmt: skip
+            if writer is not None:  # every shard complete before rank 0 links them into the master store
+                writer.close(complete=True)
         except NrcAuditError as exc:
             error = exc
     try:
@@ -196,16 +208,28 @@ def _audit_sharded(config: AuditConfig, device: torch.device, ctx: distributed.D
                       for r in range(ctx.world_size)]  # fmt: skip
             distributed.write_master_store(config.features_path, shards, num_samples)
         distributed.barrier(ctx)
-    return _report(stats, config, context, config.features_path if ctx.is_main else None)
-
-
-def _report(stats: PassStatistics, config: AuditConfig, context: RunContext, store: Path | None) -> Report:
     try:
-        return build_report(stats, config.analysis, context)
+        return _report(stats, config, context, None)
     except NrcAuditError:  # unusable after all (e.g. constant targets): leave no output behind
-        if store is not None:
-            Path(store).unlink(missing_ok=True)
+        if ctx.is_main and config.features_path is not None:
+            Path(config.features_path).unlink(missing_ok=True)
         raise
+
+
+def _report(stats: PassStatistics, config: AuditConfig, context: RunContext,
+            writer: FeatureStoreWriter | None) -> Report:  # fmt: skip
+    """The report, built while the store's writer still drains its queue (the analysis uses the core the
+    writer leaves idle); the store is completed only once the report exists. If the report cannot be built
+    (e.g. constant targets) or the run is interrupted meanwhile, the partial store is deleted."""
+    try:
+        report = build_report(stats, config.analysis, context)
+    except BaseException:
+        if writer is not None:
+            writer.discard()
+        raise
+    if writer is not None:
+        writer.close(complete=True)
+    return report
 
 
 def _model_dtype(model: torch.nn.Module) -> torch.dtype:
@@ -227,6 +251,7 @@ def extraction_pass(
     token_pooling: str = "mean",
     output_key: str | None = None,
     notes: list[str] | None = None,
+    close_store: bool = True,
 ) -> PassStatistics:
     """The one pass: forward each ``(first_row, x (B, …), y (B, t))`` batch with hooks, accumulate the
     float64 statistics of every layer, and hand the features to the store writer (if any).
@@ -268,7 +293,7 @@ def extraction_pass(
             writer.discard()
         raise
     reader.close()
-    if writer is not None:
+    if writer is not None and close_store:  # else the caller completes the store once it needs it
         writer.close(complete=True)
     return stats
 
