@@ -108,6 +108,11 @@ class FeatureStoreWriter:
 
     def _open(self, attrs: dict[str, Any], layers: list[LayerInfo]) -> None:
         self._fh = h5py.File(self.partial, "w", locking=False)  # our own lock (above) excludes other runs
+        # h5py's "w" truncates the partial file, which arms ext4's replace-via-truncate heuristic
+        # (auto_da_alloc): the next close of any descriptor of the file would allocate and start writing back
+        # every dirty page of the store first (measured 0.3-0.5 s per GiB, at the end of the pass). Closing
+        # one now, while the file is empty, disarms it; the data are written back as any other file's.
+        os.close(os.open(self.partial, os.O_RDONLY))
         root = self._fh.attrs
         root["schema"], root["tool_version"], root["complete"] = SCHEMA, __version__, False
         for key, value in attrs.items():
