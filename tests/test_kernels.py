@@ -205,13 +205,38 @@ def test_fold_worker_folds_in_order():
 
 
 def test_thread_plans():
-    assert threads.plan("auto", cores=2) == threads.ThreadPlan(1, 1, True)
-    assert threads.plan("auto", cores=16) == threads.ThreadPlan(8, 8, True)
-    assert threads.plan("auto", cores=1) == threads.ThreadPlan(1, 1, True)
+    assert threads.plan("auto", cores=2) == threads.ThreadPlan(1, 1, True, adaptive=True)
+    assert threads.plan("auto", cores=16) == threads.ThreadPlan(8, 8, True, adaptive=True)
+    assert threads.plan("auto", cores=1) == threads.ThreadPlan(1, 1, True, adaptive=True)
     assert threads.plan("3,2") == threads.ThreadPlan(3, 2, True)
     assert threads.plan("serial") == threads.ThreadPlan(None, None, False)
     with pytest.raises(nrc_audit.errors.OptionsError, match="NRC_AUDIT_THREADS='two' is not a thread plan; use auto"):
         threads.plan("two")
+
+
+def test_light_folds_give_the_forward_every_core_only_under_auto():
+    auto = threads.plan("auto", cores=2)
+    # the benchmark MLP 14→512×7→4: 3.16 Mflop per row forward against 7 × 516² + 18² fold columns
+    mlp = threads.fold_share(2 * (14 * 512 + 6 * 512 * 512 + 512 * 4), [18] + [516] * 7)
+    assert 0.5 < mlp < 0.6 and threads.for_fold_cost(auto, mlp, cores=2) == auto
+    conv = threads.fold_share(50e6, [20, 36, 68])  # a small ResNet: 50 Mflop per image, narrow pooled features
+    assert conv < 0.01 and threads.for_fold_cost(auto, conv, cores=2) == threads.ThreadPlan(2, 1, True)
+    assert threads.for_fold_cost(auto, None, cores=2) == auto  # flops not countable: unchanged
+    assert threads.for_fold_cost(threads.plan("1,1"), conv, cores=2) == threads.plan("1,1")  # the user's plan wins
+
+
+def test_the_pass_counts_the_forward_and_rebalances(mlp_case, monkeypatch):
+    """The pass asks for the plan once, after batch 1, with the share computed from torch's flop count."""
+    seen = []
+    decide = threads.for_fold_cost
+    monkeypatch.setattr(threads, "for_fold_cost", lambda p, share, cores=None: seen.append(share) or decide(p, share, cores))
+    monkeypatch.setenv(threads.ENV, "auto")
+    audit_json(mlp_case)
+    model = mlp_case["model"]  # Linear layers only: 2·in·out flops per row each, as torch counts them
+    linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    flops = sum(2 * m.in_features * m.out_features for m in linears)
+    t = linears[-1].out_features
+    assert seen == [pytest.approx(threads.fold_share(flops, [m.in_features + t for m in linears]))]
 
 
 def test_quiet_idle_threads_keeps_the_users_settings():
