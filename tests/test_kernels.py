@@ -239,6 +239,22 @@ def test_the_pass_counts_the_forward_and_rebalances(mlp_case, monkeypatch):
     assert seen == [pytest.approx(threads.fold_share(flops, [m.in_features + t for m in linears]))]
 
 
+def test_a_forward_that_cannot_be_counted_keeps_the_plan(mlp_case, monkeypatch):
+    import torch.utils.flop_counter as flop_counter
+
+    class Refuses:
+        def __init__(self, *a, **kw):
+            raise RuntimeError("no flop formula")
+
+    seen = []
+    decide = threads.for_fold_cost
+    monkeypatch.setattr(flop_counter, "FlopCounterMode", Refuses)
+    monkeypatch.setattr(threads, "for_fold_cost", lambda p, share, cores=None: seen.append(share) or decide(p, share, cores))
+    monkeypatch.setenv(threads.ENV, "auto")
+    assert audit_json(mlp_case)["layers"]  # the audit itself is untouched
+    assert seen == [None]
+
+
 def test_quiet_idle_threads_keeps_the_users_settings():
     env = {"OMP_WAIT_POLICY": "ACTIVE"}
     assert threads.quiet_idle_threads(env) is False  # numpy and torch are loaded in this process: too late

@@ -249,6 +249,20 @@ class FeatureExtractor:
             )
         return out, [c[1] for c in calls]
 
+    def flops_per_row(self, x: torch.Tensor, extra: dict[str, torch.Tensor] | None = None) -> float | None:
+        """The forward's flops per row, counted by torch's FlopCounterMode on the first 8 rows of a batch
+        that has just run; None when they cannot be counted (a model that cannot run 8 rows, or a counter
+        error). The features of this extra forward are discarded."""
+        rows = min(8, len(x))
+        try:
+            from torch.utils.flop_counter import FlopCounterMode
+
+            with FlopCounterMode(display=False) as counter:
+                self.run(x[:rows], {k: v[:rows] for k, v in (extra or {}).items()})
+            return counter.get_total_flops() / rows
+        except (Exception, SystemExit):  # only a thread plan depends on it: keep the default
+            return None
+
     def pooling_note(self) -> str | None:
         """The report assumption describing token pooling, when some Linear layer was pooled."""
         linear_pooled = any(layer.pooled and layer.kind == "linear" for layer in self.layers or [])

@@ -274,7 +274,8 @@ def extraction_pass(
                 out, feats = _forward(extractor, x, start, input_shape, extra)
                 out = _check_output(out, target_dim)
                 if first and plan.adaptive:  # light folds (conv nets): the forward gets every core
-                    plan = _rebalance(plan, extractor, x, extra, target_dim)
+                    widths = [layer.in_dim + target_dim for layer in extractor.layers or []]  # fold columns
+                    plan = threads.rebalanced(plan, extractor.flops_per_row(x, extra), widths)
                 if notes is not None and first:  # the first batch: before the store writer copies the context
                     notes.extend(n for n in (extractor.output_note, extractor.pooling_note()) if n and n not in notes)
                 first = False
@@ -298,32 +299,6 @@ def extraction_pass(
     if writer is not None and close_store:  # else the caller completes the store once it needs it
         writer.close(complete=True)
     return stats
-
-
-def _rebalance(plan: threads.ThreadPlan, extractor: FeatureExtractor, x: torch.Tensor,
-               extra: dict[str, torch.Tensor], target_dim: int) -> threads.ThreadPlan:  # fmt: skip
-    """The plan after the first batch, from the folds' share of the compute (a rule on counted flops, not
-    on timings, so that a run's thread counts, and with them its float32 forward, are reproducible)."""
-    flops, layers = _forward_flops(extractor, x, extra), extractor.layers or []
-    share = None if flops is None else threads.fold_share(flops, [layer.in_dim + target_dim for layer in layers])
-    new = threads.for_fold_cost(plan, share)
-    if new.torch_threads is not None and new.torch_threads != plan.torch_threads:
-        torch.set_num_threads(new.torch_threads)  # threads.applied restores the caller's count after the pass
-    return new
-
-
-def _forward_flops(extractor: FeatureExtractor, x: torch.Tensor, extra: dict[str, torch.Tensor]) -> float | None:
-    """The forward's flops per row, counted by torch's FlopCounterMode on the first rows of a batch that has
-    just run; None when they cannot be counted (the plan then stays as it is)."""
-    rows = min(8, len(x))
-    try:
-        from torch.utils.flop_counter import FlopCounterMode
-
-        with FlopCounterMode(display=False) as counter:
-            extractor.run(x[:rows], {k: v[:rows] for k, v in extra.items()})
-        return counter.get_total_flops() / rows
-    except (Exception, SystemExit):  # a model that cannot run 8 rows, an op torch cannot count: keep the plan
-        return None
 
 
 def _stop(reader: overlap.Prefetcher, folder: overlap.FoldWorker | None) -> None:

@@ -110,6 +110,19 @@ def for_fold_cost(p: ThreadPlan, share: float | None, cores: int | None = None) 
     return ThreadPlan(cores or _usable_cores(), p.blas_threads, True)
 
 
+def rebalanced(p: ThreadPlan, forward_flops: float | None, fold_widths: Iterable[int]) -> ThreadPlan:
+    """Apply :func:`for_fold_cost` after the first batch: a rule on counted flops, not on timings, so that a
+    run's thread counts (and with them its float32 forward) are reproducible. :func:`applied` restores
+    the caller's torch thread count after the pass."""
+    import torch
+
+    share = None if forward_flops is None else fold_share(forward_flops, fold_widths)
+    new = for_fold_cost(p, share)
+    if new.torch_threads is not None and new.torch_threads != p.torch_threads:
+        torch.set_num_threads(new.torch_threads)
+    return new
+
+
 def _usable_cores() -> int:
     try:
         return len(os.sched_getaffinity(0))
