@@ -111,3 +111,21 @@ def test_no_import_cycles_between_layers():
 def test_the_rule_catches_an_upward_import():
     assert rank("core.stats") < rank("io.store") < rank("outputs.render") < rank("engine.pipeline")
     assert rank("outputs.report") > rank("outputs.render")  # so render cannot import report
+
+
+MAX_MODULE_LINES, MAX_FUNCTION_LINES = 400, 80  # issue 15: small modules with one job, small functions
+
+
+def _sizes():
+    for path in sorted(PACKAGE.rglob("*.py")):
+        source = path.read_text()
+        functions = [(node.name, node.end_lineno - node.lineno + 1) for node in ast.walk(ast.parse(source))
+                     if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef))]  # fmt: skip
+        yield path.relative_to(PACKAGE), len(source.splitlines()), functions
+
+
+def test_modules_and_functions_stay_small():
+    too_long = [f"{path}: {n} lines" for path, n, _ in _sizes() if n > MAX_MODULE_LINES]
+    too_long += [f"{path}:{name}: {n} lines" for path, _, functions in _sizes() for name, n in functions
+                 if n > MAX_FUNCTION_LINES]  # fmt: skip
+    assert not too_long, "split these: " + "; ".join(too_long)
