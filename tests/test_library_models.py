@@ -412,3 +412,36 @@ def test_hf_layouts_plain_folder_and_broken_index(tmp_path: Path) -> None:
     (tmp_path / "sharded" / "model.safetensors.index.json").write_text(json.dumps(index))
     with pytest.raises(CheckpointError, match="not plain file names"):
         load_model_files(tmp_path / "sharded")
+
+
+@pytest.mark.parametrize("pooling", ["mean", "last"])
+def test_python_api_takes_extra_inputs_output_key_and_token_pooling(pooling: str) -> None:
+    """nrc_audit.audit() on a BERT regression head in memory, batches (x, y, {'attention_mask': m}): the
+    same masked pooling as the CLI, against the float64 reference from hooks on BERT's own modules."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(5)
+    config = transformers.BertConfig(vocab_size=40, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
+                                     intermediate_size=32, max_position_embeddings=16, num_labels=1)  # fmt: skip
+    model = transformers.BertForSequenceClassification(config).double().eval()
+    rng = np.random.default_rng(5)
+    lengths = rng.integers(3, 13, size=N)
+    mask = (np.arange(12)[None, :] < lengths[:, None]).astype(np.int64)
+    ids = rng.integers(1, 40, size=(N, 12)) * mask
+    y = rng.standard_normal(N)
+    x, m, yt = torch.from_numpy(ids), torch.from_numpy(mask), torch.from_numpy(y)
+    batches = [(x[a:a + 50], yt[a:a + 50], {"attention_mask": m[a:a + 50]}) for a in range(0, N, 50)]
+    report = nrc_audit.audit(model, batches, require_collapsed=0, output_key="logits", token_pooling=pooling)
+    names, feats, weights, out = reference(model, x, {"attention_mask": m}, mask, pooling)
+    assert report.model_mse == pytest.approx(float(((out[:, 0] - y) ** 2).mean()), rel=1e-6)
+    assert_layers_match(report.layers, names, feats, weights, y, out)
+    notes = report.model["assumptions"]
+    assert any("entry 'logits'" in a for a in notes) and any(f"token pooling {pooling!r}" in a for a in notes)
+
+
+def test_python_api_refuses_extra_inputs_of_the_wrong_length() -> None:
+    net = nn.Sequential(nn.Linear(4, 3), nn.ReLU(), nn.Linear(3, 2))
+    x, y = torch.randn(10, 4), torch.randn(10, 2)
+    with pytest.raises(nrc_audit.errors.DatasetError, match=r"extra input 'attention_mask' has shape \(9,\); it needs 10 rows"):
+        nrc_audit.audit(net, [(x, y, {"attention_mask": torch.ones(9)})], require_collapsed=0)
+    with pytest.raises(nrc_audit.errors.DatasetError, match="the third element must be a dict of keyword inputs"):
+        nrc_audit.audit(net, [(x, y, torch.ones(10))], require_collapsed=0)
