@@ -174,20 +174,22 @@ def test_wrongly_typed_settings_exit_2(audited_case, tmp_path, line, fragment):
 
 # ---- feature stores altered after writing ----------------------------------------------------------
 
+def _replace(fh: h5py.File, key: str, array: np.ndarray) -> None:
+    """Put ``array`` in place of dataset ``key``, keeping its attributes."""
+    attrs = dict(fh[key].attrs)
+    del fh[key]
+    fh[key] = array
+    fh[key].attrs.update(attrs)
+
+
 def _tamper(store: Path, how: str) -> None:
     with h5py.File(store, "a") as fh:
         first = sorted(fh["layers"])[0]
+        width = fh[f"layers/{first}"].shape[1]
         if how == "10-of-200-rows":
-            attrs = dict(fh[f"layers/{first}"].attrs)
-            width = fh[f"layers/{first}"].shape[1]
-            del fh[f"layers/{first}"]
-            fh[f"layers/{first}"] = np.zeros((10, width), np.float32)
-            fh[f"layers/{first}"].attrs.update(attrs)
+            _replace(fh, f"layers/{first}", np.zeros((10, width), np.float32))
         elif how == "wrong-width":
-            attrs = dict(fh[f"layers/{first}"].attrs)
-            del fh[f"layers/{first}"]
-            fh[f"layers/{first}"] = np.zeros((200, 3), np.float32)
-            fh[f"layers/{first}"].attrs.update(attrs)
+            _replace(fh, f"layers/{first}", np.zeros((200, 3), np.float32))
         elif how == "no-layers-group":
             del fh["layers"]
         elif how == "no-weights":
@@ -206,11 +208,7 @@ def _tamper(store: Path, how: str) -> None:
         elif how == "context-a-list":
             fh.attrs["context"] = "[1, 2]"
         elif how == "int-features":
-            attrs = dict(fh[f"layers/{first}"].attrs)
-            width = fh[f"layers/{first}"].shape[1]
-            del fh[f"layers/{first}"]
-            fh[f"layers/{first}"] = np.zeros((200, width), np.int32)
-            fh[f"layers/{first}"].attrs.update(attrs)
+            _replace(fh, f"layers/{first}", np.zeros((200, width), np.int32))
         else:
             raise AssertionError(how)
 

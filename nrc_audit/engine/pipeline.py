@@ -149,7 +149,7 @@ def _pass_rows(config: AuditConfig, inputs: _Inputs, device: torch.device, rows:
                             input_shape=info.input_shape, num_rows=stop - start,
                             writer_factory=writer_factory if store_path is not None else None, progress=progress,
                             extras=extras, token_pooling=config.model.token_pooling,
-                            output_key=config.model.output_key, notes=notes, close_store=False)  # fmt: skip
+                            output_key=config.model.output_key, notes=notes)  # fmt: skip
     return stats, noted(), (made[0] if made else None)
 
 
@@ -251,10 +251,11 @@ def extraction_pass(
     token_pooling: str = "mean",
     output_key: str | None = None,
     notes: list[str] | None = None,
-    close_store: bool = True,
 ) -> PassStatistics:
     """The one pass: forward each ``(first_row, x (B, …), y (B, t))`` batch with hooks, accumulate the
-    float64 statistics of every layer, and hand the features to the store writer (if any).
+    float64 statistics of every layer, and hand the features to the store writer (if any). On success the
+    writer ``writer_factory`` made is left open, still writing what is queued, for the factory's owner to
+    complete once the report exists (``_report``); on any error it is discarded here.
 
     ``extras(first_row, B)`` gives the batch's extra keyword inputs (``--input-key``); how the output
     container was read and how tokens were pooled are appended to ``notes`` (the report's assumptions)."""
@@ -295,9 +296,7 @@ def extraction_pass(
         if writer is not None:
             writer.discard()
         raise
-    reader.close()
-    if writer is not None and close_store:  # else the caller completes the store once it needs it
-        writer.close(complete=True)
+    reader.close()  # the writer stays open, still writing what is queued: its factory's caller completes it
     return stats
 
 

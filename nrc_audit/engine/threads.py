@@ -55,7 +55,7 @@ class ThreadPlan:
 
 # Folds below this share of the pass's compute leave the forward's cores idle under the even split: the
 # forward then gets every core (conv nets, whose pooled features are narrow). Measured on 2 cores, a small
-# ResNet (fold share ≈ 1 %): 1.44× → 1.30× of bare forward + writes; the MLP of the benchmarks (≈ 54 %) keeps
+# ResNet (fold share ≈ 1 %): 1.44× → 1.21× of bare forward + writes; the MLP of the benchmarks (≈ 54 %) keeps
 # the even split. The float64 syrk of n·p² costs about what a float32 GEMM of 2·n·p² flops does (docs (c)).
 LIGHT_FOLD_SHARE = 1 / 3
 SYRK_FLOP_RATIO = 2.0
