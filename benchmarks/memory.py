@@ -26,7 +26,7 @@ from _common import (Machine, current_rss_mib, make_workload, markdown_table, pe
 
 def child(model: Path, data: Path, n: int, batch_size: int, store: str) -> dict:
     from nrc_audit.config import AuditConfig, DataOptions
-    from nrc_audit.engine.pipeline import run_audit
+    from nrc_audit.engine.run import run_audit
 
     def config(limit: int, features: Path | None) -> AuditConfig:
         return AuditConfig(model, data, data=DataOptions(limit=limit), device="cpu", batch_size=batch_size,

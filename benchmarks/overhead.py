@@ -44,7 +44,7 @@ import torch
 from torch import nn
 
 from _common import CONV_NETS, Machine, drop_dirty_pages, make_conv_workload, load_average, make_workload, markdown_table, stamp, update_doc_section
-from nrc_audit.engine import pipeline, threads
+from nrc_audit.engine import run, threads
 from nrc_audit.config import AuditConfig, DataOptions, ModelOptions
 from nrc_audit.models.architecture import resolve_model
 from nrc_audit.io.checkpoint import load_checkpoint
@@ -98,7 +98,7 @@ def audit_pass(model: Path, data: Path, n: int, batch_size: int, device: torch.d
     config = AuditConfig(model, data, data=DataOptions(limit=n), device=str(device), batch_size=batch_size,
                          features_path=store_path, progress=False)  # fmt: skip
     start = time.perf_counter()
-    pipeline.run_audit(config)
+    run.run_audit(config)
     return time.perf_counter() - start
 
 

@@ -41,7 +41,7 @@ TRAIN_STEPS = 300
 
 def child_audit(model: Path, data: Path, n: int, batch_size: int) -> dict:
     from nrc_audit.config import AuditConfig, DataOptions
-    from nrc_audit.engine.pipeline import run_audit
+    from nrc_audit.engine.run import run_audit
 
     def config(limit: int) -> AuditConfig:
         return AuditConfig(model, data, data=DataOptions(limit=limit), device="cpu", batch_size=batch_size,

@@ -14,7 +14,7 @@ import nrc_audit
 from fixtures_models import capture, default_names, make_images, make_ref_resnet, targets_from, write_h5
 from nrc_audit.cli.app import audit_app
 from nrc_audit.config import AuditConfig, DataOptions
-from nrc_audit.engine.pipeline import run_audit
+from nrc_audit.engine.run import run_audit
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

@@ -26,7 +26,7 @@ from nrc_audit.config import AnalysisOptions, AuditConfig
 from nrc_audit.core import kernels, stats
 from nrc_audit.core.stats import Accumulator, JointAccumulator, PassStatistics
 from nrc_audit.engine import overlap, pipeline, threads
-from nrc_audit.engine.pipeline import run_audit
+from nrc_audit.engine.run import run_audit
 
 PINNED = settings(derandomize=True, database=None, deadline=None, max_examples=40)
 KERNELS = ["host", "device"]

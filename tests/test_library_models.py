@@ -27,7 +27,7 @@ from conftest import write_h5
 from fixtures_models import assert_layers_match, default_names, dense_reference_weight
 from nrc_audit.cli.app import audit_app
 from nrc_audit.config import AuditConfig, DataOptions, ModelOptions
-from nrc_audit.engine.pipeline import run_audit
+from nrc_audit.engine.run import run_audit
 from nrc_audit.models.architecture import INFERRED_NOTE, VERIFIED_NOTE, inferred_architecture_warning
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")

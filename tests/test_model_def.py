@@ -19,7 +19,7 @@ from nrc_audit.cli.app import audit_app
 from nrc_audit.config import AuditConfig, ModelOptions
 from nrc_audit.errors import CheckpointError
 from nrc_audit.io.checkpoint import KWARGS_KEY
-from nrc_audit.engine.pipeline import run_audit
+from nrc_audit.engine.run import run_audit
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from nrc_audit.config import AnalysisOptions, AuditConfig
-from nrc_audit.engine.pipeline import reanalyze, run_audit
+from nrc_audit.engine.run import reanalyze, run_audit
 from nrc_audit.outputs.report import METRIC_FIELDS, Report, load_schema
 
 # SPEC §5, transcribed: the public field names of nrc-audit-report/1.

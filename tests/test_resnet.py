@@ -29,7 +29,7 @@ from nrc_audit.config import AuditConfig, DataOptions, ModelOptions
 from nrc_audit.errors import CheckpointError
 from nrc_audit.io.checkpoint import Checkpoint
 from nrc_audit.models import resnet
-from nrc_audit.engine.pipeline import run_audit
+from nrc_audit.engine.run import run_audit
 
 N = 128
 

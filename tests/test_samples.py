@@ -16,7 +16,7 @@ from nrc_audit.cli.app import audit_app
 from nrc_audit.config import AnalysisOptions, AuditConfig, DataOptions, ModelOptions
 from nrc_audit.models.architecture import resolve_model
 from nrc_audit.io.checkpoint import load_checkpoint
-from nrc_audit.engine.pipeline import run_audit
+from nrc_audit.engine.run import run_audit
 
 runner = CliRunner()
 

@@ -50,7 +50,7 @@ def audit(
     def body() -> ExitCode:
         # heavy imports (torch) only once a command runs: --help and --version stay fast
         from nrc_audit.config import AuditConfig, DataOptions, ModelOptions
-        from nrc_audit.engine.pipeline import run_audit
+        from nrc_audit.engine.run import run_audit
         from nrc_audit.outputs.emit import emit, failure_reports
 
         out = outputs(given, model)

@@ -31,7 +31,7 @@ def reanalyze(
     given = {**locals(), **opts}
 
     def body() -> ExitCode:
-        from nrc_audit.engine.pipeline import reanalyze as run_reanalysis
+        from nrc_audit.engine.run import reanalyze as run_reanalysis
         from nrc_audit.outputs.emit import emit, failure_reports
 
         out = outputs(given)
@@ -69,7 +69,7 @@ def trend(
 
     def body() -> ExitCode:
         from nrc_audit.config import AuditConfig, DataOptions, ModelOptions
-        from nrc_audit.engine.pipeline import run_audit
+        from nrc_audit.engine.run import run_audit
         from nrc_audit.outputs.emit import Outputs
         from nrc_audit.outputs.trend import load_history, natural_order, write_trend_json
 

@@ -1,6 +1,6 @@
 """The Python API: audit an ``nn.Module`` in memory on any iterable of ``(x, y)`` batches.
 
-Same pass, statistics and report code as the CLI (``pipeline.extraction_pass`` / ``build_report``);
+Same pass, statistics and report code as the CLI (``pipeline.extraction_pass`` / ``run.report_of``);
 raises the package's exceptions (never exits), and leaves the model's mode and device as it found them.
 """
 
@@ -15,8 +15,9 @@ from torch import nn
 from nrc_audit.config import AnalysisOptions, AuditConfig, ModelOptions, Thresholds
 from nrc_audit.errors import DatasetError
 from nrc_audit.engine.extract import candidate_layers
-from nrc_audit.engine.pipeline import build_report, extraction_pass, resolve_device
-from nrc_audit.engine.context import DataContext, ModelContext, RunContext
+from nrc_audit.engine.pipeline import Batch, extraction_pass, resolve_device
+from nrc_audit.engine.run import report_of
+from nrc_audit.outputs.context import DataContext, ModelContext, RunContext
 from nrc_audit.outputs.report import Report
 
 IN_MEMORY = "<in-memory>"
@@ -70,36 +71,33 @@ def audit(
     was_training = model.training
     modules = candidate_layers(model, tuple(layers or ()), tuple(exclude))
     hasher = hashlib.sha256()
-    pending: dict[int, dict[str, torch.Tensor]] = {}  # first row → that batch's extra inputs
-    notes: list[str] = []  # how the output was read and tokens pooled: the report's assumptions
-    stream = _numbered(batches, hasher, pending)
+    stream = _numbered(batches, hasher)
     try:
         peek = next(stream, None)
         if peek is None:
             raise DatasetError("audit() got no batches; pass an iterable of (x, y) tensors.")
-        _, x0, y0 = peek
+        _, x0, y0, _ = peek
         model.eval()
         model.to(target)
-        stats = extraction_pass(model, modules, _chain(peek, stream), device=target, target_dim=y0.shape[1],
-                                input_shape=tuple(x0.shape[1:]), extras=lambda row, _: pending.pop(row),
-                                token_pooling=token_pooling, output_key=output_key, notes=notes)  # fmt: skip
+        found = extraction_pass(model, modules, _chain(peek, stream), device=target, target_dim=y0.shape[1],
+                                input_shape=tuple(x0.shape[1:]), token_pooling=token_pooling,
+                                output_key=output_key)  # fmt: skip
     finally:
         model.to(home)
         model.train(was_training)
     context = RunContext(
         ModelContext(IN_MEMORY, _state_sha256(model), "safetensors", type(model).__name__,
                      sum(p.numel() for p in model.parameters()),
-                     ("audited in memory through nrc_audit.audit()", *notes)),
-        DataContext(IN_MEMORY, hasher.hexdigest(), "x", "y", stats.n, tuple(x0.shape[1:]), int(y0.shape[1])),
+                     ("audited in memory through nrc_audit.audit()",)),
+        DataContext(IN_MEMORY, hasher.hexdigest(), "x", "y", found.stats.n, tuple(x0.shape[1:]), int(y0.shape[1])),
         str(target), int(x0.shape[0]),
-    )  # fmt: skip
-    return build_report(stats, analysis, context)
+    ).with_assumptions(found.notes)  # fmt: skip
+    return report_of(found.stats, analysis, context)
 
 
-def _numbered(batches: Iterable, hasher: "hashlib._Hash",
-              pending: dict[int, dict[str, torch.Tensor]]) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:  # fmt: skip
-    """(x, y[, extra]) batches → (first_row, x, y (B, t)), each batch's extra inputs put in ``pending`` under
-    its first row; validates shapes and finiteness and hashes the data as it streams."""
+def _numbered(batches: Iterable, hasher: "hashlib._Hash") -> Iterator[Batch]:
+    """(x, y[, extra]) batches → (first_row, x, y (B, t), extra); validates shapes and finiteness and
+    hashes the data as it streams."""
     row = 0
     for item in batches:
         if not isinstance(item, (tuple, list)) or len(item) not in (2, 3):
@@ -109,14 +107,14 @@ def _numbered(batches: Iterable, hasher: "hashlib._Hash",
         y = y.reshape(len(y), -1)
         if len(x) != len(y):
             raise DatasetError(f"batch at row {row}: x has {len(x)} rows but y has {len(y)}.")
-        pending[row] = _extra_inputs(item[2] if len(item) == 3 else {}, len(x), row)
+        extra = _extra_inputs(item[2] if len(item) == 3 else {}, len(x), row)
         for name, t in (("x", x), ("y", y)):
             if t.is_floating_point() and not bool(torch.isfinite(t).all()):
                 bad = int((~torch.isfinite(t.reshape(len(t), -1))).any(dim=1).nonzero()[0, 0])
                 raise DatasetError(f"{name} has NaN or Inf at row {row + bad} (first bad row).")
-        for t in (x, y, *(v for _, v in sorted(pending[row].items()))):  # extra inputs are data too
+        for t in (x, y, *(v for _, v in sorted(extra.items()))):  # extra inputs are data too
             hasher.update(t.detach().cpu().contiguous().numpy().tobytes())
-        yield row, x, y
+        yield row, x, y, extra
         row += len(x)
 
 

@@ -10,16 +10,20 @@ whole batches so that every batch holds the same rows as in a single-process run
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from pathlib import Path
 from datetime import timedelta
 from typing import Any
 
 import h5py
 import torch
 
+from nrc_audit.config import AuditConfig
 from nrc_audit.errors import NrcAuditError, OptionsError
 from nrc_audit.core.stats import Accumulator, JointAccumulator, Moments, PassStatistics
+from nrc_audit.engine.pipeline import ProgressHook, opened, pass_rows
 from nrc_audit.io.files import write_with
+from nrc_audit.outputs.context import RunContext
 
 TIMEOUT_ENV = "NRC_AUDIT_DIST_TIMEOUT"
 # How long a rank waits for the others in a collective (gloo/NCCL timeout) and at the rendezvous. Ranks of
@@ -38,6 +42,50 @@ class DistContext:
     @property
     def is_main(self) -> bool:
         return self.rank == 0
+
+
+def audit_sharded(config: AuditConfig, device: torch.device, ctx: DistContext,
+                  progress: ProgressHook | None = None) -> tuple[PassStatistics, RunContext]:  # fmt: skip
+    """The single-process pass on this rank's shard of whole batches, wrapped in the exact merge over ranks.
+
+    Returns the statistics of all rows (the same on every rank) and the run context; with a feature store,
+    every rank has completed its shard and rank 0 has written the master store over them."""
+    error: NrcAuditError | None = None
+    store: str | None = None
+    with opened(config, device) as inputs:
+        num_samples = inputs.ds.info.num_samples
+        agree(ctx, "checkpoints (sha256)", inputs.context.model.sha256)
+        agree(ctx, "data files (sha256)", inputs.context.data.sha256)
+        inputs = replace(inputs, context=replace(inputs.context, world_size=ctx.world_size))
+        start, stop = shard(num_samples, config.batch_size, ctx)
+        if start >= stop:  # reported to every rank by sync_errors, so that none waits for this one
+            sync_errors(ctx, OptionsError(
+                f"{num_samples} rows in batches of {config.batch_size} leave rank {ctx.rank} of "
+                f"{ctx.world_size} without data; lower --batch-size or use fewer processes."
+            ))  # fmt: skip
+        if config.features_path is not None:
+            store = shard_path(config.features_path, ctx.rank, ctx.world_size)
+        try:
+            done = pass_rows(config, inputs, device, (start, stop), None if store is None else Path(store),
+                             progress if ctx.is_main else None)  # fmt: skip
+            if done.writer is not None:  # every shard complete before rank 0 links them into the master store
+                done.writer.close(complete=True)
+        except NrcAuditError as exc:
+            error = exc
+    try:
+        sync_errors(ctx, error)
+    except BaseException:  # another rank failed: no complete-looking shard of this one stays behind
+        if store is not None:
+            Path(store).unlink(missing_ok=True)
+        raise
+    merge_pass(ctx, done.stats, device)
+    if config.features_path is not None:
+        barrier(ctx)
+        if ctx.is_main:
+            shards = [shard_path(config.features_path, r, ctx.world_size) for r in range(ctx.world_size)]
+            write_master_store(config.features_path, shards, num_samples)
+        barrier(ctx)
+    return done.stats, done.context
 
 
 def env_rank() -> int:
@@ -183,10 +231,11 @@ def close(ctx: DistContext | None) -> None:
         dist.destroy_process_group()
 
 
-def shard_path(path: os.PathLike, ctx: DistContext) -> str:
+def shard_path(path: os.PathLike, rank: int, world_size: int) -> str:
+    """The store file of one rank's shard, beside the master store ``path``."""
     base = os.fspath(path)
     stem = base[:-3] if base.endswith(".h5") else base
-    return f"{stem}.rank{ctx.rank}-of-{ctx.world_size}.h5"
+    return f"{stem}.rank{rank}-of-{world_size}.h5"
 
 
 def write_master_store(path: os.PathLike, shard_files: list[str], num_rows: int) -> None:

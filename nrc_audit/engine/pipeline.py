@@ -1,41 +1,38 @@
-"""``run_audit(config) -> Report``: the one module that wires io, extract, store, stats and conditions.
+"""The one pass: read a batch → forward with hooks → per-layer float64 statistics → next batch.
 
-One pass over the data: read a batch → forward with hooks → per-layer float64 statistics (on the model's
-device) → queue the features to the store writer → next batch. The report is built from the statistics
-alone, so a saved store re-analyses to the same report (:func:`reanalyze`).
+Per batch (on the model's device): the forward runs with hooks on the audited layers, the features are
+queued to the store writer (if any), and the float64 folds run one batch behind on a worker thread.
+:func:`audit_rows` runs the pass over rows of an HDF5 file for the CLI; :func:`extraction_pass` is the
+pass itself, shared with the Python API. What the pass found out about the model on its first batch (how
+the output was read, how tokens were pooled) comes back in its result, as do the statistics and the
+store's writer, still open: the caller completes it once the report exists.
 """
 
 from __future__ import annotations
 
 import contextlib
-import functools
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
 import torch
 
-from nrc_audit.version import __version__
-from nrc_audit.engine import distributed, overlap, threads
-from nrc_audit.engine.context import DataContext, ModelContext, RunContext
-from nrc_audit.core.conditions import LayerMetrics, layer_metrics, target_summary, with_identity
-from nrc_audit.core.diagnostics import report_warnings
-from nrc_audit.core.verdicts import choose_rank, collapse_onset, gate
-from nrc_audit.config import AnalysisOptions, AuditConfig
+from nrc_audit.engine import overlap, threads
+from nrc_audit.config import AuditConfig
 from nrc_audit.errors import Interrupted, ModelDataMismatchError, NrcAuditError, OptionsError
-from nrc_audit.io.plan import plan_audit, plan_statistics
+from nrc_audit.io.plan import plan_audit
 from nrc_audit.core.layer import LayerInfo
 from nrc_audit.engine.extract import FeatureExtractor, candidate_layers, skipped_layers
 from nrc_audit.engine.model_io import check_first_layer, probe_batch
-from nrc_audit.models.architecture import inferred_architecture_warning, resolve_model, user_forward_error
+from nrc_audit.models.architecture import resolve_model, user_forward_error
 from nrc_audit.io.hf_layout import load_model_files, sha256_path
 from nrc_audit.io.dataset import HDF5Dataset
-from nrc_audit.outputs.report import Gate, Report, Summary
-from nrc_audit.core.stats import JointAccumulator, PassStatistics
-from nrc_audit.io.store import FeatureStore, FeatureStoreWriter
+from nrc_audit.core.stats import PassStatistics
+from nrc_audit.io.store import FeatureStoreWriter
+from nrc_audit.outputs.context import DataContext, ModelContext, RunContext
 
 ProgressHook = Callable[[int, int], None]  # (rows done, rows total)
-POOLING_NOTE = "Conv inputs averaged over their spatial dims and Linear inputs over extra dims, in float64 (pooled: true)"
+Batch = tuple[int, torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]  # (first row, x (B, …), y (B, t), extra)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -56,37 +53,39 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
-def _check_output(out: torch.Tensor, t: int) -> torch.Tensor:
-    """Model output must be (B, t), or (B,) when t = 1; returns (B, t)."""
-    if out.ndim == 1 and t == 1:
-        return out.unsqueeze(1)
-    if out.ndim != 2 or out.shape[1] != t:
-        raise ModelDataMismatchError(
-            f"the model's output has shape {tuple(out.shape)} per batch, but the targets have {t} columns; "
-            f"expected (B, {t}). Is this a regression model for these targets (check --y-key)?"
-        )
-    return out
+@dataclass(frozen=True)
+class StoreRequest:
+    """Where the pass writes its features: ``path`` for ``num_rows`` rows (numbered from 0), the run
+    ``context`` the store records (the first batch's notes are added to it) and the HDF5 compression."""
 
-
-def run_audit(config: AuditConfig, progress: ProgressHook | None = None) -> Report:
-    """Run the whole audit described by ``config`` and return its report (no output files but the store).
-
-    Under ``torchrun`` (WORLD_SIZE > 1) every rank audits a shard of the rows and the statistics are merged
-    exactly; every rank returns the same report (the CLI prints it on rank 0 only).
-    """
-    config.validate()
-    device = resolve_device(config.device)
-    ctx = distributed.from_env(device)
-    if ctx is None:
-        return _audit(config, device, progress)
-    try:
-        return _audit_sharded(config, distributed.local_device(device), ctx, progress)
-    finally:
-        distributed.close(ctx)
+    path: Path
+    num_rows: int
+    context: RunContext
+    compression: str | None = None
 
 
 @dataclass
-class _Inputs:
+class Extracted:
+    """What one pass returns: the statistics, the notes the first batch taught (the output container read,
+    the token pooling; for the report's assumptions) and the store's writer, open and still writing what
+    is queued, for the caller to ``close(complete=True)`` once the report exists, or to ``discard``."""
+
+    stats: PassStatistics
+    notes: tuple[str, ...]
+    writer: FeatureStoreWriter | None = None
+
+
+@dataclass
+class Pass:
+    """A pass over rows of a data file: statistics, the run context with the pass's notes, the open writer."""
+
+    stats: PassStatistics
+    context: RunContext
+    writer: FeatureStoreWriter | None = None
+
+
+@dataclass
+class Inputs:
     """The opened model and data of one audit, and what the report will say about them."""
 
     model: torch.nn.Module
@@ -95,8 +94,22 @@ class _Inputs:
     context: RunContext
 
 
+def audit_rows(config: AuditConfig, device: torch.device, progress: ProgressHook | None = None) -> Pass:
+    """The single-process pass over every row of the data file, the store written to ``config.features_path``."""
+    done = None
+    try:
+        with opened(config, device) as inputs:
+            done = pass_rows(config, inputs, device, (0, inputs.ds.info.num_samples), config.features_path, progress)
+    except BaseException:  # closing the inputs failed or was interrupted: the open store goes too
+        if done is not None and done.writer is not None:
+            done.writer.discard()
+        raise
+    return done
+
+
 @contextlib.contextmanager
-def _opened(config: AuditConfig, device: torch.device) -> Iterator[_Inputs]:
+def opened(config: AuditConfig, device: torch.device) -> Iterator[Inputs]:
+    """The checkpoint rebuilt on ``device`` and the data file open, both checked before any batch is read."""
     ckpt = load_model_files(config.model_path)
     resolved = resolve_model(ckpt, config.model)
     model = resolved.module.to(device)
@@ -116,150 +129,68 @@ def _opened(config: AuditConfig, device: torch.device) -> Iterator[_Inputs]:
             str(device), config.batch_size,
             uint8_unscaled=info.x_kind == "uint8" and not config.data.scale_uint8,
         )  # fmt: skip
-        yield _Inputs(model, modules, ds, context)
+        yield Inputs(model, modules, ds, context)
 
 
-def _pass_rows(config: AuditConfig, inputs: _Inputs, device: torch.device, rows: tuple[int, int],
-               store_path: Path | None,
-               progress: ProgressHook | None) -> tuple[PassStatistics, RunContext, FeatureStoreWriter | None]:  # fmt: skip
+def pass_rows(config: AuditConfig, inputs: Inputs, device: torch.device, rows: tuple[int, int],
+              store_path: Path | None, progress: ProgressHook | None) -> Pass:  # fmt: skip
     """The one pass over rows [start, stop) of the data, writing them (renumbered from 0) to ``store_path``.
 
-    Returns the statistics, the context with what the first batch taught (output container, token
-    pooling) added to the model's assumptions (the store records that same context), and the store's
-    writer, still open and writing what is queued: the caller completes it (``close``) or drops it."""
-    (start, stop), info = rows, inputs.ds.info
-    notes = list(inputs.context.model.assumptions)
-    made: list[FeatureStoreWriter] = []
-
-    def noted() -> RunContext:
-        return replace(inputs.context, model=replace(inputs.context.model, assumptions=tuple(notes)))
-
-    def writer_factory(layers: list[LayerInfo]) -> FeatureStoreWriter:  # called after the first batch's notes
-        context = noted()
-        attrs = {"model_sha256": context.model.sha256, "data_sha256": context.data.sha256,
-                 "context": context.to_dict()}  # fmt: skip
-        assert store_path is not None
-        made.append(FeatureStoreWriter(store_path, stop - start, layers, attrs=attrs,
-                                       compression=config.features_compression))  # fmt: skip
-        return made[-1]
-
-    batches = ((a - start, x, y) for a, x, y in inputs.ds.batches(config.batch_size, start, stop))  # local rows
-    extras = functools.partial(_shard_extras, inputs.ds, start) if config.data.input_keys else None
-    stats = extraction_pass(inputs.model, inputs.modules, batches, device=device, target_dim=info.target_dim,
-                            input_shape=info.input_shape, num_rows=stop - start,
-                            writer_factory=writer_factory if store_path is not None else None, progress=progress,
-                            extras=extras, token_pooling=config.model.token_pooling,
-                            output_key=config.model.output_key, notes=notes)  # fmt: skip
-    return stats, noted(), (made[0] if made else None)
-
-
-def _shard_extras(ds: HDF5Dataset, offset: int, start: int, size: int) -> dict[str, torch.Tensor]:
-    return ds.extras(offset + start, offset + start + size)  # shard-local rows → file rows
-
-
-def _audit(config: AuditConfig, device: torch.device, progress: ProgressHook | None) -> Report:
-    """The single-process audit: one pass over every row, then the report."""
-    writer = None
-    try:
-        with _opened(config, device) as inputs:
-            stats, context, writer = _pass_rows(config, inputs, device, (0, inputs.ds.info.num_samples),
-                                                config.features_path, progress)  # fmt: skip
-    except BaseException:  # closing the inputs failed or was interrupted: the open store goes too
-        if writer is not None:
-            writer.discard()
-        raise
-    return _report(stats, config, context, writer)
-
-
-def _audit_sharded(config: AuditConfig, device: torch.device, ctx: distributed.DistContext,
-                   progress: ProgressHook | None) -> Report:  # fmt: skip
-    """The single-process pass on this rank's shard of whole batches, wrapped in the exact merge over ranks."""
-    error: NrcAuditError | None = None
-    with _opened(config, device) as inputs:
-        num_samples = inputs.ds.info.num_samples
-        distributed.agree(ctx, "checkpoints (sha256)", inputs.context.model.sha256)
-        distributed.agree(ctx, "data files (sha256)", inputs.context.data.sha256)
-        context = replace(inputs.context, world_size=ctx.world_size)
-        start, stop = distributed.shard(num_samples, config.batch_size, ctx)
-        if start >= stop:  # reported to every rank by sync_errors, so that none waits for this one
-            distributed.sync_errors(ctx, OptionsError(
-                f"{num_samples} rows in batches of {config.batch_size} leave rank {ctx.rank} of "
-                f"{ctx.world_size} without data; lower --batch-size or use fewer processes."
-            ))  # fmt: skip
-        store = None if config.features_path is None else Path(distributed.shard_path(config.features_path, ctx))
-        try:
-            stats, context, writer = _pass_rows(config, replace(inputs, context=context), device, (start, stop),
-                                                store, progress if ctx.is_main else None)  # fmt: skip
-            if writer is not None:  # every shard complete before rank 0 links them into the master store
-                writer.close(complete=True)
-        except NrcAuditError as exc:
-            error = exc
-    try:
-        distributed.sync_errors(ctx, error)
-    except BaseException:  # another rank failed: no complete-looking shard of this one stays behind
-        if store is not None:
-            Path(store).unlink(missing_ok=True)
-        raise
-    distributed.merge_pass(ctx, stats, device)
-    if config.features_path is not None:
-        distributed.barrier(ctx)
-        if ctx.is_main:
-            shards = [distributed.shard_path(config.features_path, distributed.DistContext(r, ctx.world_size, "", False))
-                      for r in range(ctx.world_size)]  # fmt: skip
-            distributed.write_master_store(config.features_path, shards, num_samples)
-        distributed.barrier(ctx)
-    try:
-        return _report(stats, config, context, None)
-    except NrcAuditError:  # unusable after all (e.g. constant targets): leave no output behind
-        if ctx.is_main and config.features_path is not None:
-            Path(config.features_path).unlink(missing_ok=True)
-        raise
-
-
-def _report(stats: PassStatistics, config: AuditConfig, context: RunContext,
-            writer: FeatureStoreWriter | None) -> Report:  # fmt: skip
-    """The report, built while the store's writer still drains its queue (the analysis uses the core the
-    writer leaves idle); the store is completed only once the report exists. If the report cannot be built
-    (e.g. constant targets) or the run is interrupted meanwhile, the partial store is deleted."""
-    try:
-        report = build_report(stats, config.analysis, context)
-    except BaseException:
-        if writer is not None:
-            writer.discard()
-        raise
-    if writer is not None:
-        writer.close(complete=True)
-    return report
+    The returned context adds what the first batch taught to the model's assumptions; the store records
+    that same context."""
+    (start, stop), info, ds = rows, inputs.ds.info, inputs.ds
+    keyed = bool(config.data.input_keys)
+    batches = ((a - start, x, y, ds.extras(a, a + len(y)) if keyed else {})  # shard-local rows, file rows read
+               for a, x, y in ds.batches(config.batch_size, start, stop))  # fmt: skip
+    store = None if store_path is None else StoreRequest(store_path, stop - start, inputs.context,
+                                                         config.features_compression)  # fmt: skip
+    found = extraction_pass(inputs.model, inputs.modules, batches, device=device, target_dim=info.target_dim,
+                            input_shape=info.input_shape, num_rows=stop - start, store=store, progress=progress,
+                            token_pooling=config.model.token_pooling, output_key=config.model.output_key)  # fmt: skip
+    return Pass(found.stats, inputs.context.with_assumptions(found.notes), found.writer)
 
 
 def _model_dtype(model: torch.nn.Module) -> torch.dtype:
     return next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
 
 
+def _check_output(out: torch.Tensor, t: int) -> torch.Tensor:
+    """Model output must be (B, t), or (B,) when t = 1; returns (B, t)."""
+    if out.ndim == 1 and t == 1:
+        return out.unsqueeze(1)
+    if out.ndim != 2 or out.shape[1] != t:
+        raise ModelDataMismatchError(
+            f"the model's output has shape {tuple(out.shape)} per batch, but the targets have {t} columns; "
+            f"expected (B, {t}). Is this a regression model for these targets (check --y-key)?"
+        )
+    return out
+
+
+def _open_writer(store: StoreRequest, layers: list[LayerInfo], notes: tuple[str, ...]) -> FeatureStoreWriter:
+    context = store.context.with_assumptions(notes)
+    attrs = {"model_sha256": context.model.sha256, "data_sha256": context.data.sha256, "context": context.to_dict()}
+    return FeatureStoreWriter(store.path, store.num_rows, layers, attrs=attrs, compression=store.compression)
+
+
 def extraction_pass(
     model: torch.nn.Module,
     modules: dict[str, torch.nn.Module],
-    batches: Iterable[tuple[int, torch.Tensor, torch.Tensor]],
+    batches: Iterable[Batch],
     *,
     device: torch.device,
     target_dim: int,
     input_shape: tuple[int, ...],
     num_rows: int | None = None,
-    writer_factory: Callable[[list[LayerInfo]], FeatureStoreWriter] | None = None,
+    store: StoreRequest | None = None,
     progress: ProgressHook | None = None,
-    extras: Callable[[int, int], dict[str, torch.Tensor]] | None = None,
     token_pooling: str = "mean",
     output_key: str | None = None,
-    notes: list[str] | None = None,
-) -> PassStatistics:
-    """The one pass: forward each ``(first_row, x (B, …), y (B, t))`` batch with hooks, accumulate the
-    float64 statistics of every layer, and hand the features to the store writer (if any). On success the
-    writer ``writer_factory`` made is left open, still writing what is queued, for the factory's owner to
-    complete once the report exists (``_report``); on any error it is discarded here.
-
-    ``extras(first_row, B)`` gives the batch's extra keyword inputs (``--input-key``); how the output
-    container was read and how tokens were pooled are appended to ``notes`` (the report's assumptions)."""
-    stats, writer = PassStatistics(), None
+) -> Extracted:
+    """The one pass: forward each ``(first_row, x (B, …), y (B, t), extra)`` batch with hooks (``extra``:
+    keyword inputs, ``model(x, **extra)``), accumulate the float64 statistics of every layer, and hand the
+    features to the store's writer (opened on the first batch when ``store`` is given). On success the
+    writer is returned open, still writing what is queued; on any error it is discarded here."""
+    stats, writer, notes = PassStatistics(), None, ()
     dtype = _model_dtype(model)
     plan = threads.plan() if device.type == "cpu" else threads.ThreadPlan(None, None, False)
     first = True
@@ -268,21 +199,20 @@ def extraction_pass(
     fold = folder.put if folder is not None else stats.update
     try:
         with threads.applied(plan), FeatureExtractor(model, modules, token_pooling, output_key) as extractor:
-            for start, x, y in reader:
+            for start, x, y, extra in reader:
                 x = x.to(device, dtype=dtype if x.is_floating_point() else None, non_blocking=True)
                 y = y.to(device, dtype=torch.float64, non_blocking=True).reshape(len(y), -1)  # (B, t)
-                extra = {k: v.to(device) for k, v in extras(start, len(y)).items()} if extras else {}
+                extra = {k: v.to(device) for k, v in extra.items()}
                 out, feats = _forward(extractor, x, start, input_shape, extra)
                 out = _check_output(out, target_dim)
-                if first and plan.adaptive:  # light folds (conv nets): the forward gets every core
-                    widths = [layer.in_dim + target_dim for layer in extractor.layers or []]  # fold columns
-                    plan = threads.rebalanced(plan, extractor.flops_per_row(x, extra), widths)
-                if notes is not None and first:  # the first batch: before the store writer copies the context
-                    notes.extend(n for n in (extractor.output_note, extractor.pooling_note()) if n and n not in notes)
-                first = False
                 layers = extractor.layers or []
-                if writer is None and writer_factory is not None:
-                    writer = writer_factory(layers)
+                if first:
+                    if plan.adaptive:  # light folds (conv nets): the forward gets every core
+                        widths = [layer.in_dim + target_dim for layer in layers]  # fold columns
+                        plan = threads.rebalanced(plan, extractor.flops_per_row(x, extra), widths)
+                    notes = tuple(n for n in (extractor.output_note, extractor.pooling_note()) if n)
+                    writer = _open_writer(store, layers, notes) if store is not None else None
+                    first = False
                 if writer is not None:  # queued first: the writer thread works while this batch's Grams run
                     writer.write(start, out, y, feats)
                 fold(layers, out, y, feats)
@@ -296,8 +226,8 @@ def extraction_pass(
         if writer is not None:
             writer.discard()
         raise
-    reader.close()  # the writer stays open, still writing what is queued: its factory's caller completes it
-    return stats
+    reader.close()
+    return Extracted(stats, notes, writer)
 
 
 def _stop(reader: overlap.Prefetcher, folder: overlap.FoldWorker | None) -> None:
@@ -307,12 +237,12 @@ def _stop(reader: overlap.Prefetcher, folder: overlap.FoldWorker | None) -> None
 
 
 def _forward(extractor: FeatureExtractor, x: torch.Tensor, start: int, shape: tuple[int, ...],
-             extra: dict[str, torch.Tensor] | None = None) -> tuple[torch.Tensor, list[torch.Tensor]]:  # fmt: skip
+             extra: dict[str, torch.Tensor]) -> tuple[torch.Tensor, list[torch.Tensor]]:  # fmt: skip
     try:
         return extractor.run(x, extra)
     except (NrcAuditError, Interrupted, KeyboardInterrupt, MemoryError):
         raise
-    except (Exception, SystemExit) as exc:  # the model's forward is user code: fence it (issue 17 item 6)
+    except (Exception, SystemExit) as exc:  # the model's forward is user code: a failure there is not a bug here
         if not isinstance(exc, (RuntimeError, ValueError, IndexError, TypeError)):
             raise user_forward_error(getattr(extractor, "model", None), exc, start) from None
         first_line = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
@@ -320,73 +250,3 @@ def _forward(extractor: FeatureExtractor, x: torch.Tensor, start: int, shape: tu
             f"the model failed on the batch starting at row {start} (per-sample input shape {shape}): "
             f"{first_line}. Check that the data are in the model's input space and the checkpoint matches."
         ) from None
-
-
-def reanalyze(store_path: Path, analysis: AnalysisOptions, batch_size: int = 4096,
-              progress: ProgressHook | None = None) -> Report:  # fmt: skip
-    """Recompute the report from a complete feature store alone, without the model or the data file."""
-    analysis.validate()
-    stats = PassStatistics()
-    with FeatureStore(store_path) as store:
-        plan_statistics({layer.name: layer.in_dim for layer in store.layers}, store.n, None, 4)
-        context = RunContext.from_dict(store.context)
-        for start, out, y, feats in store.batches(batch_size):
-            stats.update(store.layers, out, y, feats)
-            if progress is not None:
-                progress(start + len(y), store.n)
-    return build_report(stats, analysis, context)
-
-
-def build_report(stats: PassStatistics, analysis: AnalysisOptions, context: RunContext) -> Report:
-    """Statistics + options → the typed report (conditions per layer, target block, summary, gate)."""
-    tm = stats.targets.moments
-    if tm is None:
-        raise OptionsError("no samples were audited")
-    n, _, s_yy = tm.to_numpy()
-    t = s_yy.shape[0]
-    target = target_summary(s_yy, n, analysis.rank_energy)
-    if target.rank_estimate == 0:
-        raise NrcAuditError(
-            f"the targets are constant over the {n} audited samples (zero variance); there is nothing to regress. "
-            "Check --y-key and --limit."
-        )
-    k, source = choose_rank(analysis.rank, t, target.rank_estimate)
-    if analysis.require_collapsed > len(stats.layers):
-        raise OptionsError(
-            f"--require-collapsed {analysis.require_collapsed} exceeds the {len(stats.layers)} audited layers; "
-            f"pass a number between 0 and {len(stats.layers)}."
-        )
-    model_mse = stats.sse / (n * t)
-    model_info = context.model.to_dict()
-    if any(layer.pooled for layer in stats.layers) and POOLING_NOTE not in model_info["assumptions"]:
-        model_info["assumptions"].append(POOLING_NOTE)
-
-    def analyse(pair: tuple[LayerInfo, JointAccumulator]) -> LayerMetrics:
-        layer, acc = pair
-        m = layer_metrics(acc.finalize(), layer.weight.numpy(), k, model_mse, analysis.pinv_rtol, analysis.thresholds)
-        return with_identity(m, layer.index, layer.name, layer.kind, layer.in_dim, layer.out_dim, layer.pooled)
-
-    rows = threads.parallel_map(analyse, zip(stats.layers, stats.joint))  # O(h³) per layer: layers in parallel
-    collapsed = [r.collapsed for r in rows]
-    passed, failing = gate(collapsed, analysis.require_collapsed)
-    summary = Summary(
-        num_layers=len(rows),
-        collapsed_layers=[r.index for r in rows if r.collapsed],
-        not_collapsed_layers=[r.index for r in rows if not r.collapsed],
-        collapse_onset=collapse_onset(collapsed),
-        gate=Gate(analysis.require_collapsed, passed, failing),
-    )
-    settings = {
-        **({"world_size": context.world_size} if context.world_size is not None else {}),
-        "rank": k, "rank_source": source, "device": context.device,
-        "batch_size": context.batch_size, "pinv_rtol": analysis.pinv_rtol,
-        "rank_energy": analysis.rank_energy, "require_collapsed": analysis.require_collapsed,
-        "thresholds": analysis.thresholds.to_dict(),
-    }  # fmt: skip
-    return Report(
-        tool={"name": "nrc-audit", "version": __version__},
-        model=model_info, data=context.data.to_dict(), settings=settings, target=target,
-        model_mse=model_mse, layers=rows, summary=summary,
-        warnings=report_warnings(stats.facts, target, model_mse, k, source, context.uint8_unscaled)
-        + [w for w in [inferred_architecture_warning(model_info["assumptions"])] if w],
-    )  # fmt: skip

@@ -1,13 +1,13 @@
 """What the report says about the run besides the statistics: the model, the data and the pass settings.
 
 Typed records instead of a nested dict read by key. :meth:`RunContext.to_dict` is the JSON the feature
-store keeps (``context`` attribute) and the report's ``model``/``data`` blocks, key for key as before;
+store keeps (``context`` attribute) and holds the report's ``model``/``data`` blocks key for key;
 :meth:`RunContext.from_dict` reads it back for re-analysis.
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 
@@ -51,13 +51,22 @@ class RunContext:
     device: str = "cpu"
     batch_size: int = 0
     world_size: int | None = field(default=None)
-    uint8_unscaled: bool = False  # X was uint8 and fed unscaled: a report warning, not part of the JSON
+    uint8_unscaled: bool = False  # X was uint8 and fed unscaled: a report warning, kept by the store only
+
+    def with_assumptions(self, notes: tuple[str, ...]) -> "RunContext":
+        """This context with ``notes`` appended to the model's assumptions (each once, in order)."""
+        kept = list(self.model.assumptions)
+        kept += [n for n in dict.fromkeys(notes) if n and n not in kept]
+        return replace(self, model=replace(self.model, assumptions=tuple(kept)))
 
     def to_dict(self) -> dict[str, Any]:
+        """The store's ``context`` attribute; the report's ``model``/``data`` blocks are its first two entries."""
         out: dict[str, Any] = {"model": self.model.to_dict(), "data": self.data.to_dict(), "device": self.device,
                                "batch_size": self.batch_size}  # fmt: skip
         if self.world_size is not None:
             out["world_size"] = self.world_size
+        if self.uint8_unscaled:  # so that re-analysis repeats the report's uint8 warning
+            out["uint8_unscaled"] = True
         return out
 
     @classmethod
@@ -66,4 +75,5 @@ class RunContext:
         m, x = dict(d["model"]), dict(d["data"])
         model = ModelContext(**dict(m, assumptions=tuple(m.get("assumptions", ()))))
         data = DataContext(**dict(x, input_shape=tuple(x["input_shape"])))
-        return cls(model, data, d.get("device", "cpu"), d.get("batch_size", 0), d.get("world_size"))
+        return cls(model, data, d.get("device", "cpu"), d.get("batch_size", 0), d.get("world_size"),
+                   bool(d.get("uint8_unscaled", False)))
