@@ -88,11 +88,6 @@ def audit_sharded(config: AuditConfig, device: torch.device, ctx: DistContext,
     return done.stats, done.context
 
 
-def env_rank() -> int:
-    """This process's rank from the torchrun environment (0 outside torchrun)."""
-    return int(os.environ.get("RANK", "0"))
-
-
 def from_env(device: torch.device) -> DistContext | None:
     """Join the process group torchrun describes (WORLD_SIZE > 1), else None."""
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
