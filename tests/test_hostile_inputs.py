@@ -246,6 +246,21 @@ def test_store_larger_than_the_free_disk_is_refused(tmp_path, data, monkeypatch)
         plan.plan_statistics({"0": 64}, 1000, tmp_path / "f.h5", 4)
 
 
+def test_store_plan_counts_pooled_conv_features_as_float64(tmp_path, monkeypatch):
+    """Pooled conv features are averaged and stored in float64: 8 bytes each, whatever the model's dtype."""
+    import shutil
+    from collections import namedtuple
+
+    modules = {"conv": torch.nn.Conv2d(16, 8, 3), "fc": torch.nn.Linear(32, 2)}
+    rows, four_byte_need = 1000, 1000 * (16 + 32) * 4
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda _p: usage(0, 0, four_byte_need + 1))  # fits at 4 bytes only
+    with pytest.raises(PlanError, match=r"needs .* \(1000 rows × 48 features"):
+        plan.plan_audit(modules, rows, (16, 8, 8), 10, tmp_path / "f.h5", 4)
+    monkeypatch.setattr(shutil, "disk_usage", lambda _p: usage(0, 0, 1000 * (16 * 8 + 32 * 4)))  # exactly enough
+    plan.plan_audit(modules, rows, (16, 8, 8), 10, tmp_path / "f.h5", 4)
+
+
 def test_memory_budget_setting_is_validated(monkeypatch):
     monkeypatch.setenv("NRC_AUDIT_MAX_MEMORY", "lots")
     with pytest.raises(PlanError, match="NRC_AUDIT_MAX_MEMORY='lots'"):

@@ -171,6 +171,19 @@ def test_uint8_images_without_scale_uint8_warn_and_name_the_option(tmp_path):
     assert scaled["warnings"] == [] and "warning:" not in err
 
 
+def test_reanalysis_repeats_the_uint8_warning(tmp_path):
+    """The store records that X was fed unscaled, so a report rebuilt from it warns as the audit did."""
+    from nrc_audit.cli.commands import reanalyze_app
+
+    store = tmp_path / "f.h5"
+    args = [SAMPLES / "resnet_wd.safetensors", SAMPLES / "images.h5", "--limit", "64", "--require-collapsed", "0"]
+    audited = runner.invoke(audit_app, [*map(str, args), "--features", str(store), "--no-progress", "--format", "json"])
+    again = runner.invoke(reanalyze_app, [str(store), "--no-progress", "--format", "json", "--require-collapsed", "0"])
+    assert audited.exit_code == 0 and again.exit_code == 0, again.stderr
+    uint8 = [w for w in json.loads(again.stdout)["warnings"] if "uint8" in w]
+    assert uint8 and uint8 == [w for w in json.loads(audited.stdout)["warnings"] if "uint8" in w]
+
+
 def test_unstandardised_targets_warn_that_the_model_does_not_fit(tmp_path):
     with h5py.File(SAMPLES / "data.h5", "r") as fh:
         x, y = fh["X"][:600], fh["Y"][:600]

@@ -110,12 +110,14 @@ def check_module_indices(keys: Iterable[str], path: Path) -> None:
                         "of the real model, or pass --model-def to build it yourself.")  # fmt: skip
 
 
-def plan_statistics(widths: Mapping[str, int], num_rows: int, store_path: Path | None, itemsize: int) -> None:
+def plan_statistics(widths: Mapping[str, int], num_rows: int, store_path: Path | None, itemsize: int,
+                    pooled: Iterable[str] = ()) -> None:  # fmt: skip
     """Refuse an audit whose per-layer float64 statistics (Σ 8·h² bytes, times the eigh workspace) exceed
     the memory budget, or whose feature store (N·(Σ h) values) exceeds the free disk of its folder.
 
     Args:
         widths: audited layer name → feature width h. num_rows: N. itemsize: bytes per stored feature.
+        pooled: the layers whose features are pooled: they are averaged, and stored, in float64 (8 bytes).
     """
     if not widths:
         return
@@ -131,10 +133,12 @@ def plan_statistics(widths: Mapping[str, int], num_rows: int, store_path: Path |
         free = shutil.disk_usage(folder).free
     except OSError:
         return  # the folder's absence is reported by the store writer
-    need = num_rows * sum(widths.values()) * itemsize
+    wide = set(pooled)
+    need = num_rows * sum(h * (8 if name in wide else itemsize) for name, h in widths.items())
     if need > free:
         raise PlanError(f"--features {store_path}: the store needs {_gib(need)} ({num_rows} rows × "
-                        f"{sum(widths.values())} features × {itemsize} bytes) but {folder} has {_gib(free)} free. "
+                        f"{sum(widths.values())} features × {itemsize} bytes, 8 for pooled ones) but {folder} has "
+                        f"{_gib(free)} free. "
                         "Free space, choose another folder, pass --features-compression, or audit fewer layers.")
 
 
@@ -148,7 +152,8 @@ def plan_audit(modules: Mapping[str, torch.nn.Module], num_rows: int, input_shap
         input_shape: per-sample shape, e.g. (C, H, W). itemsize: bytes per stored feature (4 or 8).
     """
     widths = {name: int(getattr(m, "in_features", None) or getattr(m, "in_channels", 0)) for name, m in modules.items()}
-    plan_statistics(widths, num_rows, store_path, itemsize)
+    convs = [name for name, m in modules.items() if isinstance(m, torch.nn.Conv2d)]  # pooled over H×W
+    plan_statistics(widths, num_rows, store_path, itemsize, convs)
     per_sample = 8 * max(1, math.prod(input_shape))
     refuse_over_memory(f"a batch of {batch_size} samples of shape {input_shape} (×2: read and prefetched)",
                        2 * batch_size * per_sample, "Lower --batch-size.")
