@@ -9,12 +9,16 @@ from typing import Annotated, Any, Optional
 import typer
 
 from nrc_audit.cli.common import (
-    ANALYSIS_OPTIONS, DATA_PASS_OPTIONS, INPUTS, OUTPUTS, REPORT_OUTPUTS, RUN_OPTIONS, PlotOpt, analysis_options,
-    err_console, flag, guarded, make_app, opt, outputs, require_inputs, settings, settings_source, takes,
-    with_progress,
+    INPUTS, OutputFormat, PlotOpt, analysis_options, err_console, flag, guarded, make_app, model_def_file, opt,
+    require_inputs, settings_source, takes, with_progress,
+)  # fmt: skip
+from nrc_audit.cli.options import (
+    AnalysisArgs, DataArgs, ModelArgs, PassArgs, ReportArgs, RunArgs, TrendFormatOpt, TrendJsonOpt, TrendJunitOpt,
+    audit_config,
+    settings,
 )  # fmt: skip
 from nrc_audit.errors import ExitCode, OptionsError
-from nrc_audit.io.files import write_with
+from nrc_audit.io.files import write_atomic, write_with
 from nrc_audit.io.validate import parse_json
 
 reanalyze_app = make_app("Recompute the audit report from a saved feature store, without the model or the data.")
@@ -23,91 +27,74 @@ validate_app = make_app("Validate JSON reports against the shipped nrc-audit-rep
 
 
 @reanalyze_app.command()
-@takes(ANALYSIS_OPTIONS, REPORT_OUTPUTS, RUN_OPTIONS)
+@takes
 def reanalyze(
     store: Annotated[Path, typer.Argument(metavar="STORE", help="Feature store written by a previous audit (--features).", show_default=False)],
-    **opts: Any,
+    analysis: AnalysisArgs,
+    report: ReportArgs,
+    run: RunArgs,
 ) -> None:
     """Recompute the report from STORE alone (new thresholds or rank allowed)."""
-    given = {**locals(), **opts}
 
     def body() -> ExitCode:
         from nrc_audit.outputs.emit import emit, failure_reports
 
-        out = outputs(given)
+        out = report.outputs()
         with failure_reports(out):
-            s = settings(opts["config"], given)
+            s = settings(run, analysis, report)
             if int(s["batch_size"]) < 1:
                 raise OptionsError(f"--batch-size {s['batch_size']} must be ≥ 1.")
             out = out.with_tolerance(float(s["baseline_tolerance"]))
-            out.check_before_run({"the feature store": store,
-                                  "the settings file": settings_source(opts["config"])})  # fmt: skip
-            analysis = analysis_options(s)
+            out.check_before_run({"the feature store": store, "the settings file": settings_source(run.config)})
+            options = analysis_options(s)
             require_inputs(("feature store", store))
             from nrc_audit.engine.run import reanalyze as run_reanalysis  # torch: only after the checks
 
-            report = with_progress(not (opts["no_progress"] or opts["quiet"]),
-                                   lambda hook: run_reanalysis(store, analysis, int(s["batch_size"]), hook))  # fmt: skip
-        return emit(report, out)
+            done = with_progress(run.progress, lambda hook: run_reanalysis(store, options, int(s["batch_size"]), hook))
+        return emit(done, out)
 
     guarded(body)
 
 
 @trend_app.command()
-@takes(ANALYSIS_OPTIONS, DATA_PASS_OPTIONS, RUN_OPTIONS)
+@takes
 def trend(
     checkpoints: Annotated[Optional[list[Path]], typer.Argument(metavar="CHECKPOINTS...", help="Checkpoints of one run (sorted by the numbers in their names: epoch_2 before epoch_10, unless --as-given).", show_default=False)] = None,
     data: Annotated[Optional[Path], opt("--data", help="HDF5 dataset to audit every checkpoint on.", panel=INPUTS, show=False)] = None,
     history: Annotated[Optional[Path], opt("--history", help="Render a JSON-lines history (from CollapseMonitor) instead.", panel=INPUTS, show=False)] = None,
-    json_path: Annotated[Optional[Path], opt("--json", help="Write all reports as one JSON document.", panel=OUTPUTS, show=False)] = None,
-    plot: PlotOpt = None,
     as_given: Annotated[bool, flag("--as-given", help="Keep the checkpoints in the order given instead of sorting them naturally.", panel=INPUTS)] = False,
-    **opts: Any,
+    data_args: DataArgs = DataArgs(),
+    model_args: ModelArgs = ModelArgs(),
+    pass_args: PassArgs = PassArgs(),
+    analysis: AnalysisArgs = AnalysisArgs(),
+    run: RunArgs = RunArgs(),
+    json_path: TrendJsonOpt = None,
+    fmt: TrendFormatOpt = OutputFormat.table,
+    plot: PlotOpt = None,
+    junit_xml: TrendJunitOpt = None,
 ) -> None:
     """Audit each checkpoint (one data pass each) and show every condition per layer against checkpoint.
 
     The gate (--require-collapsed N) applies to the last checkpoint and sets the exit code (0/1/2 as for an audit).
     """
-    given = {**locals(), **opts}
 
     def body() -> ExitCode:
-        from nrc_audit.config import AuditConfig, DataOptions, ModelOptions
         from nrc_audit.outputs.emit import Outputs
-        from nrc_audit.outputs.trend import load_history, natural_order, write_trend_json
+        from nrc_audit.outputs.trend import load_history, write_trend_json
 
         inputs = {f"the checkpoint {c}": c for c in checkpoints or []} | {"--data": data, "--history": history}
-        Outputs(plot_path=plot).check_before_run(inputs | {"the settings file": settings_source(opts["config"])},
-                                                 {"--json": json_path})  # fmt: skip
+        Outputs(plot_path=plot).check_before_run(inputs | {"the settings file": settings_source(run.config),
+                                                           "the --model-def file": model_def_file(model_args.model_def)},
+                                                 {"--json": json_path, "--junit-xml": junit_xml})  # fmt: skip
+        s = settings(run, data_args, model_args, pass_args, analysis)
         if history is not None:
             if checkpoints:
                 raise OptionsError("pass either checkpoints (with --data) or --history, not both.")
-            s = settings(opts["config"], given)
             labels, reports = load_history(history)  # in the order recorded (training order)
         else:
             if not checkpoints or data is None:
                 raise OptionsError("pass the checkpoints of one run and --data DATA.h5 (or --history FILE).")
-            s = settings(opts["config"], given)
-            analysis = analysis_options(s)
-            require_inputs(("data file", data), *(("checkpoint", c) for c in checkpoints))
-            from nrc_audit.engine.run import run_audit  # torch: only after the checks
-
-            ordered = list(checkpoints) if as_given else natural_order(checkpoints)
-            if not opts["quiet"]:
-                err_console.print(f"order{' (as given)' if as_given else ''}: " + ", ".join(c.stem for c in ordered),
-                                  highlight=False, soft_wrap=True)  # fmt: skip
-            labels, reports = [], []
-            for ckpt in ordered:
-                cfg = AuditConfig(model_path=ckpt, data_path=data,
-                                  data=DataOptions(s["x_key"], s["y_key"], opts["channels_last"], opts["scale_uint8"],
-                                                   opts["limit"]),
-                                  model=ModelOptions(activation=s["activation"]), analysis=analysis,
-                                  layers=tuple(s["layers"]), exclude=tuple(s["exclude"]), device=s["device"],
-                                  batch_size=int(s["batch_size"]), features_path=None)  # fmt: skip
-                if not opts["quiet"]:
-                    err_console.print(f"auditing {ckpt}", highlight=False)
-                shown = not (opts["no_progress"] or opts["quiet"])
-                reports.append(with_progress(shown, lambda hook, c=cfg: run_audit(c, hook)))
-                labels.append(ckpt.stem)
+            labels, reports = _audit_each(checkpoints, data, s, data_args, model_args, run, as_given)
         if len({tuple(layer.name for layer in r.layers) for r in reports}) > 1:
             raise OptionsError("the checkpoints audit different layers; trend needs checkpoints of one architecture.")
         if json_path is not None:
@@ -116,18 +103,46 @@ def trend(
             from nrc_audit.outputs.plot import plot_trend
 
             write_with(plot, lambda tmp: plot_trend(labels, reports, tmp), suffix=plot.suffix or ".png")
-        return _show_trend(labels, reports, int(s["require_collapsed"]))
+        if junit_xml is not None:
+            from nrc_audit.outputs.ci import junit_xml as to_junit
+
+            write_atomic(junit_xml, to_junit(reports[-1], name=labels[-1]))
+        return _show_trend(labels, reports, int(s["require_collapsed"]), fmt)
 
     guarded(body)
 
 
-def _show_trend(labels: list[str], reports: list, n: int) -> ExitCode:
-    """Print the trend tables (gate column: the last ``n`` layers of each checkpoint) and return the exit code
-    of the last checkpoint's gate."""
+def _audit_each(checkpoints: list[Path], data: Path, s: dict[str, Any], data_args: DataArgs, model_args: ModelArgs,
+                run: RunArgs, as_given: bool) -> tuple[list[str], list[Any]]:  # fmt: skip
+    """Audit every checkpoint on ``data`` (no feature store) in training order: (labels, reports)."""
+    from nrc_audit.outputs.trend import natural_order
+
+    configs = [audit_config(c, data, s, data_args, model_args) for c in checkpoints]  # every option checked first
+    require_inputs(("data file", data), *(("checkpoint", c) for c in checkpoints))
+    from nrc_audit.engine.run import run_audit  # torch: only after the checks
+
+    ordered = configs if as_given else [configs[checkpoints.index(c)] for c in natural_order(checkpoints)]
+    if not run.quiet:
+        err_console.print(f"order{' (as given)' if as_given else ''}: " + ", ".join(c.model_path.stem for c in ordered),
+                          highlight=False, soft_wrap=True)  # fmt: skip
+    labels, reports = [], []
+    for cfg in ordered:
+        if not run.quiet:
+            err_console.print(f"auditing {cfg.model_path}", highlight=False)
+        reports.append(with_progress(run.progress, lambda hook, c=cfg: run_audit(c, hook)))
+        labels.append(cfg.model_path.stem)
+    return labels, reports
+
+
+def _show_trend(labels: list[str], reports: list, n: int, fmt: OutputFormat) -> ExitCode:
+    """Print the trend tables (gate column: the last ``n`` layers of each checkpoint), the trend JSON or the
+    last checkpoint's GitHub annotations, and return the exit code of the last checkpoint's gate."""
+    import sys
+
     from rich.console import Console
 
     from nrc_audit.core.verdicts import exit_code
-    from nrc_audit.outputs.trend import gate_of, trend_tables
+    from nrc_audit.outputs.trend import gate_of, trend_json, trend_tables
 
     layers = reports[-1].summary.num_layers
     if n < 0:
@@ -135,9 +150,16 @@ def _show_trend(labels: list[str], reports: list, n: int) -> ExitCode:
     if n > layers:
         raise OptionsError(f"--require-collapsed {n} exceeds the {layers} audited layers; pass a number between 0 "
                            f"and {layers}.")  # fmt: skip
-    console = Console()
-    for table in trend_tables(labels, reports, n):
-        console.print(table)
+    if fmt is OutputFormat.json:
+        sys.stdout.write(trend_json(labels, reports))
+    elif fmt is OutputFormat.github:
+        from nrc_audit.outputs.ci import github_annotations
+
+        sys.stdout.writelines(line + "\n" for line in github_annotations(reports[-1]))
+    else:
+        console = Console()
+        for table in trend_tables(labels, reports, n):
+            console.print(table)
     passed = gate_of(reports[-1], n)
     if n:
         err_console.print(f"gate on the last checkpoint ({labels[-1]}, last {n} layer(s)): "

@@ -1,8 +1,6 @@
 """What every command shares: option declarations, settings resolution, progress, and the one place where
 exceptions and signals become exit codes.
 
-Originally: Typer wiring only: options → settings → config → run_audit → outputs → exit code.
-
 Exceptions become exit codes here and nowhere else: NrcAuditError → 2, any unexpected exception → 2 (one
 paragraph; traceback with --debug), SIGINT → 130, SIGTERM → 143; 1 only for a failed gate or baseline.
 stdout carries only the product (table or JSON); progress, warnings and errors go to stderr.
@@ -12,7 +10,9 @@ Analysis options default to None on the command line so that a ``[tool.nrc-audit
 
 from __future__ import annotations
 
+import dataclasses
 import enum
+import functools
 import inspect
 import json
 import os
@@ -20,7 +20,7 @@ import signal
 import sys
 import traceback
 from pathlib import Path
-from typing import Annotated, Any, Callable, Optional, TypeVar
+from typing import Annotated, Any, Callable, Optional, TypeVar, get_type_hints
 
 import typer
 from rich.console import Console
@@ -116,52 +116,41 @@ def version_callback(value: bool) -> None:
 VersionOpt = Annotated[bool, flag("--version", help="Print the version and exit.", panel=OUTPUTS, callback=version_callback, is_eager=True)]
 
 
-# Option groups: each shared option is declared once above and listed in one group here; a command takes whole
-# groups with ``@takes(...)`` and receives them in ``**opts`` under these names (the settings keys where the
-# option is one). Entries: (parameter name, Annotated type with its typer.Option, command-line default).
-SharedOption = tuple[str, Any, Any]
-ANALYSIS_OPTIONS: tuple[SharedOption, ...] = (
-    ("rank", RankOpt, None), ("pinv_rtol", RtolOpt, None), ("rank_energy", EnergyOpt, None),
-    ("batch_size", BatchOpt, None), ("nrc1_max", Nrc1Opt, None), ("nrc2_min", Nrc2Opt, None),
-    ("nrc3_min", Nrc3Opt, None), ("nrc4_ratio_max", Nrc4Opt, None), ("require_collapsed", RequireOpt, None),
-)  # fmt: skip
-DATA_PASS_OPTIONS: tuple[SharedOption, ...] = (  # commands that run the model over a data file
-    ("x_key", XKeyOpt, None), ("y_key", YKeyOpt, None), ("channels_last", ChannelsLastOpt, False),
-    ("scale_uint8", ScaleUint8Opt, False), ("limit", LimitOpt, None), ("device", DeviceOpt, None),
-)  # fmt: skip
-REPORT_OUTPUTS: tuple[SharedOption, ...] = (  # commands that end in one report (outputs.emit)
-    ("json_path", JsonOpt, None), ("fmt", FormatOpt, OutputFormat.table), ("markdown", MarkdownOpt, None),
-    ("model_index", ModelIndexOpt, None), ("model_card", ModelCardOpt, None), ("dataset_id", DatasetIdOpt, None),
-    ("dataset_name", DatasetNameOpt, None), ("hub_task", HubTaskOpt, None), ("plot", PlotOpt, None),
-    ("junit_xml", JunitOpt, None), ("baseline", BaselineOpt, None), ("baseline_tolerance", ToleranceOpt, None),
-    ("exit_zero", ExitZeroOpt, False),
-)  # fmt: skip
-RUN_OPTIONS: tuple[SharedOption, ...] = (
-    ("config", ConfigOpt, None), ("no_progress", QuietOpt, False), ("quiet", QuietFlag, False),
-)  # fmt: skip
 PANEL_ORDER = (INPUTS, MODEL, ANALYSIS, THRESHOLDS, OUTPUTS, CI)
 Command = TypeVar("Command", bound=Callable[..., Any])
 
 
-def takes(*groups: tuple[SharedOption, ...]) -> Callable[[Command], Command]:
-    """Add the options of ``groups`` to a command that ends in ``**opts``: Typer builds a command from
-    ``inspect.signature``, which returns ``__signature__`` when set, so the shared options are declared once
-    and the command still receives every option by name (``opts["quiet"]``). The parameters are ordered for
-    help: positional arguments, then one panel after another (PANEL_ORDER); within a panel the command's own
-    options first, then the groups' in the order given."""
+def takes(command: Command) -> Command:
+    """Let Typer see the fields of every option group the command takes as options, and hand the command the
+    filled groups. A parameter annotated with a group dataclass (cli/options.py) is replaced, for Typer, by
+    the group's fields (Typer builds a command from ``inspect.signature``, which returns ``__signature__``);
+    the command itself receives one frozen instance per group, so every option keeps its type from the
+    command line to its use. Parameters are ordered for help: arguments, then the panels in PANEL_ORDER."""
+    own = inspect.signature(command, eval_str=True).parameters.values()
+    keyword = inspect.Parameter.KEYWORD_ONLY  # Typer passes every parameter by name
+    groups: dict[str, tuple[type, list[str]]] = {}
+    params: list[inspect.Parameter] = []
+    for p in own:
+        if not dataclasses.is_dataclass(p.annotation):
+            params.append(p.replace(kind=keyword))
+            continue
+        cls = p.annotation
+        hints = get_type_hints(cls, include_extras=True)
+        names = [f.name for f in dataclasses.fields(cls)]
+        groups[p.name] = (cls, names)  # type: ignore[assignment]
+        params += [inspect.Parameter(f.name, keyword, annotation=hints[f.name], default=f.default)
+                   for f in dataclasses.fields(cls)]  # fmt: skip
+    clash = sorted({p.name for p in params if sum(q.name == p.name for q in params) > 1})
+    if clash:
+        raise TypeError(f"{command.__name__}: option names {clash} are declared twice")
 
-    def declare(command: Command) -> Command:
-        own = list(inspect.signature(command, eval_str=True).parameters.values())
-        if not own or own[-1].kind is not inspect.Parameter.VAR_KEYWORD:
-            raise TypeError(f"{command.__name__} must end in **opts to take shared options")
-        keyword = inspect.Parameter.KEYWORD_ONLY  # Typer passes every parameter by name
-        params = [p.replace(kind=keyword) for p in own[:-1]]
-        params += [inspect.Parameter(name, keyword, annotation=kind, default=default)
-                   for group in groups for name, kind, default in group]  # fmt: skip
-        setattr(command, "__signature__", inspect.Signature(sorted(params, key=_panel_rank), return_annotation=None))
-        return command
+    @functools.wraps(command)
+    def typer_entry(**values: Any) -> Any:  # Typer calls with every option by name
+        args = {name: cls(**{n: values.pop(n) for n in names}) for name, (cls, names) in groups.items()}
+        return command(**values, **args)
 
-    return declare
+    setattr(typer_entry, "__signature__", inspect.Signature(sorted(params, key=_panel_rank), return_annotation=None))
+    return typer_entry  # type: ignore[return-value]
 
 
 def _panel_rank(param: inspect.Parameter) -> int:
@@ -183,21 +172,6 @@ def analysis_options(s: dict[str, Any]) -> AnalysisOptions:
                            thresholds).validate()  # fmt: skip
 
 
-def outputs(given: dict[str, Any], model: Path | None = None) -> Any:
-    """The command's output options (its ``locals()``) → ``outputs.emit.Outputs``; options a command does not
-    declare are left at their defaults. The baseline tolerance comes later, from the resolved settings."""
-    from nrc_audit.outputs.emit import Outputs
-    from nrc_audit.outputs.model_card import HubCard
-
-    g = given.get
-    fmt = g("fmt")
-    card = HubCard(g("dataset_id"), g("dataset_name"), g("hub_task"), model.stem if model is not None else None)
-    return Outputs(fmt=fmt.value if fmt is not None else "table", json_path=g("json_path"), markdown_path=g("markdown"),
-                   model_index_path=g("model_index"), plot_path=g("plot"), baseline_path=g("baseline"),
-                   exit_zero=bool(g("exit_zero")), is_main=is_main(), junit_path=g("junit_xml"),
-                   model_card_path=g("model_card"), card=card)  # fmt: skip
-
-
 def is_main() -> bool:
     """Whether this process writes and prints (rank 0 under torchrun's RANK, always outside it). Read from the
     environment, not from engine.distributed, which imports torch: option errors come before torch loads."""
@@ -211,13 +185,6 @@ def require_inputs(*inputs: tuple[str, Path | None]) -> None:
     for what, path in inputs:
         if path is not None and not path.exists():
             raise OptionsError(f"{what} not found: {path}. Check the path (relative paths start at {Path.cwd()}).")
-
-
-def settings(config: Path | None, cli: dict[str, Any]) -> dict[str, Any]:
-    """Resolve the settings a command was given: ``cli`` is the command's ``locals()``; the names that are
-    settings keys (DEFAULTS in settings_file) are taken from it, None meaning 'not given'."""
-    file_values, _ = load_settings(config)
-    return resolve({k: v for k, v in cli.items() if k in DEFAULTS}, file_values)
 
 
 def progress_bar(enabled: bool, label: str = "extracting") -> tuple[Progress | None, Callable[[int, int], None] | None]:

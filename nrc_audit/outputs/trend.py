@@ -108,6 +108,11 @@ def trend_tables(labels: Sequence[str], reports: Sequence[Report], require_colla
     return tables
 
 
-def write_trend_json(path: Path, labels: Sequence[str], reports: Sequence[Report]) -> None:
+def trend_json(labels: Sequence[str], reports: Sequence[Report]) -> str:
+    """The trend document (schema ``nrc-audit-trend/1``): the labels and every report, in training order."""
     doc = {"schema": "nrc-audit-trend/1", "labels": list(labels), "reports": [r.to_dict() for r in reports]}
-    write_atomic(path, json.dumps(doc, indent=2, allow_nan=False) + "\n")
+    return json.dumps(doc, indent=2, allow_nan=False) + "\n"
+
+
+def write_trend_json(path: Path, labels: Sequence[str], reports: Sequence[Report]) -> None:
+    write_atomic(path, trend_json(labels, reports))
