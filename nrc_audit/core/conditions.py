@@ -9,14 +9,16 @@ Nothing here touches files, tensors or devices: numpy float64 in, Python floats 
 from __future__ import annotations
 
 from dataclasses import dataclass, field, fields, replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from nrc_audit.config import Thresholds
 from nrc_audit.core.spectra import FeatureSpectrum, feature_spectrum, fix_signs, weight_spectrum
-from nrc_audit.core.stats import LayerStatistics
 from nrc_audit.core.verdicts import condition_passed, is_collapsed
+
+if TYPE_CHECKING:  # an annotation only: the report records (outputs) load without torch
+    from nrc_audit.core.stats import LayerStatistics
 
 # `holds` tolerates this much rounding in lhs ≤ rhs. SPEC §4 says 1e-9, but lhs and rhs are square roots:
 # for an exactly collapsed layer both are √(rounding) ≈ 1e-8, and 1e-9 would report a spurious failure.

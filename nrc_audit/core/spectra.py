@@ -25,9 +25,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-import scipy.linalg
-import scipy.linalg.lapack as lapack
-import torch
+
+# torch and scipy are imported where the analysis runs, not at import: the report records (outputs) load this
+# module's package without either
 
 CERTIFIED_TOL = 1e-9  # largest proven difference of nrc3/noise_alignment from the exact SVD's that is accepted
 OVERSAMPLE = 8  # extra Ritz vectors: the subspace iteration contracts the error by σ_(q+1)/σ_k
@@ -66,7 +66,11 @@ def fix_signs(vecs: np.ndarray) -> np.ndarray:
 
 
 def on_gpu(device: str | None) -> bool:
-    return bool(device) and str(device).startswith("cuda") and torch.cuda.is_available()
+    if not (device and str(device).startswith("cuda")):
+        return False
+    import torch
+
+    return torch.cuda.is_available()
 
 
 # ----------------------------------------------------------------------------- Σ_H
@@ -77,12 +81,15 @@ def feature_spectrum(sigma_h: np.ndarray, c: np.ndarray, q: int, device: str | N
     sym = (sigma_h + sigma_h.T) / 2.0
     h, q = sym.shape[0], min(q, sym.shape[0])
     if on_gpu(device):
+        import torch
+
         vals, vecs = torch.linalg.eigh(torch.from_numpy(sym).to(device))
         vals, vecs = vals.flip(0).cpu().numpy(), vecs.flip(1)
         coords = (vecs.T @ torch.from_numpy(c).to(device)).cpu().numpy()
         return FeatureSpectrum(np.clip(vals, 0.0, None), fix_signs(vecs[:, :q].cpu().numpy()), coords)
     if h < FAST_MIN_WIDTH:
         return dense_feature_spectrum(sym, c, q)
+    import scipy.linalg.lapack as lapack
     lwork = int(lapack.dsytrd_lwork(h, lower=1)[0])
     refl, d, e, tau, info = lapack.dsytrd(sym, lower=1, lwork=lwork)  # Σ_H = Q T Qᵀ, T = tridiag(d, e)
     _check(info, "sytrd")
@@ -105,6 +112,8 @@ def dense_feature_spectrum(sym: np.ndarray, c: np.ndarray, q: int) -> FeatureSpe
 
 def _apply_q(refl: np.ndarray, tau: np.ndarray, x: np.ndarray, trans: str) -> np.ndarray:
     """Q x or Qᵀ x for sytrd's lower-storage Q = diag(1, Q'), Q' the QR-layout reflectors in refl[1:, :h−1]."""
+    import scipy.linalg.lapack as lapack
+
     out = np.array(x, dtype=np.float64, order="F")
     if out.shape[0] < 2 or out.shape[1] == 0:
         return out
@@ -133,6 +142,8 @@ def weight_spectrum(a: np.ndarray, k: int, gap_rtol: float, device: str | None =
     h, m = a.shape
     count, fro2 = min(h, m), float(np.einsum("ij,ij->", a, a))
     if on_gpu(device):
+        import torch
+
         u, s, _ = torch.linalg.svd(torch.from_numpy(np.ascontiguousarray(a)).to(device), full_matrices=False)
         return WeightSpectrum(fix_signs(u.cpu().numpy()), s.cpu().numpy(), count, fro2, True)
     if count < FAST_MIN_WIDTH or k + OVERSAMPLE >= count:
@@ -149,6 +160,8 @@ def exact_weight_spectrum(a: np.ndarray) -> WeightSpectrum:
 
 def _ritz(a: np.ndarray, k: int, gap_rtol: float, fro2: float) -> WeightSpectrum | None:
     """The Rayleigh–Ritz triplets of a on a subspace from its Gram matrix, or None where not certified."""
+    import scipy.linalg
+
     h, m = a.shape
     q = k + OVERSAMPLE
     small = a @ a.T if h <= m else a.T @ a  # (p, p) Gram on the smaller side, p = min(h, m)
