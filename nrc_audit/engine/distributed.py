@@ -20,6 +20,7 @@ import torch
 from nrc_audit.errors import NrcAuditError, OptionsError
 from nrc_audit.core.stats import Accumulator, JointAccumulator, Moments, PassStatistics
 from nrc_audit.io.files import write_with
+from nrc_audit.io.validate import env_int
 
 TIMEOUT_ENV = "NRC_AUDIT_DIST_TIMEOUT"
 # How long a rank waits for the others in a collective (gloo/NCCL timeout) and at the rendezvous. Ranks of
@@ -38,27 +39,6 @@ class DistContext:
     @property
     def is_main(self) -> bool:
         return self.rank == 0
-
-
-def env_int(name: str, default: int) -> int:
-    """An integer torchrun variable (RANK, WORLD_SIZE, LOCAL_RANK); junk is an OptionsError, not a traceback."""
-    raw = os.environ.get(name)
-    if raw is None or not raw.strip():
-        return default
-    try:
-        value = int(raw)
-    except ValueError:
-        value = -1
-    if value < 0:
-        shown = raw if len(raw) <= 40 else raw[:40] + "…"
-        raise OptionsError(f"{name}={shown!r} is not a non-negative integer; torchrun sets it for each rank. Unset "
-                           f"it to run one process, or launch with `torchrun --nproc-per-node N -m nrc_audit …`.")
-    return value
-
-
-def env_rank() -> int:
-    """This process's rank from the torchrun environment (0 outside torchrun)."""
-    return env_int("RANK", 0)
 
 
 def _timeout() -> timedelta:
@@ -89,7 +69,7 @@ def from_env(device: torch.device) -> DistContext | None:
                 f"WORLD_SIZE={os.environ['WORLD_SIZE']} but {', '.join(missing)} not set: this process was not started "
                 "by torchrun's rendezvous. Launch with `torchrun --nproc-per-node N -m nrc_audit …`, or unset WORLD_SIZE."
             )
-        env_rank()  # a junk RANK is named before torch reads it
+        env_int("RANK", 0)  # a junk RANK is named before torch reads it
         timeout = _timeout()
         try:
             dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=timeout)
