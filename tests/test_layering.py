@@ -16,7 +16,7 @@ PACKAGE = REPO / "nrc_audit"
 LAYERS = ["version", "errors", "config", "core", "io", "models", "outputs", "engine", "cli"]
 # Order inside a layer (lower first); a module not listed ranks below every listed one of its layer.
 WITHIN = {
-    "core": ["layer", "kernels", "facts", "stats", "verdicts", "conditions", "diagnostics"],
+    "core": ["layer", "kernels", "facts", "stats", "verdicts", "spectra", "conditions", "diagnostics"],
     "io": ["lifecycle", "files", "validate", "plan", "settings_file", "fingerprint", "checkpoint", "hf_layout", "training_position", "dataset", "store_check", "store"],
     "models": ["base", "mlp", "resnet", "architecture"],
     "outputs": ["records", "render", "markdown", "model_card", "plot", "report", "history", "baseline", "ci", "trend", "emit"],

@@ -13,7 +13,7 @@ from nrc_audit.cli.common import DEBUG_ENV
 from nrc_audit.cli.common import (
     ANALYSIS, ANALYSIS_OPTIONS, DATA_PASS_OPTIONS, MODEL, OUTPUTS, REPORT_OUTPUTS, RUN_OPTIONS, ActivationOpt,
     VersionOpt, analysis_options, err_console, flag, guarded, json_object, make_app, model_def_file, opt, outputs,
-    settings, settings_source, takes, with_progress,
+    require_inputs, settings, settings_source, takes, with_progress,
 )  # fmt: skip
 from nrc_audit.cli.commands import SUBCOMMANDS
 from nrc_audit.errors import ExitCode, OptionsError
@@ -48,9 +48,7 @@ def audit(
     given = {**locals(), **opts}  # every option by name as typed (None: not given), resolved with the settings file
 
     def body() -> ExitCode:
-        # heavy imports (torch) only once a command runs: --help and --version stay fast
         from nrc_audit.config import AuditConfig, DataOptions, ModelOptions
-        from nrc_audit.engine.pipeline import run_audit
         from nrc_audit.outputs.emit import emit, failure_reports
 
         out = outputs(given, model)
@@ -69,7 +67,11 @@ def audit(
                 analysis=analysis_options(s), layers=tuple(s["layers"]), exclude=tuple(s["exclude"]),
                 device=s["device"], batch_size=int(s["batch_size"]), features_path=store,
                 features_compression=features_compression,
-            )  # fmt: skip
+            ).validate()  # fmt: skip
+            require_inputs(("checkpoint", model), ("data file", data))
+            # torch loads only now, once the options and paths are known to be good (tests/test_streams.py)
+            from nrc_audit.engine.pipeline import run_audit
+
             report = with_progress(not (opts["no_progress"] or opts["quiet"]), lambda hook: run_audit(cfg, hook))
         if store is not None and out.is_main and not opts["quiet"]:
             _note_store(store)

@@ -22,7 +22,6 @@ import traceback
 from pathlib import Path
 from typing import Annotated, Any, Callable, Optional, TypeVar
 
-import click
 import typer
 from rich.console import Console
 from rich.text import Text
@@ -200,10 +199,18 @@ def outputs(given: dict[str, Any], model: Path | None = None) -> Any:
 
 
 def is_main() -> bool:
-    """Whether this process writes and prints (rank 0 under torchrun, always outside it)."""
-    from nrc_audit.engine.distributed import env_rank
+    """Whether this process writes and prints (rank 0 under torchrun's RANK, always outside it). Read from the
+    environment, not from engine.distributed, which imports torch: option errors come before torch loads."""
+    return int(os.environ.get("RANK", "0")) == 0
 
-    return env_rank() == 0
+
+def require_inputs(*inputs: tuple[str, Path | None]) -> None:
+    """Refuse a missing input file (exit 2) before the command imports torch, so a mistyped path is answered at
+    once. ``inputs``: (what the file is: "checkpoint", "data file", "feature store"; its path); the io modules
+    that read them later check the contents."""
+    for what, path in inputs:
+        if path is not None and not path.exists():
+            raise OptionsError(f"{what} not found: {path}. Check the path (relative paths start at {Path.cwd()}).")
 
 
 def settings(config: Path | None, cli: dict[str, Any]) -> dict[str, Any]:
@@ -272,7 +279,7 @@ def _run_body(body: Callable[[], ExitCode | int]) -> int:
     except Interrupted as exc:
         err_console.print(f"[bold red]interrupted[/] ({exc.exit_code.name}); no report written.")
         return int(exc.exit_code)
-    except (typer.Exit, click.exceptions.ClickException):
+    except (typer.Exit, typer.Abort, typer.TyperException):  # Typer's own (usage errors too): Typer answers them
         raise
     except SystemExit as exc:  # sys.exit() in code we called (a --model-def factory): never its own code
         _report_internal_error(exc)

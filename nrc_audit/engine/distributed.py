@@ -40,11 +40,6 @@ class DistContext:
         return self.rank == 0
 
 
-def env_rank() -> int:
-    """This process's rank from the torchrun environment (0 outside torchrun)."""
-    return int(os.environ.get("RANK", "0"))
-
-
 def from_env(device: torch.device) -> DistContext | None:
     """Join the process group torchrun describes (WORLD_SIZE > 1), else None."""
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:

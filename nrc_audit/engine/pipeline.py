@@ -363,7 +363,8 @@ def build_report(stats: PassStatistics, analysis: AnalysisOptions, context: RunC
 
     def analyse(pair: tuple[LayerInfo, JointAccumulator]) -> LayerMetrics:
         layer, acc = pair
-        m = layer_metrics(acc.finalize(), layer.weight.numpy(), k, model_mse, analysis.pinv_rtol, analysis.thresholds)
+        m = layer_metrics(acc.finalize(), layer.weight.numpy(), k, model_mse, analysis.pinv_rtol, analysis.thresholds,
+                          context.device)
         return with_identity(m, layer.index, layer.name, layer.kind, layer.in_dim, layer.out_dim, layer.pooled)
 
     rows = threads.parallel_map(analyse, zip(stats.layers, stats.joint))  # O(h³) per layer: layers in parallel

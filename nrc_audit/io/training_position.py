@@ -19,10 +19,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
-import torch
-
-from nrc_audit.errors import PlanError
-from nrc_audit.io import plan
 
 TRAINER_STATE = "trainer_state.json"  # written by transformers.Trainer into every checkpoint-N folder
 STATE_MAX_BYTES = 64 << 20  # a trainer state is KiBs to a few MiBs (its log history); larger is not one
@@ -76,7 +72,7 @@ def _number(value: Any) -> float | None:
     """An int/float, or a string holding one (safetensors metadata values are strings); else None."""
     if isinstance(value, bool):
         return None
-    if isinstance(value, torch.Tensor) and value.numel() == 1:
+    if hasattr(value, "numel") and value.numel() == 1:  # a one-element tensor (torch is not imported here)
         value = value.item()
     if isinstance(value, str):
         try:
@@ -109,6 +105,11 @@ def _safetensors_metadata(path: Path) -> Mapping[str, Any]:
 
 
 def _checkpoint_dict(path: Path) -> Mapping[str, Any]:
+    import torch
+
+    from nrc_audit.errors import PlanError
+    from nrc_audit.io import plan  # imports torch: kept out of the module so that history reading stays light
+
     try:
         plan.check_pt_archive(path)  # a crafted archive must not inflate here either
     except PlanError:
