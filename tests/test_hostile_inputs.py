@@ -214,7 +214,7 @@ def _huge_images_h5(tmp_path: Path) -> Path:
 BOMBS = {
     "stride-0 .pt (10¹² elements)": lambda p, d: ([_stride0_pt(p), d], "stride 0"),
     "zip inflating to 300 MB": lambda p, d: ([_zip_bomb_pt(p), d], "would inflate by"),
-    "10⁵-wide layer (80 GB S_HH)": lambda p, d: ([_wide_layer_safetensors(p), d], "Σ 8·h² bytes"),
+    "10⁵-wide layer (80 GB S_HH)": lambda p, d: ([_wide_layer_safetensors(p), d], "Σ 8·(h+t)² bytes"),
     "2 KB HDF5 declaring 216 GB": lambda p, d: (
         [nrc_audit.save_checkpoint(make_mlp([4, 6, 1]), p / "m.safetensors", arch={"family": "mlp"}),
          _huge_images_h5(p)], "Lower --batch-size"),
@@ -252,12 +252,16 @@ def test_store_plan_counts_pooled_conv_features_as_float64(tmp_path, monkeypatch
     from collections import namedtuple
 
     modules = {"conv": torch.nn.Conv2d(16, 8, 3), "fc": torch.nn.Linear(32, 2)}
-    rows, four_byte_need = 1000, 1000 * (16 + 32) * 4
+    weights = 8 * sum(m.weight.numel() for m in modules.values())
+    widths, rows = {"conv": 16, "fc": 32}, 1000
     usage = namedtuple("usage", "total used free")
-    monkeypatch.setattr(shutil, "disk_usage", lambda _p: usage(0, 0, four_byte_need + 1))  # fits at 4 bytes only
-    with pytest.raises(PlanError, match=r"needs .* \(1000 rows × 48 features"):
+    as_float32 = plan.store_bytes(rows, widths, 0, 4, weights)  # what the plan counted before: 4 bytes each
+    monkeypatch.setattr(shutil, "disk_usage", lambda _p: usage(0, 0, as_float32 + 1))
+    with pytest.raises(PlanError, match=r"the store needs"):
         plan.plan_audit(modules, rows, (16, 8, 8), 10, tmp_path / "f.h5", 4)
-    monkeypatch.setattr(shutil, "disk_usage", lambda _p: usage(0, 0, 1000 * (16 * 8 + 32 * 4)))  # exactly enough
+    exact = rows * (16 * 8 + 32 * 4) + weights  # the conv's 16 pooled features in float64
+    assert plan.store_bytes(rows, widths, 0, 4, weights, ["conv"]) == int(exact * (1 + plan.STORE_SLACK)) + plan.STORE_FIXED
+    monkeypatch.setattr(shutil, "disk_usage", lambda _p: usage(0, 0, plan.store_bytes(rows, widths, 0, 4, weights, ["conv"])))
     plan.plan_audit(modules, rows, (16, 8, 8), 10, tmp_path / "f.h5", 4)
 
 

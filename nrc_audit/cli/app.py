@@ -20,6 +20,8 @@ from nrc_audit.cli.options import (
 from nrc_audit.cli.commands import SUBCOMMANDS
 from nrc_audit.errors import ExitCode
 from nrc_audit.io import lifecycle
+from nrc_audit.io.files import on_commit, published_together
+from nrc_audit.io.store_lock import clean_stale, default_store_path
 
 audit_app = make_app("Audit a trained regression network for Deep Neural Regression Collapse (NRC1–NRC4).")
 EPILOG = ("Subcommands (each with its own --help): nrc-audit trend CHECKPOINTS… --data DATA: collapse over "
@@ -37,7 +39,7 @@ def audit(
     pass_args: PassArgs,
     analysis: AnalysisArgs,
     report: ReportArgs,
-    run: RunArgs,
+    run_opts: RunArgs,
     features: StoreOpt = None,
     no_features: Annotated[bool, flag("--no-features", help="Do not write the feature store.", panel=OUTPUTS)] = False,
     features_compression: CompressionOpt = None,
@@ -50,23 +52,25 @@ def audit(
 
         out = report.outputs(model)
         with failure_reports(out):
-            s = settings(run, data_args, model_args, pass_args, analysis, report)
+            s = settings(run_opts, data_args, model_args, pass_args, analysis, report)
             out = out.with_tolerance(float(s["baseline_tolerance"]))
-            store = None if no_features else (features or Path(f"{model.stem}.features.h5"))
+            store = None if no_features else (features or default_store_path(model))
+            if store is None:  # what a killed run left at the store this run would have written goes all the same
+                clean_stale(features or default_store_path(model))
             out.check_before_run(
-                {"the checkpoint": model, "the data file": data, "the settings file": settings_source(run.config),
+                {"the checkpoint": model, "the data file": data, "the settings file": settings_source(run_opts.config),
                  "the --model-def file": model_def_file(model_args.model_def)}, {"--features": store})  # fmt: skip
             cfg = audit_config(model, data, s, data_args, model_args, store, features_compression)
             require_inputs(("checkpoint", model), ("data file", data))
             # torch loads only now, once the options and paths are known to be good (tests/test_streams.py)
             from nrc_audit.engine.run import run_audit
 
-            done = with_progress(run.progress, lambda hook: run_audit(cfg, hook))
-        if store is not None and out.is_main and not run.quiet:
-            _note_store(store)
+            done = with_progress(run_opts.progress, lambda hook: run_audit(cfg, hook))
+        if store is not None and out.is_main and not run_opts.quiet:
+            on_commit(lambda: _note_store(store), lambda: None)  # once the store is in place
         return emit(done, out)
 
-    guarded(body)
+    guarded(published_together(body))  # the store and every output file: all put in place, or none
 
 
 def _note_store(path: Path) -> None:
@@ -89,7 +93,7 @@ def main(argv: list[str] | None = None) -> None:
         else:
             audit_app(args=args, prog_name="nrc-audit")
     except SystemExit as exc:
-        if lifecycle.received or exc.code in (ExitCode.SIGINT, ExitCode.SIGTERM):
+        if lifecycle.received or exc.code in (ExitCode.SIGINT, ExitCode.SIGTERM, ExitCode.SIGHUP):
             # Stopped by a signal: the graceful path is done (workers stopped, partial files removed). The
             # interpreter's teardown of torch & co. can take seconds on a loaded machine, during which no
             # thread may run, so end now (docs/reliability.md: "within a second").

@@ -32,7 +32,7 @@ def reanalyze(
     store: Annotated[Path, typer.Argument(metavar="STORE", help="Feature store written by a previous audit (--features).", show_default=False)],
     analysis: AnalysisArgs,
     report: ReportArgs,
-    run: RunArgs,
+    run_opts: RunArgs,
 ) -> None:
     """Recompute the report from STORE alone (new thresholds or rank allowed)."""
 
@@ -41,16 +41,16 @@ def reanalyze(
 
         out = report.outputs()
         with failure_reports(out):
-            s = settings(run, analysis, report)
+            s = settings(run_opts, analysis, report)
             if int(s["batch_size"]) < 1:
                 raise OptionsError(f"--batch-size {s['batch_size']} must be ≥ 1.")
             out = out.with_tolerance(float(s["baseline_tolerance"]))
-            out.check_before_run({"the feature store": store, "the settings file": settings_source(run.config)})
+            out.check_before_run({"the feature store": store, "the settings file": settings_source(run_opts.config)})
             options = analysis_options(s)
             require_inputs(("feature store", store))
             from nrc_audit.engine.run import reanalyze as run_reanalysis  # torch: only after the checks
 
-            done = with_progress(run.progress, lambda hook: run_reanalysis(store, options, int(s["batch_size"]), hook))
+            done = with_progress(run_opts.progress, lambda hook: run_reanalysis(store, options, int(s["batch_size"]), hook))
         return emit(done, out)
 
     guarded(body)
@@ -59,21 +59,23 @@ def reanalyze(
 @trend_app.command()
 @takes
 def trend(
-    checkpoints: Annotated[Optional[list[Path]], typer.Argument(metavar="CHECKPOINTS...", help="Checkpoints of one run (sorted by the numbers in their names: epoch_2 before epoch_10, unless --as-given).", show_default=False)] = None,
+    checkpoints: Annotated[Optional[list[Path]], typer.Argument(metavar="CHECKPOINTS...", help="Checkpoints of one run, taken in training order: the step or epoch each one stores (safetensors metadata, a Lightning .ckpt, an HF checkpoint-N/trainer_state.json), else the numbers in their names (epoch_2 before epoch_10); --as-given keeps yours.", show_default=False)] = None,
     data: Annotated[Optional[Path], opt("--data", help="HDF5 dataset to audit every checkpoint on.", panel=INPUTS, show=False)] = None,
-    history: Annotated[Optional[Path], opt("--history", help="Render a JSON-lines history (from CollapseMonitor) instead.", panel=INPUTS, show=False)] = None,
-    as_given: Annotated[bool, flag("--as-given", help="Keep the checkpoints in the order given instead of sorting them naturally.", panel=INPUTS)] = False,
+    history: Annotated[Optional[Path], opt("--history", help="Render a JSON-lines history (from CollapseMonitor or the Lightning / transformers callbacks) instead.", panel=INPUTS, show=False)] = None,
+    run: Annotated[Optional[str], opt("--run", help="The run to render when the --history file holds several.", panel=INPUTS, show=False)] = None,
+    as_given: Annotated[bool, flag("--as-given", help="Keep the checkpoints in the order given instead of their training order.", panel=INPUTS)] = False,
     data_args: DataArgs = DataArgs(),
     model_args: ModelArgs = ModelArgs(),
     pass_args: PassArgs = PassArgs(),
     analysis: AnalysisArgs = AnalysisArgs(),
-    run: RunArgs = RunArgs(),
+    run_opts: RunArgs = RunArgs(),
     json_path: TrendJsonOpt = None,
     fmt: TrendFormatOpt = OutputFormat.table,
     plot: PlotOpt = None,
     junit_xml: TrendJunitOpt = None,
 ) -> None:
-    """Audit each checkpoint (one data pass each) and show every condition per layer against checkpoint.
+    """Audit each checkpoint (one data pass each) and show every condition per layer against checkpoint;
+    or, given a HISTORY.jsonl written during training, show its audits the same way.
 
     The gate (--require-collapsed N) applies to the last checkpoint and sets the exit code (0/1/2 as for an audit).
     """
@@ -82,19 +84,26 @@ def trend(
         from nrc_audit.outputs.emit import Outputs
         from nrc_audit.outputs.trend import load_history, write_trend_json
 
-        inputs = {f"the checkpoint {c}": c for c in checkpoints or []} | {"--data": data, "--history": history}
-        Outputs(plot_path=plot).check_before_run(inputs | {"the settings file": settings_source(run.config),
+        history_file, paths = history, list(checkpoints or [])
+        if history_file is None and len(paths) == 1 and paths[0].suffix == ".jsonl":
+            history_file, paths = paths[0], []  # `nrc-audit trend HISTORY.jsonl`
+        if run is not None and history_file is None:
+            raise OptionsError(f"--run {run} chooses a run of a history file; pass the HISTORY.jsonl file too.")
+        inputs = {f"the checkpoint {c}": c for c in paths} | {"--data": data, "--history": history_file}
+        Outputs(plot_path=plot).check_before_run(inputs | {"the settings file": settings_source(run_opts.config),
                                                            "the --model-def file": model_def_file(model_args.model_def)},
                                                  {"--json": json_path, "--junit-xml": junit_xml})  # fmt: skip
-        s = settings(run, data_args, model_args, pass_args, analysis)
-        if history is not None:
-            if checkpoints:
+        s = settings(run_opts, data_args, model_args, pass_args, analysis)
+        if history_file is not None:
+            if paths:
                 raise OptionsError("pass either checkpoints (with --data) or --history, not both.")
-            labels, reports = load_history(history)  # in the order recorded (training order)
+            labels, reports, order = load_history(history_file, run)
+            if not run_opts.quiet:
+                err_console.print(f"order (by {order}): " + ", ".join(labels), highlight=False, soft_wrap=True)
         else:
-            if not checkpoints or data is None:
+            if not paths or data is None:
                 raise OptionsError("pass the checkpoints of one run and --data DATA.h5 (or --history FILE).")
-            labels, reports = _audit_each(checkpoints, data, s, data_args, model_args, run, as_given)
+            labels, reports = _audit_each(paths, data, s, data_args, model_args, run_opts, as_given)
         if len({tuple(layer.name for layer in r.layers) for r in reports}) > 1:
             raise OptionsError("the checkpoints audit different layers; trend needs checkpoints of one architecture.")
         if json_path is not None:
@@ -113,25 +122,35 @@ def trend(
 
 
 def _audit_each(checkpoints: list[Path], data: Path, s: dict[str, Any], data_args: DataArgs, model_args: ModelArgs,
-                run: RunArgs, as_given: bool) -> tuple[list[str], list[Any]]:  # fmt: skip
+                run_opts: RunArgs, as_given: bool) -> tuple[list[str], list[Any]]:  # fmt: skip
     """Audit every checkpoint on ``data`` (no feature store) in training order: (labels, reports)."""
-    from nrc_audit.outputs.trend import natural_order
-
-    configs = [audit_config(c, data, s, data_args, model_args) for c in checkpoints]  # every option checked first
+    audit_config(checkpoints[0], data, s, data_args, model_args)  # every option checked before torch loads
     require_inputs(("data file", data), *(("checkpoint", c) for c in checkpoints))
     from nrc_audit.engine.run import run_audit  # torch: only after the checks
 
-    ordered = configs if as_given else [configs[checkpoints.index(c)] for c in natural_order(checkpoints)]
-    if not run.quiet:
-        err_console.print(f"order{' (as given)' if as_given else ''}: " + ", ".join(c.model_path.stem for c in ordered),
-                          highlight=False, soft_wrap=True)  # fmt: skip
     labels, reports = [], []
-    for cfg in ordered:
-        if not run.quiet:
-            err_console.print(f"auditing {cfg.model_path}", highlight=False)
-        reports.append(with_progress(run.progress, lambda hook, c=cfg: run_audit(c, hook)))
-        labels.append(cfg.model_path.stem)
+    for ckpt in _ordered(checkpoints, as_given, run_opts.quiet):
+        cfg = audit_config(ckpt, data, s, data_args, model_args)
+        if not run_opts.quiet:
+            err_console.print(f"auditing {ckpt}", highlight=False)
+        reports.append(with_progress(run_opts.progress, lambda hook, c=cfg: run_audit(c, hook)))
+        labels.append(ckpt.stem)
     return labels, reports
+
+
+def _ordered(checkpoints: list[Path], as_given: bool, quiet: bool) -> list[Path]:
+    """The checkpoints in training order (or as given), the order printed on stderr with its reason."""
+    from nrc_audit.outputs.trend import training_order
+
+    if as_given:
+        ordered, how, shown = list(checkpoints), "as given", [c.stem for c in checkpoints]
+    else:
+        ordered, how, positions = training_order(checkpoints)
+        key = "step" if how.startswith("by step") else "epoch" if how.startswith("by epoch") else None
+        shown = [c.stem + ("" if key is None else f" ({key} {getattr(p, key):g})") for c, p in zip(ordered, positions)]
+    if not quiet:
+        err_console.print(f"order ({how}): " + ", ".join(shown), highlight=False, soft_wrap=True)
+    return ordered
 
 
 def _show_trend(labels: list[str], reports: list, n: int, fmt: OutputFormat) -> ExitCode:

@@ -144,7 +144,7 @@ class RunArgs:
         return not (self.no_progress or self.quiet)
 
 
-StoreOpt = Annotated[Optional[Path], opt("--features", help="Feature store path.", panel=OUTPUTS, show="MODEL-STEM.features.h5 in the current folder")]
+StoreOpt = Annotated[Optional[Path], opt("--features", help="Feature store path.", panel=OUTPUTS, show="MODEL-STEM-HASH8.features.h5 in the current folder (beside a model folder, never in it)")]
 CompressionOpt = Annotated[Optional[Compression], opt("--features-compression", help="gzip or lzf.", panel=OUTPUTS, show="none")]
 TrendJsonOpt = Annotated[Optional[Path], opt("--json", help="Write all reports as one JSON document.", panel=OUTPUTS, show=False)]
 TrendFormatOpt = Annotated[OutputFormat, opt("--format", help="What stdout carries: the trend tables, the JSON document of all reports, or GitHub workflow annotations of the last checkpoint.", panel=OUTPUTS)]

@@ -14,7 +14,7 @@ from torch import nn
 
 from nrc_audit.config import AnalysisOptions, AuditConfig, ModelOptions, Thresholds
 from nrc_audit.errors import DatasetError
-from nrc_audit.engine.extract import candidate_layers
+from nrc_audit.engine.layer_kinds import candidate_layers, skipped_layers
 from nrc_audit.engine.pipeline import Batch, extraction_pass, resolve_device
 from nrc_audit.engine.run import report_of
 from nrc_audit.outputs.context import DataContext, ModelContext, RunContext
@@ -88,7 +88,8 @@ def audit(
     context = RunContext(
         ModelContext(IN_MEMORY, _state_sha256(model), "safetensors", type(model).__name__,
                      sum(p.numel() for p in model.parameters()),
-                     ("audited in memory through nrc_audit.audit()",)),
+                     ("audited in memory through nrc_audit.audit()",
+                      *skipped_layers(model, tuple(layers or ()), tuple(exclude)))),
         DataContext(IN_MEMORY, hasher.hexdigest(), "x", "y", found.stats.n, tuple(x0.shape[1:]), int(y0.shape[1])),
         str(target), int(x0.shape[0]),
     ).with_assumptions(found.notes)  # fmt: skip

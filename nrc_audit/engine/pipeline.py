@@ -22,7 +22,8 @@ from nrc_audit.config import AuditConfig
 from nrc_audit.errors import Interrupted, ModelDataMismatchError, NrcAuditError, OptionsError
 from nrc_audit.io.plan import plan_audit
 from nrc_audit.core.layer import LayerInfo
-from nrc_audit.engine.extract import FeatureExtractor, candidate_layers, skipped_layers
+from nrc_audit.engine.extract import FeatureExtractor
+from nrc_audit.engine.layer_kinds import candidate_layers, skipped_layers
 from nrc_audit.engine.model_io import check_first_layer, probe_batch
 from nrc_audit.models.architecture import resolve_model, user_forward_error
 from nrc_audit.io.hf_layout import load_model_files, sha256_path
@@ -118,7 +119,7 @@ def opened(config: AuditConfig, device: torch.device) -> Iterator[Inputs]:
         ds.compute_dtype = _model_dtype(model)  # X beyond float32 is refused for a float32 model (io/dataset.py)
         modules = candidate_layers(model, config.layers, config.exclude)
         plan_audit(modules, info.num_samples, info.input_shape, config.batch_size, config.features_path,
-                   8 if ds.compute_dtype == torch.float64 else 4)  # before any batch is read  # fmt: skip
+                   8 if ds.compute_dtype == torch.float64 else 4, info.target_dim)  # before any batch is read  # fmt: skip
         check_first_layer(model, *probe_batch(ds, device, ds.compute_dtype), info.input_shape)
         context = RunContext(
             ModelContext(str(config.model_path), sha256_path(config.model_path), ckpt.format, resolved.architecture,
@@ -210,7 +211,7 @@ def extraction_pass(
                     if plan.adaptive:  # light folds (conv nets): the forward gets every core
                         widths = [layer.in_dim + target_dim for layer in layers]  # fold columns
                         plan = threads.rebalanced(plan, extractor.flops_per_row(x, extra), widths)
-                    notes = tuple(n for n in (extractor.output_note, extractor.pooling_note()) if n)
+                    notes = tuple(n for n in (extractor.output_note, extractor.pooling_note(), *extractor.coverage_notes()) if n)
                     writer = _open_writer(store, layers, notes) if store is not None else None
                     first = False
                 if writer is not None:  # queued first: the writer thread works while this batch's Grams run
