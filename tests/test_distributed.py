@@ -2,7 +2,8 @@
 
 Ranks are started as plain subprocesses with the torchrun environment (RANK, WORLD_SIZE, MASTER_ADDR,
 MASTER_PORT, LOCAL_RANK) so that each rank's exit code and stderr can be checked; one test goes through
-``python -m torch.distributed.run`` itself.
+``python -m torch.distributed.run`` itself. Those need real processes and are marked ``torchrun``
+(``pytest -m "not torchrun"`` skips them); the shard merge and the rendezvous check run in-process.
 """
 
 from __future__ import annotations
@@ -67,8 +68,34 @@ def assert_same_audit(a: dict, b: dict) -> None:
     assert a["summary"] == b["summary"]
 
 
-@pytest.mark.parametrize("world", [2, 3])
-def test_sharded_audit_equals_single_process(tmp_path, world):
+def test_shards_merged_in_process_equal_the_single_pass(mlp_case):
+    """Three ranks' passes, packed and unpacked as the all-gather moves them and merged in rank order, give
+    the single-process report (the collectives themselves are exercised by the torchrun tests below)."""
+    import torch
+
+    from nrc_audit.config import AuditConfig
+    from nrc_audit.engine import distributed
+    from nrc_audit.engine.pipeline import opened, pass_rows
+    from nrc_audit.engine.run import report_of, run_audit
+    from nrc_audit.core.stats import PassStatistics
+
+    cfg = AuditConfig(mlp_case["ckpt"], mlp_case["data"], device="cpu", batch_size=64)
+    device = torch.device("cpu")
+    total, world = PassStatistics(), 3
+    with opened(cfg, device) as inputs:
+        for rank in range(world):
+            ctx = distributed.DistContext(rank, world, "gloo", False)
+            rows = distributed.shard(inputs.ds.info.num_samples, cfg.batch_size, ctx)
+            part = pass_rows(cfg, inputs, device, rows, None, None).stats
+            part.flush()
+            total.merge_from(distributed._unpack(distributed._pack(part), part))
+        context = inputs.context
+    merged = json.loads(report_of(total, cfg.analysis, context).to_json())
+    assert_same_audit(merged, json.loads(run_audit(cfg).to_json()))
+
+
+@pytest.mark.torchrun
+def test_sharded_audit_equals_single_process(tmp_path, world=2):
     reference = single(tmp_path)
     report, store = tmp_path / "dist.json", tmp_path / "features.h5"
     results = launch(world, lambda r: [MODEL, DATA, "--json", report, "--features", store, *COMMON], tmp_path)
@@ -88,6 +115,7 @@ def test_sharded_audit_equals_single_process(tmp_path, world):
     assert len(list(tmp_path.glob(f"features.rank*-of-{world}.h5"))) == world
 
 
+@pytest.mark.torchrun
 def test_ranks_with_different_checkpoints_fail_fast(tmp_path):
     other = SAMPLES / "mlp_nowd.safetensors"
     report = tmp_path / "r.json"
@@ -100,6 +128,7 @@ def test_ranks_with_different_checkpoints_fail_fast(tmp_path):
     assert not report.exists()
 
 
+@pytest.mark.torchrun
 def test_torchrun_launcher(tmp_path):
     reference = single(tmp_path)
     report = tmp_path / "torchrun.json"
@@ -110,6 +139,7 @@ def test_torchrun_launcher(tmp_path):
     assert_same_audit(json.loads(report.read_text()), reference)
 
 
+@pytest.mark.torchrun
 def test_error_on_one_rank_only_ends_every_rank_with_exit_2(tmp_path):
     """--limit 100 with batches of 256 leaves rank 1 without rows: both ranks exit 2 at once, no shard left."""
     store = tmp_path / "features.h5"
@@ -123,12 +153,19 @@ def test_error_on_one_rank_only_ends_every_rank_with_exit_2(tmp_path):
     assert list(tmp_path.glob("*.h5")) == [] and list(tmp_path.glob(".*")) == []
 
 
-def test_rank_without_rendezvous_exits_2(tmp_path):
-    env = {k: v for k, v in ENV.items() if k not in ("MASTER_ADDR", "MASTER_PORT")} | {"WORLD_SIZE": "2", "RANK": "1"}
-    done = subprocess.run([sys.executable, "-m", "nrc_audit", str(MODEL), str(DATA), "--features",
-                           str(tmp_path / "f.h5"), *COMMON], env=env, capture_output=True, text=True, cwd=tmp_path,
-                          timeout=300)  # fmt: skip
-    assert done.returncode == 2, done.stderr
+def test_rank_without_rendezvous_exits_2(tmp_path, monkeypatch):
+    """WORLD_SIZE without torchrun's rendezvous variables: refused by name before any process group."""
+    from typer.testing import CliRunner
+
+    from nrc_audit.cli.app import audit_app
+
+    for key in ("MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.chdir(tmp_path)
+    done = CliRunner().invoke(audit_app, [str(MODEL), str(DATA), "--features", str(tmp_path / "f.h5"), *COMMON])
+    assert done.exit_code == 2, done.output
     assert "not started by torchrun's rendezvous" in " ".join(done.stderr.split()) and "Traceback" not in done.stderr
     assert list(tmp_path.iterdir()) == []
 
@@ -149,6 +186,7 @@ def build():
 """
 
 
+@pytest.mark.torchrun
 def test_rank_killed_mid_pass_ends_the_run_within_10_s(tmp_path):
     """torchrun notices a SIGKILLed worker and sends SIGTERM to the others, which must obey at once."""
     import torch

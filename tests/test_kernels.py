@@ -39,7 +39,7 @@ def use_kernel(monkeypatch, kind: str, block_rows: int = 8) -> None:
     """Small CPU blocks (so a stream folds many of them), or the device kernel on CPU tensors."""
     monkeypatch.setattr(kernels, "MAX_BLOCK_ROWS", block_rows)
     if kind == "device" and DEVICE.type == "cpu":
-        monkeypatch.setattr(stats, "kernel_for", lambda device: kernels._DeviceFolder())
+        monkeypatch.setattr(stats, "kernel_for", lambda device, block_rows=None: kernels._DeviceFolder())
 
 
 def on(kind: str, x: np.ndarray) -> torch.Tensor:
@@ -281,6 +281,19 @@ def test_thread_plan_is_restored_after_the_pass(mlp_case, monkeypatch):
         assert torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(1)
+
+
+def test_the_pass_forwards_with_the_plans_torch_threads(monkeypatch):
+    """The forward (and the flop probe) run inside the plan: torch's pool has the plan's size there."""
+    monkeypatch.setenv(threads.ENV, "3,1")
+    torch.set_num_threads(1)
+    net = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 2))
+    seen = []
+    net.register_forward_pre_hook(lambda module, args: seen.append(torch.get_num_threads()))
+    x, y = torch.randn(64, 8), torch.randn(64, 2)
+    nrc_audit.audit(net, [(x[:32], y[:32]), (x[32:], y[32:])], require_collapsed=0)
+    assert seen and set(seen) == {3}
+    assert torch.get_num_threads() == 1  # and restored afterwards
 
 
 def _numpy_blas_threads() -> int:

@@ -148,3 +148,17 @@ def test_report_round_trips_through_json(mlp_case):
     report = audit(mlp_case)
     again = Report.from_dict(json.loads(report.to_json()))
     assert again.to_dict() == report.to_dict()
+
+
+def test_a_symlinked_store_path_is_written_through(mlp_case, tmp_path):
+    """--features LINK → real/store.h5: the new store lands at the link's target and the link stays a link."""
+    real = tmp_path / "real"
+    real.mkdir()
+    target, link = real / "store.h5", tmp_path / "link.h5"
+    target.write_bytes(b"an earlier store")
+    link.symlink_to(target)
+    audit(mlp_case, features_path=link)
+    assert link.is_symlink() and link.resolve() == target.resolve()
+    with h5py.File(target, "r") as fh:
+        assert bool(fh.attrs["complete"])
+    assert reanalyze(link, AnalysisOptions(require_collapsed=0)).data == audit(mlp_case).data

@@ -254,6 +254,24 @@ def test_joint_accumulator_batch_size_invariance(batch):
     _assert_layer_stats_close(_joint_stream(feats, targets, batch), feats, targets, rtol=1e-10)
 
 
+@pytest.mark.parametrize("block_rows", [1, 4, 16])
+@pytest.mark.parametrize("batch", [3, 7, 101])
+def test_joint_accumulator_merges_small_blocks_exactly(monkeypatch, block_rows, batch):
+    """Blocks of a few rows make the CPU kernel fold (Chan merge) many times per batch and across batches;
+    the default block (4096 rows) would hold these 101 rows in one block and never merge."""
+    from nrc_audit.core import kernels
+
+    folds = []
+    real = kernels.fold_block
+    monkeypatch.setattr(kernels, "fold_block", lambda state, b, *rest: (folds.append(b), real(state, b, *rest))[1])
+    feats, targets = _joint_data(seed=10)
+    acc = JointAccumulator(feats.shape[1], block_rows=block_rows)
+    for i in range(0, len(feats), batch):
+        acc.update_pair(torch.from_numpy(feats[i : i + batch]), torch.from_numpy(targets[i : i + batch]))
+    _assert_layer_stats_close(acc.finalize(), feats, targets, rtol=1e-10)
+    assert len(folds) >= len(feats) // block_rows and max(folds) <= block_rows  # many blocks, none larger
+
+
 def test_joint_accumulator_batch_sizes_agree_with_each_other():
     feats, targets = _joint_data(seed=9)
     runs = [_joint_stream(feats, targets, b) for b in (1, 7, len(feats))]

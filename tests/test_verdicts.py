@@ -278,3 +278,29 @@ def test_the_feature_store_path_and_size_are_printed(mlp_case, tmp_path):
     assert result.exit_code == 0, result.stderr
     lines = [line for line in result.stderr.splitlines() if line.startswith("feature store: ")]
     assert len(lines) == 1 and str(store) in lines[0] and "KiB" in lines[0]
+
+
+# ----------------------------------------------------------------------------- the warnings' thresholds, at their edges
+
+
+def _warnings(model_mse: float, k: int, source: str, eigenvalues=(3.0, 1.0), rank_estimate: int = 1) -> list[str]:
+    from nrc_audit.core.conditions import TargetSummary
+    from nrc_audit.core.diagnostics import report_warnings
+
+    target = TargetSummary(len(eigenvalues), rank_estimate, list(eigenvalues), None)
+    return report_warnings(DataFacts(), target, model_mse, k, source)
+
+
+def test_no_fit_warning_starts_exactly_at_the_targets_mean_variance():
+    """Mean variance of Y = (3 + 1) / 2 = 2: an MSE of 2 (R² = 0) warns, one just below does not."""
+    assert any("does not fit" in w for w in _warnings(2.0, 1, "auto"))
+    assert not any("does not fit" in w for w in _warnings(2.0 * (1 - 1e-12), 1, "auto"))
+    assert not any("does not fit" in w for w in _warnings(1.0, 1, "auto"))
+
+
+@pytest.mark.parametrize("source", ["user", "t"])
+def test_rank_warning_starts_one_above_the_intrinsic_rank(source):
+    """k = rank estimate + 1 warns for a user's or the paper's k; k = rank estimate does not; auto never does."""
+    assert any("exceeds the targets' intrinsic rank" in w for w in _warnings(0.1, 2, source, rank_estimate=1))
+    assert not any("exceeds" in w for w in _warnings(0.1, 1, source, rank_estimate=1))
+    assert not any("exceeds" in w for w in _warnings(0.1, 2, "auto", rank_estimate=1))

@@ -3,8 +3,9 @@
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
-from typing import Annotated, Any, Optional
+from typing import Annotated, Any, Callable, Optional
 
 import typer
 
@@ -133,9 +134,13 @@ def _audit_each(checkpoints: list[Path], data: Path, s: dict[str, Any], data_arg
         cfg = audit_config(ckpt, data, s, data_args, model_args)
         if not run_opts.quiet:
             err_console.print(f"auditing {ckpt}", highlight=False)
-        reports.append(with_progress(run_opts.progress, lambda hook, c=cfg: run_audit(c, hook)))
+        reports.append(with_progress(run_opts.progress, functools.partial(_run_one, run_audit, cfg)))
         labels.append(ckpt.stem)
     return labels, reports
+
+
+def _run_one(run_audit: Callable[..., Any], cfg: Any, hook: Callable[[int, int], None] | None) -> Any:
+    return run_audit(cfg, hook)
 
 
 def _ordered(checkpoints: list[Path], as_given: bool, quiet: bool) -> list[Path]:

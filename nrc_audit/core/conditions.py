@@ -272,7 +272,7 @@ def _subspace_part(out: LayerMetrics, spectrum: FeatureSpectrum, sigma_y: np.nda
             "cka_signal are undefined (audit at the targets' intrinsic rank, --rank auto, the default)"
         )
         r = 0
-    elif r < k:
+    elif r is not None and r < k:
         out.warnings.append(
             f"the features have rank {r} < k={k} (λ_k ≈ 0: they collapsed below k), so nrc3 is the mean cosine of "
             f"the {r} principal angles between their {r}-dim subspace and W's top-k input subspace, cka_signal "

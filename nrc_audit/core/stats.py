@@ -16,10 +16,10 @@ A batch is reduced by centring on its *own* mean before the Gram product, in flo
 ZᵀZ − nμμᵀ would lose most digits under the large means of ReLU features.
 
 Two backends run the same algorithm. On the CPU the accumulators keep numpy float64 state, stage rows into
-blocks of up to 4096 (so that the Gram block does not depend on the caller's batch size), and form the
-feature block as H_cᵀH_c on one buffer, which numpy hands to BLAS ``syrk`` (half the flops of the GEMM
-torch would call); the small H–Y and Y–Y blocks are separate products, so [H | Y] is never concatenated.
-Staged rows are folded in before anything reads the state.
+blocks of up to 4096 rows (so that the Gram block does not depend on the caller's batch size), with H and Y
+staged side by side in one buffer: one ``Z_cᵀZ_c`` on it, which numpy hands to BLAS ``syrk`` (half the flops
+of the GEMM torch would call), gives S_HH, S_HY and S_YY together. Staged rows are folded in before
+anything reads the state.
 The block's Chan correction rides along as one extra row √(n_a n_b/n)·δ appended to the centred block,
 so each scatter block is updated by a single in-place product. On a GPU the state stays on the device
 (torch float64, ``addmm_``/``addr_`` in place, no host synchronisation per batch) until :meth:`Moments.to_numpy`.
@@ -63,9 +63,6 @@ class Moments:
         """Return ``(n, mean (p,), scatter (p, p))`` as float64 numpy arrays."""
         return self.n, self.mean.detach().cpu().numpy(), self.scatter.detach().cpu().numpy()
 
-    def to(self, device: torch.device | str) -> "Moments":
-        return Moments(self.n, self.mean.to(device), self.scatter.to(device))
-
 
 
 
@@ -89,10 +86,10 @@ def batch_moments(z: torch.Tensor) -> Moments:
         mean = z64.mean(dim=0)  # (p,)
         zc = z64 - mean  # (B, p), centred on the batch mean
         return Moments(int(z.shape[0]), mean, zc.T @ zc)  # scatter (p, p)
-    z64 = np.array(_host64(z), dtype=np.float64)  # (B, p), a private copy
-    mean = z64.mean(axis=0)  # (p,)
-    z64 -= mean  # centred on the batch mean
-    return Moments(int(z.shape[0]), torch.from_numpy(mean), torch.from_numpy(z64.T @ z64))  # syrk
+    host = np.array(_host64(z), dtype=np.float64)  # (B, p), a private copy
+    centre = host.mean(axis=0)  # (p,)
+    host -= centre  # centred on the batch mean
+    return Moments(int(z.shape[0]), torch.from_numpy(centre), torch.from_numpy(host.T @ host))  # syrk
 
 
 def merge(a: Moments | None, b: Moments | None) -> Moments | None:
@@ -111,21 +108,18 @@ def merge(a: Moments | None, b: Moments | None) -> Moments | None:
     return Moments(total.n, total.means[0], total.scatter[(0, 0)])
 
 
-def kernel_for(device: torch.device) -> _HostFolder | _DeviceFolder:
+def kernel_for(device: torch.device, block_rows: int | None = None) -> _HostFolder | _DeviceFolder:
     """The batch kernel for data on ``device`` (tests swap in the device kernel to run it on CPU tensors)."""
-    return _HostFolder() if device.type == "cpu" else _DeviceFolder()
+    return _HostFolder(block_rows) if device.type == "cpu" else _DeviceFolder()
 
 
 class _Folding:
     """Shared state and bookkeeping of the accumulators: the folded :class:`_State` plus staged rows."""
 
-    def __init__(self) -> None:
+    def __init__(self, block_rows: int | None = None) -> None:
         self._state = _State()
+        self._block_rows = block_rows  # CPU rows folded at once (None: kernels.MAX_BLOCK_ROWS)
         self._folder: _HostFolder | _DeviceFolder | None = None
-
-    @property
-    def _n(self) -> int:
-        return self._state.n + (self._folder.rows if self._folder is not None else 0)
 
     def _fold(self, parts: list[torch.Tensor]) -> None:
         if len({int(p.shape[0]) for p in parts}) > 1:  # the parts are one sample's columns: same rows, same order
@@ -133,7 +127,7 @@ class _Folding:
         if int(parts[0].shape[0]) == 0:
             return
         if self._folder is None:
-            self._folder = kernel_for(parts[0].device)
+            self._folder = kernel_for(parts[0].device, self._block_rows)
             self._adopt(parts[0].device)
         self._folder.add(self._state, parts)
 
@@ -154,6 +148,7 @@ class _Folding:
 
     def _adopt(self, device: torch.device) -> None:
         """Put existing state (set through :attr:`moments`) where the chosen kernel keeps it."""
+        assert self._folder is not None  # chosen by _fold just before
         own, st = self._folder.own, self._state
         st.means = [own(m, device) for m in st.means]
         st.scatter = {key: own(block, device) for key, block in st.scatter.items()}
@@ -230,12 +225,6 @@ class LayerStatistics:
     s_yy: np.ndarray
     nonfinite_rows: int = 0
 
-    @classmethod
-    def from_joint(cls, moments: Moments, h: int, nonfinite_rows: int = 0) -> "LayerStatistics":
-        """Split the moments of Z = [H | Y] (p = h + t) into the H, Y and cross blocks."""
-        n, mean, s = moments.to_numpy()
-        return cls(n, mean[:h], mean[h:], s[:h, :h], s[:h, h:], s[h:, h:], nonfinite_rows)
-
 
 class JointAccumulator(Accumulator):
     """Accumulates a layer's features H (B, h) together with the targets Y (B, t).
@@ -244,8 +233,8 @@ class JointAccumulator(Accumulator):
     (h + t)-dimensional moments on demand.
     """
 
-    def __init__(self, h: int) -> None:
-        super().__init__()
+    def __init__(self, h: int, block_rows: int | None = None) -> None:
+        super().__init__(block_rows)
         self.h = h
 
     @property

@@ -184,6 +184,14 @@ def merge_pass(ctx: DistContext, stats: PassStatistics, device: torch.device) ->
     stats.joint, stats.targets, stats.sse, stats.n = total.joint, total.targets, total.sse, total.n
 
 
+def _moments(acc: Accumulator) -> Moments:
+    """An accumulator's moments; every rank streamed ≥ 1 batch (:func:`shard`), so none is empty."""
+    m = acc.moments
+    if m is None:
+        raise NrcAuditError("a rank finished its shard without a single row; this is a bug in nrc-audit.")
+    return m
+
+
 def _accumulators(stats: PassStatistics) -> list[Accumulator]:
     return [*stats.joint, stats.targets]
 
@@ -192,7 +200,7 @@ def _pack(stats: PassStatistics) -> torch.Tensor:
     """[sse, n, then per accumulator: n, bad, μ (p,), S (p·p,)] as one float64 vector."""
     pieces = [torch.tensor([stats.sse, float(stats.n)], dtype=torch.float64)]
     for acc in _accumulators(stats):
-        m = acc.moments
+        m = _moments(acc)
         head = torch.tensor([float(m.n), float(acc.nonfinite_rows)], dtype=torch.float64)
         pieces += [head, m.mean.cpu(), m.scatter.cpu().reshape(-1)]
     return torch.cat(pieces)
@@ -204,7 +212,7 @@ def _unpack(packed: torch.Tensor, like: PassStatistics) -> PassStatistics:
                          sse=float(packed[0]), n=int(packed[1]))  # fmt: skip
     at = 2
     for acc, mine in zip(_accumulators(out), _accumulators(like)):
-        p = mine.moments.dim
+        p = _moments(mine).dim
         n, bad = int(packed[at]), int(packed[at + 1])
         mean, scatter = packed[at + 2 : at + 2 + p], packed[at + 2 + p : at + 2 + p + p * p].reshape(p, p)
         acc.moments = Moments(n, mean.clone(), scatter.clone()) if n else None

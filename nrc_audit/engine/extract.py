@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 from collections import Counter
 from dataclasses import replace
+from typing import Callable
 
 import torch
 from torch import nn
@@ -159,7 +160,7 @@ class FeatureExtractor:
         self._handles.clear()
         self._stack.close()
 
-    def _make_hook(self, name: str, kind: str):
+    def _make_hook(self, name: str, kind: str) -> Callable[[nn.Module, tuple, dict], None]:
         def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
             h, mask = _layer_input(name, module, args, kwargs)
             if kind in CONV_NDIM and h.ndim != CONV_NDIM[kind]:

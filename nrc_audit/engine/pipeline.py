@@ -191,7 +191,7 @@ def extraction_pass(
     keyword inputs, ``model(x, **extra)``), accumulate the float64 statistics of every layer, and hand the
     features to the store's writer (opened on the first batch when ``store`` is given). On success the
     writer is returned open, still writing what is queued; on any error it is discarded here."""
-    stats, writer, notes = PassStatistics(), None, ()
+    stats, writer, notes = PassStatistics(), None, tuple[str, ...]()
     dtype = _model_dtype(model)
     plan = threads.plan() if device.type == "cpu" else threads.ThreadPlan(None, None, False)
     first = True

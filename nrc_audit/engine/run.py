@@ -71,7 +71,7 @@ def reanalyze(store_path: Path, analysis: AnalysisOptions, batch_size: int = 409
     analysis.validate()
     stats = PassStatistics()
     with FeatureStore(store_path) as store:
-        plan_statistics({layer.name: layer.in_dim for layer in store.layers}, store.n, None, 4)
+        plan_statistics({layer.name: layer.in_dim for layer in store.layers}, store.n, None, 4, store.t)
         context = RunContext.from_dict(store.context)
         for start, out, y, feats in store.batches(batch_size):
             stats.update(store.layers, out, y, feats)
@@ -82,12 +82,13 @@ def reanalyze(store_path: Path, analysis: AnalysisOptions, batch_size: int = 409
 
 def report_of(stats: PassStatistics, analysis: AnalysisOptions, context: RunContext) -> Report:
     """Statistics + options + run context → the typed report."""
-    return build_report(analyse(stats, analysis), analysis, context)
+    return build_report(analyse(stats, analysis, context.device), analysis, context)
 
 
-def analyse(stats: PassStatistics, analysis: AnalysisOptions) -> Findings:
-    """The conditions of every layer from the pass's statistics (layers in parallel: O(h³) each), the target
-    block and the chosen k. Raises for constant targets and for a gate asking more layers than were audited."""
+def analyse(stats: PassStatistics, analysis: AnalysisOptions, device: str = "cpu") -> Findings:
+    """The conditions of every layer from the pass's statistics (layers in parallel: O(h³) each, the
+    decompositions on ``device``), the target block and the chosen k. Raises for constant targets and for a
+    gate asking more layers than were audited."""
     tm = stats.targets.moments
     if tm is None:
         raise OptionsError("no samples were audited")
@@ -109,7 +110,8 @@ def analyse(stats: PassStatistics, analysis: AnalysisOptions) -> Findings:
 
     def one(pair: tuple[LayerInfo, JointAccumulator]) -> LayerMetrics:
         layer, acc = pair
-        m = layer_metrics(acc.finalize(), layer.weight.numpy(), k, model_mse, analysis.pinv_rtol, analysis.thresholds)
+        m = layer_metrics(acc.finalize(), layer.weight.numpy(), k, model_mse, analysis.pinv_rtol, analysis.thresholds,
+                          device)
         return with_identity(m, layer.index, layer.name, layer.kind, layer.in_dim, layer.out_dim, layer.pooled)
 
     rows = threads.parallel_map(one, zip(stats.layers, stats.joint))

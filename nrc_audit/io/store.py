@@ -139,7 +139,7 @@ class FeatureStoreWriter:
         self._raise_if_failed()
         arrays = [outputs.reshape(len(outputs), -1), targets.reshape(len(targets), -1).to(torch.float64), *feats]
         arrays = [a.detach() for a in arrays]
-        event, pinned = None, []
+        event, pinned = None, list[torch.Tensor]()
         if any(a.device.type == "cuda" for a in arrays):
             arrays, pinned = self._stage(arrays)
             event = torch.cuda.Event()
@@ -298,7 +298,7 @@ class _RawRows:
         while start < stop:
             k, within = divmod(start, self.rows)
             end = min(stop, (k + 1) * self.rows)
-            data = memoryview(values[start - rows.start : end - rows.start]).cast("B")
+            data = memoryview(values[start - rows.start : end - rows.start].data).cast("B")
             offset = self.offsets[k] + within * self.row_bytes
             while data:  # pwrite may write less than asked
                 done = os.pwrite(self.fd, data, offset)

@@ -66,8 +66,8 @@ def resolve_model(ckpt: Checkpoint, opts: ModelOptions) -> ResolvedModel:
             )
         _check_fields(ckpt, arch)
         order = [family] if family else list(builders)
-        resolved = next((r for f in order if (r := builders[f](ckpt, arch, opts)) is not None), None)
-        if resolved is None:
+        found = next((r for f in order if (r := builders[f](ckpt, arch, opts)) is not None), None)
+        if found is None:
             keys = list(ckpt.state_dict)
             shown = ", ".join(keys[:6]) + (", …" if len(keys) > 6 else "")
             what = f"does not match the {family!r} architecture in its metadata" if family else \
@@ -77,6 +77,7 @@ def resolve_model(ckpt: Checkpoint, opts: ModelOptions) -> ResolvedModel:
                 "Pass --model-def path/to/file.py:build_model (or package.module:callable) returning the "
                 "nn.Module; its state dict is then loaded strictly."
             )
+        resolved = found
     resolved.assumptions[:0] = ckpt.notes
     resolved.module.eval()
     upcast = sorted({_UPCAST[v.dtype] for v in ckpt.state_dict.values() if v.dtype in _UPCAST})

@@ -100,7 +100,7 @@ def to_markdown(report: Report) -> str:
 def headline_metrics(report: Report) -> list[dict]:
     """The figures a model card carries: onset, collapsed count and the last layer's conditions."""
     last = report.layers[-1]
-    metrics = [
+    metrics: list[dict] = [
         {"type": "nrc_collapse_onset", "name": "Deep NRC collapse onset (layer index)", "value": report.summary.collapse_onset},
         {"type": "nrc_collapsed_layers", "name": "Collapsed layers", "value": len(report.summary.collapsed_layers)},
         {"type": "nrc_gate_passed", "name": "nrc-audit gate passed", "value": report.summary.gate.passed},
