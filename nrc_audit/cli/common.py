@@ -28,10 +28,11 @@ from rich.text import Text
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from nrc_audit.config import AnalysisOptions, Thresholds
+from nrc_audit.core.verdicts import BY_NAME, TABLE
 from nrc_audit.errors import ExitCode, Interrupted, NrcAuditError, OptionsError
 from nrc_audit.io import lifecycle
 from nrc_audit.io.lifecycle import Watchdog
-from nrc_audit.io.settings_file import DEFAULTS, find_pyproject, load_settings, resolve
+from nrc_audit.io.settings_file import DEFAULTS, find_pyproject
 
 err_console = Console(stderr=True)
 
@@ -72,10 +73,16 @@ def flag(*names: str, help: str, panel: str, **kw: Any) -> Any:
 
 
 RankOpt = Annotated[Optional[str], opt("--rank", help="Subspace rank k: 'auto' (the targets' intrinsic rank estimate, ≤ t), 't' (the paper's k = t) or an integer.", panel=ANALYSIS, show="auto")]
-Nrc1Opt = Annotated[Optional[float], opt("--nrc1-max", help="NRC1 passes when noise ≤ this.", panel=THRESHOLDS, key="nrc1_max")]
-Nrc2Opt = Annotated[Optional[float], opt("--nrc2-min", help="NRC2 passes when CKA(H, Y) ≥ this.", panel=THRESHOLDS, key="nrc2_min")]
-Nrc3Opt = Annotated[Optional[float], opt("--nrc3-min", help="NRC3 passes when the mean principal cosine ≥ this.", panel=THRESHOLDS, key="nrc3_min")]
-Nrc4Opt = Annotated[Optional[float], opt("--nrc4-ratio-max", help="NRC4 passes when probe MSE / model MSE ≤ this.", panel=THRESHOLDS, key="nrc4_ratio_max")]
+def _threshold(name: str) -> Any:
+    """The threshold option of a condition, as the conditions table (core/verdicts.py) declares it."""
+    c = BY_NAME[name]
+    return opt(c.option, help=c.help, panel=THRESHOLDS, key=c.threshold)
+
+
+Nrc1Opt = Annotated[Optional[float], _threshold("nrc1")]
+Nrc2Opt = Annotated[Optional[float], _threshold("nrc2")]
+Nrc3Opt = Annotated[Optional[float], _threshold("nrc3")]
+Nrc4Opt = Annotated[Optional[float], _threshold("nrc4")]
 RtolOpt = Annotated[Optional[float], opt("--pinv-rtol", help="Σ_H⁺ keeps eigenvalues > rtol²·λ₁.", panel=ANALYSIS, key="pinv_rtol")]
 EnergyOpt = Annotated[Optional[float], opt("--rank-energy", help="Energy fraction for target.rank_estimate.", panel=ANALYSIS, key="rank_energy")]
 RequireOpt = Annotated[Optional[int], opt("--require-collapsed", help="Gate: the last N layers must be collapsed; 0 disables.", panel=CI, key="require_collapsed")]
@@ -168,7 +175,7 @@ def analysis_options(s: dict[str, Any]) -> AnalysisOptions:
             rank = int(rank)
         except ValueError:
             raise OptionsError(f"--rank {rank!r} is not understood; pass an integer ≥ 1, 'auto' or 't'.") from None
-    thresholds = Thresholds(float(s["nrc1_max"]), float(s["nrc2_min"]), float(s["nrc3_min"]), float(s["nrc4_ratio_max"]))
+    thresholds = Thresholds(**{c.threshold: float(s[c.threshold]) for c in TABLE})
     return AnalysisOptions(rank, float(s["pinv_rtol"]), float(s["rank_energy"]), int(s["require_collapsed"]),
                            thresholds).validate()  # fmt: skip
 

@@ -11,14 +11,56 @@ k = r (docs/validation.md, "Choice of k"). When the targets are full rank, r = t
 
 from __future__ import annotations
 
-from typing import Callable, Mapping
+import operator
+from dataclasses import dataclass
+from typing import Mapping
 
 from nrc_audit.config import Thresholds
 from nrc_audit.errors import ExitCode
 
 RANK_T = "t"  # --rank t: the paper's k = t view
 RANK_AUTO = "auto"  # --rank auto (the default): k = target.rank_estimate
-CONDITIONS = ("nrc1", "nrc2", "nrc3", "nrc4")
+
+
+@dataclass(frozen=True)
+class Condition:
+    """One condition of Deep NRC as every consumer reads it: verdicts, renderers, the CLI and the baseline."""
+
+    name: str  # key in a layer's ``passed`` block; upper-cased in CI titles (NRC1)
+    field: str  # the layer's JSON metric field that is compared
+    op: str  # "≤" or "≥": the condition holds when ``field op threshold``
+    threshold: str  # the Thresholds field, settings key and ``settings.thresholds`` key
+    option: str  # the command-line option that sets the threshold
+    label: str  # the metric's name in messages and cards
+    column: str  # the metric's short name in table headers
+    help: str  # the option's help
+    relative: bool = False  # --baseline-tolerance is relative for this metric (a ratio), else absolute
+
+    @property
+    def default(self) -> float:
+        return float(getattr(Thresholds, self.threshold))
+
+    @property
+    def larger_is_worse(self) -> bool:
+        return self.op == "≤"
+
+    def holds(self, value: float | None, thresholds: Thresholds) -> bool:
+        """A null (undefined) metric fails its condition."""
+        compare = operator.le if self.op == "≤" else operator.ge
+        return value is not None and bool(compare(value, getattr(thresholds, self.threshold)))
+
+
+# The four conditions (SPEC §4). A fifth is one more row here, a Thresholds field and its metric.
+TABLE: tuple[Condition, ...] = (
+    Condition("nrc1", "nrc1", "≤", "nrc1_max", "--nrc1-max", "NRC1 noise", "NRC1", "NRC1 passes when noise ≤ this."),
+    Condition("nrc2", "nrc2", "≥", "nrc2_min", "--nrc2-min", "NRC2 CKA", "NRC2", "NRC2 passes when CKA(H, Y) ≥ this."),
+    Condition("nrc3", "nrc3", "≥", "nrc3_min", "--nrc3-min", "NRC3 alignment", "NRC3",
+              "NRC3 passes when the mean principal cosine ≥ this."),
+    Condition("nrc4", "nrc4_ratio", "≤", "nrc4_ratio_max", "--nrc4-ratio-max", "NRC4 probe MSE / model MSE", "NRC4 ratio",
+              "NRC4 passes when probe MSE / model MSE ≤ this.", relative=True),
+)  # fmt: skip
+CONDITIONS = tuple(c.name for c in TABLE)
+BY_NAME = {c.name: c for c in TABLE}
 
 
 def choose_rank(rank: int | str | None, target_dim: int, rank_estimate: int) -> tuple[int, str]:
@@ -39,27 +81,17 @@ def choose_rank(rank: int | str | None, target_dim: int, rank_estimate: int) -> 
 
 
 def condition_passed(values: Mapping[str, float | None], th: Thresholds) -> dict[str, bool]:
-    """Per-condition verdicts of one layer; a null (undefined) metric fails its condition.
+    """Per-condition verdicts of one layer (:data:`TABLE`); a null (undefined) metric fails its condition.
 
     Args:
-        values: at least ``nrc1``, ``nrc2``, ``nrc3``, ``nrc4_ratio`` (floats or None).
+        values: every condition's metric field (``nrc1``, ``nrc2``, ``nrc3``, ``nrc4_ratio``; floats or None).
         th: the thresholds (NRC1 ≤ nrc1_max, NRC2 ≥ nrc2_min, NRC3 ≥ nrc3_min, NRC4 ratio ≤ nrc4_ratio_max).
     """
-
-    def ok(key: str, test: Callable[[float], bool]) -> bool:
-        v = values.get(key)
-        return v is not None and bool(test(v))
-
-    return {
-        "nrc1": ok("nrc1", lambda v: v <= th.nrc1_max),
-        "nrc2": ok("nrc2", lambda v: v >= th.nrc2_min),
-        "nrc3": ok("nrc3", lambda v: v >= th.nrc3_min),
-        "nrc4": ok("nrc4_ratio", lambda v: v <= th.nrc4_ratio_max),
-    }
+    return {c.name: c.holds(values.get(c.field), th) for c in TABLE}
 
 
 def is_collapsed(passed: Mapping[str, bool]) -> bool:
-    """A layer is collapsed when all four conditions hold."""
+    """A layer is collapsed when every condition holds."""
     return all(passed.get(c, False) for c in CONDITIONS)
 
 

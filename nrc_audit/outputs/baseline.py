@@ -10,12 +10,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from nrc_audit.core.verdicts import TABLE
 from nrc_audit.errors import OptionsError
 from nrc_audit.io.validate import check_report, check_tolerance, parse_json
 from nrc_audit.outputs.report import Report
 
-# field → +1 when larger is worse, −1 when smaller is worse; relative tolerance for ratios
-DIRECTIONS = {"nrc1": (+1, False), "nrc2": (-1, False), "nrc3": (-1, False), "nrc4_ratio": (+1, True)}
 
 
 @dataclass(frozen=True)
@@ -23,6 +22,12 @@ class Regression:
     layer: int | None  # None: a model-level regression (the onset)
     name: str
     what: str
+    metric: str | None = None  # the metric field that worsened (e.g. "nrc4_ratio"); None: onset or collapse
+
+    @property
+    def condition(self) -> str | None:
+        """The condition whose metric worsened (``nrc4`` for ``nrc4_ratio``), or None."""
+        return next((c.name for c in TABLE if c.field == self.metric), None)
 
 
 def load_baseline(path: Path) -> Report:
@@ -62,14 +67,15 @@ def compare(report: Report, baseline: Report, tolerance: float) -> list[Regressi
         if old.collapsed and not new.collapsed:
             failing = [k for k, ok in new.passed.items() if not ok]
             found.append(Regression(new.index, new.name, f"no longer collapsed (fails {', '.join(failing)})"))
-        for key, (sign, relative) in DIRECTIONS.items():
+        for c in TABLE:
+            key, sign = c.field, (+1 if c.larger_is_worse else -1)
             a, b = getattr(old, key), getattr(new, key)
             if a is None:
                 continue
             if b is None:
-                found.append(Regression(new.index, new.name, f"{key} is now undefined (was {a:.4g})"))
+                found.append(Regression(new.index, new.name, f"{key} is now undefined (was {a:.4g})", key))
                 continue
-            allowed = tolerance * abs(a) if relative else tolerance
+            allowed = tolerance * abs(a) if c.relative else tolerance
             if sign * (b - a) > allowed:
-                found.append(Regression(new.index, new.name, f"{key} worsened from {a:.4g} to {b:.4g}"))
+                found.append(Regression(new.index, new.name, f"{key} worsened from {a:.4g} to {b:.4g}", key))
     return found

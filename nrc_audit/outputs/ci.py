@@ -16,27 +16,22 @@ import xml.etree.ElementTree as ET
 from pathlib import Path
 from typing import Sequence
 
+from nrc_audit.core.verdicts import TABLE
 from nrc_audit.outputs.baseline import Regression
 from nrc_audit.outputs.records import LayerReport, ReportData as Report
 
 WARNING_PROPERTY = "nrc-audit.warning"  # JUnit suite property holding one report-level warning
-CONDITIONS = (  # (passed key, value field, label, threshold key, comparison that passes)
-    ("nrc1", "nrc1", "NRC1 noise", "nrc1_max", "≤"),
-    ("nrc2", "nrc2", "NRC2 CKA", "nrc2_min", "≥"),
-    ("nrc3", "nrc3", "NRC3 alignment", "nrc3_min", "≥"),
-    ("nrc4", "nrc4_ratio", "NRC4 probe MSE / model MSE", "nrc4_ratio_max", "≤"),
-)
 
 
 def failed_conditions(layer: LayerReport, thresholds: dict[str, float]) -> list[tuple[str, str]]:
     """[(condition, 'NRC1 noise 0.41, needs ≤ 0.25'), …] for every condition the layer fails."""
     out = []
-    for key, field, label, th_key, op in CONDITIONS:
-        if layer.passed.get(key, False):
+    for c in TABLE:
+        if layer.passed.get(c.name, False):
             continue
-        value = getattr(layer, field)
+        value = getattr(layer, c.field)
         shown = "undefined" if value is None else f"{value:.4g}"
-        out.append((key.upper(), f"{label} {shown}, needs {op} {thresholds[th_key]}"))
+        out.append((c.name.upper(), f"{c.label} {shown}, needs {c.op} {thresholds[c.threshold]}"))
     return out
 
 
@@ -62,7 +57,7 @@ def github_annotations(report: Report, regressions: Sequence[Regression] = ()) -
                               f"layer {index} ({layer.name}) is not collapsed: " + "; ".join(t for _, t in failed)))
     for r in regressions:
         where = "model" if r.layer is None else f"layer {r.layer} {r.name}"
-        conditions = " ".join(k.upper() for k in ("nrc1", "nrc2", "nrc3", "nrc4") if k in r.what)
+        conditions = r.condition.upper() if r.condition else ""
         lines.append(_command("error", f"nrc-audit baseline: {where} {conditions or 'collapse onset'}",
                               f"regression against the baseline: {where}: {r.what}"))
     for w in report.warnings:

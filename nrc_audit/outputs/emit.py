@@ -12,7 +12,7 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from nrc_audit.core.verdicts import exit_code
+from nrc_audit.core.verdicts import TABLE, exit_code
 from nrc_audit.outputs.baseline import Regression, compare, load_baseline
 from nrc_audit.config import BaselineOptions
 from nrc_audit.errors import ExitCode, NrcAuditError, OptionsError
@@ -92,12 +92,12 @@ def _write_plot(report: Report, path: Path) -> None:
 def baseline_table(regressions: list[Regression], report: Report, baseline: Report) -> Table:
     """Per-layer deltas against the baseline, regressions in red."""
     table = Table(title=f"against baseline (onset {baseline.summary.collapse_onset} → {report.summary.collapse_onset})")
-    for col in ("#", "layer", "Δ NRC1", "Δ NRC2", "Δ NRC3", "Δ NRC4 ratio", "collapsed"):
+    for col in ("#", "layer", *(f"Δ {c.column}" for c in TABLE), "collapsed"):
         table.add_column(col, justify="right" if col.startswith(("#", "Δ")) else "left")
-    bad = {(r.layer, key) for r in regressions for key in ("nrc1", "nrc2", "nrc3", "nrc4_ratio") if key in r.what}
+    bad = {(r.layer, r.metric) for r in regressions if r.metric is not None}
     for old, new in zip(baseline.layers, report.layers):
         cells = []
-        for key in ("nrc1", "nrc2", "nrc3", "nrc4_ratio"):
+        for key in (c.field for c in TABLE):
             a, b = getattr(old, key), getattr(new, key)
             text = "—" if a is None or b is None else f"{b - a:+.3f}"
             cells.append(Text(text, style="bold red" if (new.index, key) in bad else ""))
@@ -122,7 +122,8 @@ def emit(report: Report, out: Outputs) -> ExitCode:
         regressions = compare(report, baseline, out.baseline_tolerance)
         report.extensions["baseline"] = {
             "path": str(out.baseline_path), "tolerance": out.baseline_tolerance, "passed": not regressions,
-            "regressions": [{"layer": r.layer, "name": r.name, "what": r.what} for r in regressions],
+            "regressions": [{"layer": r.layer, "name": r.name, "what": r.what, "metric": r.metric}
+                            for r in regressions],
         }  # fmt: skip
     text = report.to_json()
     with all_or_nothing():  # every file staged in full before any is renamed into place (io/files.py)

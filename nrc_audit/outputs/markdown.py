@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from nrc_audit.core.verdicts import TABLE
 from nrc_audit.outputs.records import LayerReport, ReportData as Report
 
 HOW_TO_READ = (
@@ -108,9 +109,8 @@ def headline_metrics(report: Report) -> list[dict]:
         # the count travels in the card's metadata; the warnings themselves are in the body (to_markdown)
         {"type": "nrc_report_warnings", "name": "nrc-audit report-level warnings", "value": len(report.warnings)},
     ]  # fmt: skip
-    for key, label in (("nrc1", "NRC1 noise"), ("nrc2", "NRC2 CKA"), ("nrc3", "NRC3 alignment"),
-                       ("nrc4_ratio", "NRC4 probe MSE / model MSE")):  # fmt: skip
-        metrics.append({"type": f"{key}_last_layer", "name": f"{label} (last layer)", "value": getattr(last, key)})
+    for c in TABLE:
+        metrics.append({"type": f"{c.field}_last_layer", "name": f"{c.label} (last layer)", "value": getattr(last, c.field)})
     return metrics
 
 
