@@ -17,8 +17,8 @@ LAYERS = ["version", "errors", "config", "core", "io", "models", "outputs", "eng
 # Order inside a layer (lower first); a module not listed ranks below every listed one of its layer.
 WITHIN = {
     "core": ["layer", "kernels", "facts", "stats", "verdicts", "conditions", "diagnostics"],
-    "io": ["lifecycle", "files", "validate", "plan", "settings_file", "fingerprint", "checkpoint", "hf_layout", "dataset", "store_check", "store"],
-    "models": ["base", "mlp", "resnet", "architecture"],
+    "io": ["lifecycle", "files", "validate", "plan", "settings_file", "fingerprint", "checkpoint", "hf_layout", "pandas_hdf", "dataset", "store_check", "store"],
+    "models": ["base", "mlp", "resnet", "hf", "architecture"],
     "outputs": ["records", "render", "markdown", "model_card", "plot", "report", "baseline", "ci", "trend", "emit"],
     "engine": ["threads", "overlap", "model_io", "extract", "context", "distributed", "pipeline", "api", "monitor"],
     "cli": ["common", "commands", "app", "reference"],
