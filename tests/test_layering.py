@@ -16,8 +16,8 @@ PACKAGE = REPO / "nrc_audit"
 LAYERS = ["version", "errors", "config", "core", "io", "models", "outputs", "engine", "cli"]
 # Order inside a layer (lower first); a module not listed ranks below every listed one of its layer.
 WITHIN = {
-    "core": ["layer", "kernels", "facts", "stats", "verdicts", "conditions", "diagnostics"],
-    "io": ["lifecycle", "files", "validate", "plan", "settings_file", "fingerprint", "checkpoint", "hf_layout", "pandas_hdf", "dataset", "store_check", "store"],
+    "core": ["layer", "kernels", "facts", "stats", "verdicts", "spectra", "conditions", "diagnostics"],
+    "io": ["lifecycle", "files", "validate", "plan", "settings_file", "fingerprint", "pickle_scan", "checkpoint", "hf_layout", "pandas_hdf", "dataset", "store_check", "store_lock", "store"],
     "models": ["base", "mlp", "resnet", "hf", "architecture"],
     "outputs": ["records", "render", "markdown", "model_card", "plot", "report", "baseline", "ci", "trend", "emit"],
     "engine": ["threads", "overlap", "model_io", "extract", "context", "distributed", "pipeline", "api", "monitor"],

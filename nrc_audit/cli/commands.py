@@ -10,7 +10,8 @@ import typer
 
 from nrc_audit.cli.common import (
     ANALYSIS_OPTIONS, DATA_PASS_OPTIONS, INPUTS, OUTPUTS, REPORT_OUTPUTS, RUN_OPTIONS, PlotOpt, analysis_options,
-    err_console, flag, guarded, make_app, opt, outputs, settings, settings_source, takes, with_progress,
+    err_console, flag, guarded, make_app, opt, outputs, require_inputs, settings, settings_source, takes,
+    with_progress,
 )  # fmt: skip
 from nrc_audit.errors import ExitCode, OptionsError
 from nrc_audit.io.files import write_with
@@ -31,7 +32,6 @@ def reanalyze(
     given = {**locals(), **opts}
 
     def body() -> ExitCode:
-        from nrc_audit.engine.pipeline import reanalyze as run_reanalysis
         from nrc_audit.outputs.emit import emit, failure_reports
 
         out = outputs(given)
@@ -43,6 +43,9 @@ def reanalyze(
             out.check_before_run({"the feature store": store,
                                   "the settings file": settings_source(opts["config"])})  # fmt: skip
             analysis = analysis_options(s)
+            require_inputs(("feature store", store))
+            from nrc_audit.engine.pipeline import reanalyze as run_reanalysis  # torch: only after the checks
+
             report = with_progress(not (opts["no_progress"] or opts["quiet"]),
                                    lambda hook: run_reanalysis(store, analysis, int(s["batch_size"]), hook))  # fmt: skip
         return emit(report, out)
@@ -69,7 +72,6 @@ def trend(
 
     def body() -> ExitCode:
         from nrc_audit.config import AuditConfig, DataOptions, ModelOptions
-        from nrc_audit.engine.pipeline import run_audit
         from nrc_audit.outputs.emit import Outputs
         from nrc_audit.outputs.trend import load_history, natural_order, write_trend_json
 
@@ -86,6 +88,9 @@ def trend(
                 raise OptionsError("pass the checkpoints of one run and --data DATA.h5 (or --history FILE).")
             s = settings(opts["config"], given)
             analysis = analysis_options(s)
+            require_inputs(("data file", data), *(("checkpoint", c) for c in checkpoints))
+            from nrc_audit.engine.pipeline import run_audit  # torch: only after the checks
+
             ordered = list(checkpoints) if as_given else natural_order(checkpoints)
             if not opts["quiet"]:
                 err_console.print(f"order{' (as given)' if as_given else ''}: " + ", ".join(c.stem for c in ordered),

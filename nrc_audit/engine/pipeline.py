@@ -105,7 +105,7 @@ def _opened(config: AuditConfig, device: torch.device) -> Iterator[_Inputs]:
         ds.compute_dtype = _model_dtype(model)  # X beyond float32 is refused for a float32 model (io/dataset.py)
         modules = candidate_layers(model, config.layers, config.exclude)
         plan_audit(modules, info.num_samples, info.input_shape, config.batch_size, config.features_path,
-                   8 if ds.compute_dtype == torch.float64 else 4)  # before any batch is read  # fmt: skip
+                   8 if ds.compute_dtype == torch.float64 else 4, info.target_dim)  # before any batch is read  # fmt: skip
         data_notes = prepare_inputs(model, ds, device, ds.compute_dtype)  # may pass a mask, keep uint8 ids
         info = ds.info
         context = RunContext(
@@ -192,7 +192,7 @@ def _audit_sharded(config: AuditConfig, device: torch.device, ctx: distributed.D
             stats, context, writer = _pass_rows(config, replace(inputs, context=context), device, (start, stop),
                                                 store, progress if ctx.is_main else None)  # fmt: skip
             if writer is not None:  # every shard complete before rank 0 links them into the master store
-                writer.close(complete=True)
+                writer.close(complete=True, now=True)
         except NrcAuditError as exc:
             error = exc
     try:
@@ -329,7 +329,7 @@ def reanalyze(store_path: Path, analysis: AnalysisOptions, batch_size: int = 409
     analysis.validate()
     stats = PassStatistics()
     with FeatureStore(store_path) as store:
-        plan_statistics({layer.name: layer.in_dim for layer in store.layers}, store.n, None, 4)
+        plan_statistics({layer.name: layer.in_dim for layer in store.layers}, store.n, None, 4, store.t)
         context = RunContext.from_dict(store.context)
         for start, out, y, feats in store.batches(batch_size):
             stats.update(store.layers, out, y, feats)
@@ -364,7 +364,8 @@ def build_report(stats: PassStatistics, analysis: AnalysisOptions, context: RunC
 
     def analyse(pair: tuple[LayerInfo, JointAccumulator]) -> LayerMetrics:
         layer, acc = pair
-        m = layer_metrics(acc.finalize(), layer.weight.numpy(), k, model_mse, analysis.pinv_rtol, analysis.thresholds)
+        m = layer_metrics(acc.finalize(), layer.weight.numpy(), k, model_mse, analysis.pinv_rtol, analysis.thresholds,
+                          context.device)
         return with_identity(m, layer.index, layer.name, layer.kind, layer.in_dim, layer.out_dim, layer.pooled)
 
     rows = threads.parallel_map(analyse, zip(stats.layers, stats.joint))  # O(h³) per layer: layers in parallel
