@@ -35,7 +35,6 @@ WRAPPER_PREFIXES = ("module.", "_orig_mod.")  # added by DDP and torch.compile
 # "Trying to load unsupported GLOBAL posix.mkdir whose module posix is blocked"
 _UNSAFE_GLOBAL = re.compile(r"[Uu]nsupported (?:global: )?GLOBAL ([\w.]+)")
 FORMATS = {".safetensors": "safetensors", ".pt": "pt", ".pth": "pt", ".bin": "pt", ".ckpt": "pt"}
-PROGRESS_KEYS = ("epoch", "global_step")  # integer training counters a Lightning checkpoint holds beside its weights
 
 
 @dataclass
@@ -47,7 +46,6 @@ class Checkpoint:
     state_dict: dict[str, torch.Tensor]
     metadata: dict[str, str] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)  # what loading did (unwrapped containers, prefixes)
-    progress: dict[str, int] = field(default_factory=dict)  # PROGRESS_KEYS found in the file (Lightning)
     stripped_prefix: str | None = None  # the Lightning module attribute removed from every key ("model.")
 
     @property
@@ -149,7 +147,6 @@ def _load_pt(path: Path) -> Checkpoint:
     except Exception as exc:  # torch raises RuntimeError/EOFError/… for corrupt zips and truncated files
         raise CheckpointError(f"{path} is not a readable PyTorch checkpoint ({type(exc).__name__}: {exc}).") from None
     notes: list[str] = []
-    progress = _progress(obj)
     lightning = isinstance(obj, dict) and "state_dict" in obj and (path.suffix.lower() == ".ckpt" or
                                                                   any(str(k).startswith("pytorch-lightning") for k in obj))
     while isinstance(obj, dict):
@@ -166,13 +163,7 @@ def _load_pt(path: Path) -> Checkpoint:
             f"found {type(obj).__name__}. Save model.state_dict()."
         )
     sd, prefix = _strip_lightning_prefix(obj, notes) if lightning else (obj, None)
-    return Checkpoint(path, "pt", sd, {}, notes, progress, prefix)
-
-
-def _progress(obj: Any) -> dict[str, int]:
-    if not isinstance(obj, dict):
-        return {}
-    return {k: int(obj[k]) for k in PROGRESS_KEYS if isinstance(obj.get(k), int) and not isinstance(obj[k], bool)}
+    return Checkpoint(path, "pt", sd, {}, notes, prefix)
 
 
 def _strip_lightning_prefix(sd: dict[str, torch.Tensor], notes: list[str]) -> tuple[dict[str, torch.Tensor], str | None]:
@@ -186,21 +177,6 @@ def _strip_lightning_prefix(sd: dict[str, torch.Tensor], notes: list[str]) -> tu
         return sd, None
     notes.append(f"Lightning checkpoint: removed the LightningModule attribute prefix {prefix!r} from every key")
     return {k[len(prefix):]: v for k, v in sd.items()}, prefix
-
-
-def training_progress(path: Path) -> dict[str, int]:
-    """The training counters a checkpoint file holds beside its weights: ``{"epoch": e, "global_step": s}``
-    for a Lightning ``.ckpt`` (or any ``.pt`` dict with such integer entries); ``{}`` when there are none.
-
-    Only ``torch.load`` files can hold them; other formats return ``{}`` without reading the file.
-
-    Raises:
-        CheckpointError: as :func:`load_checkpoint`, for a file that is not a safe, readable checkpoint.
-    """
-    path = Path(path)
-    if FORMATS.get(path.suffix.lower()) != "pt":
-        return {}
-    return load_checkpoint(path).progress
 
 
 def _strip_wrappers(sd: dict[str, torch.Tensor], notes: list[str]) -> dict[str, torch.Tensor]:
