@@ -25,7 +25,8 @@ from nrc_audit.config import AnalysisOptions, AuditConfig
 from nrc_audit.errors import Interrupted, ModelDataMismatchError, NrcAuditError, OptionsError
 from nrc_audit.io.plan import plan_audit, plan_statistics
 from nrc_audit.core.layer import LayerInfo
-from nrc_audit.engine.extract import FeatureExtractor, candidate_layers, skipped_layers
+from nrc_audit.engine.extract import FeatureExtractor
+from nrc_audit.engine.layer_kinds import candidate_layers, skipped_layers
 from nrc_audit.engine.model_io import lazy_dry_run, prepare_inputs, unused_mask_warning
 from nrc_audit.models.architecture import inferred_architecture_warning, resolve_model, user_forward_error
 from nrc_audit.io.hf_layout import load_model_files, sha256_path
@@ -279,7 +280,8 @@ def extraction_pass(
                     widths = [layer.in_dim + target_dim for layer in extractor.layers or []]  # fold columns
                     plan = threads.rebalanced(plan, extractor.flops_per_row(x, extra), widths)
                 if notes is not None and first:  # the first batch: before the store writer copies the context
-                    notes.extend(n for n in (extractor.output_note, extractor.pooling_note()) if n and n not in notes)
+                    notes.extend(n for n in (extractor.output_note, extractor.pooling_note(), *extractor.coverage_notes())
+                                 if n and n not in notes)
                 first = False
                 layers = extractor.layers or []
                 if writer is None and writer_factory is not None:
