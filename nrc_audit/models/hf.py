@@ -10,9 +10,10 @@ was never trained.
 
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from torch import nn
 
@@ -70,9 +71,26 @@ def reload(module: nn.Module, folder: Path) -> nn.Module | None:
     return _from_pretrained(type(module), Path(folder), config=module.config)
 
 
+@contextlib.contextmanager
+def _quiet() -> Iterator[None]:
+    """transformers' logging and progress bars off: what its loader would warn about is reported here."""
+    from transformers.utils import logging as hf_logging
+
+    level, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity(hf_logging.CRITICAL)
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(level)
+        if bars:
+            hf_logging.enable_progress_bar()
+
+
 def _from_pretrained(cls: type, folder: Path, **kwargs: Any) -> nn.Module:
     try:
-        module, info = cls.from_pretrained(str(folder), local_files_only=True, output_loading_info=True, **kwargs)
+        with _quiet():
+            module, info = cls.from_pretrained(str(folder), local_files_only=True, output_loading_info=True, **kwargs)
     except Exception as exc:  # noqa: BLE001 - a library's loader: its failure is an unusable checkpoint
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise CheckpointError(f"{folder}: transformers could not load {cls.__name__} from the folder "
