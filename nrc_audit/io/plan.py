@@ -165,6 +165,9 @@ def plan_statistics(widths: Mapping[str, int], num_rows: int, store_path: Path |
                         "--no-features, or audit fewer layers.")
 
 
+_WIDTH_ATTRS = ("in_features", "in_channels", "embed_dim", "input_size", "nx")  # Linear, Conv, MHA, RNN, HF Conv1D
+
+
 def plan_audit(modules: Mapping[str, torch.nn.Module], num_rows: int, input_shape: tuple[int, ...], batch_size: int,
                store_path: Path | None, itemsize: int, target_dim: int = 0) -> None:
     """Everything the pass will allocate, refused up front: the statistics and store (:func:`plan_statistics`)
@@ -174,7 +177,8 @@ def plan_audit(modules: Mapping[str, torch.nn.Module], num_rows: int, input_shap
         modules: audited layers (Linear: h = in_features; Conv2d: h = in_channels, pooled).
         input_shape: per-sample shape, e.g. (C, H, W). itemsize: bytes per stored feature (4 or 8). target_dim: t.
     """
-    widths = {name: int(getattr(m, "in_features", None) or getattr(m, "in_channels", 0)) for name, m in modules.items()}
+    widths = {name: next((int(getattr(m, a)) for a in _WIDTH_ATTRS if isinstance(getattr(m, a, None), int)), 0)
+              for name, m in modules.items()}  # fmt: skip
     weights = sum(8 * int(getattr(m, "weight").numel()) for m in modules.values()
                   if isinstance(getattr(m, "weight", None), torch.Tensor))  # fmt: skip
     plan_statistics(widths, num_rows, store_path, itemsize, target_dim, weights)
