@@ -19,7 +19,7 @@ WITHIN = {
     "core": ["layer", "kernels", "facts", "stats", "verdicts", "spectra", "conditions", "diagnostics"],
     "io": ["lifecycle", "files", "validate", "plan", "settings_file", "fingerprint", "pickle_scan", "checkpoint", "hf_layout", "training_position", "dataset", "store_check", "store_lock", "store"],
     "models": ["base", "mlp", "resnet", "architecture"],
-    "outputs": ["records", "render", "markdown", "model_card", "plot", "report", "history", "baseline", "ci", "trend", "emit"],
+    "outputs": ["records", "render", "markdown", "front_matter", "model_card", "plot", "report", "history", "baseline", "ci", "trend", "emit"],
     "engine": ["threads", "overlap", "model_io", "layer_kinds", "extract", "context", "distributed", "pipeline", "api", "monitor"],
     "cli": ["common", "commands", "app", "reference"],
 }
