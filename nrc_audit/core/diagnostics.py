@@ -10,7 +10,9 @@ from __future__ import annotations
 from nrc_audit.core.conditions import TargetSummary
 from nrc_audit.core.facts import LABEL_DISTINCT_MAX, DataFacts
 
-__all__ = ["LABEL_DISTINCT_MAX", "DataFacts", "report_warnings"]
+__all__ = ["LABEL_DISTINCT_MAX", "UNUSED_MASK_NOTE", "DataFacts", "report_warnings", "unused_mask_warning"]
+
+UNUSED_MASK_NOTE = "padding mask not used"  # starts the assumption that :func:`unused_mask_warning` reads
 
 
 
@@ -55,3 +57,12 @@ def report_warnings(
             f"k = {target.rank_estimate})."
         )
     return out
+
+
+def unused_mask_warning(assumptions: list[str]) -> str | None:
+    """The report warning for a padding mask the data file holds but the model was not given; else None."""
+    found = [a for a in assumptions if a.startswith(UNUSED_MASK_NOTE)]
+    if not found:
+        return None
+    return (f"{found[0][len(UNUSED_MASK_NOTE) + 2:]}. If the model was trained with that mask, pass it with "
+            "--input-key attention_mask=KEY (its forward must take it), or the features of padded rows are wrong.")

@@ -24,7 +24,7 @@ from nrc_audit.io.plan import plan_audit
 from nrc_audit.core.layer import LayerInfo
 from nrc_audit.engine.extract import FeatureExtractor
 from nrc_audit.engine.layer_kinds import candidate_layers, skipped_layers
-from nrc_audit.engine.model_io import check_first_layer, probe_batch
+from nrc_audit.engine.model_io import lazy_dry_run, prepare_inputs
 from nrc_audit.models.architecture import resolve_model, user_forward_error
 from nrc_audit.io.hf_layout import load_model_files, sha256_path
 from nrc_audit.io.dataset import HDF5Dataset
@@ -112,7 +112,7 @@ def audit_rows(config: AuditConfig, device: torch.device, progress: ProgressHook
 def opened(config: AuditConfig, device: torch.device) -> Iterator[Inputs]:
     """The checkpoint rebuilt on ``device`` and the data file open, both checked before any batch is read."""
     ckpt = load_model_files(config.model_path)
-    resolved = resolve_model(ckpt, config.model)
+    resolved = resolve_model(ckpt, config.model, lazy_dry_run(config.data_path, config.data))
     model = resolved.module.to(device)
     with HDF5Dataset(config.data_path, config.data) as ds:
         info = ds.info
@@ -120,11 +120,12 @@ def opened(config: AuditConfig, device: torch.device) -> Iterator[Inputs]:
         modules = candidate_layers(model, config.layers, config.exclude)
         plan_audit(modules, info.num_samples, info.input_shape, config.batch_size, config.features_path,
                    8 if ds.compute_dtype == torch.float64 else 4, info.target_dim)  # before any batch is read  # fmt: skip
-        check_first_layer(model, *probe_batch(ds, device, ds.compute_dtype), info.input_shape)
+        data_notes = prepare_inputs(model, ds, device, ds.compute_dtype)  # may pass a mask, keep uint8 ids
+        info = ds.info
         context = RunContext(
             ModelContext(str(config.model_path), sha256_path(config.model_path), ckpt.format, resolved.architecture,
-                         resolved.num_parameters,
-                         tuple(resolved.assumptions) + tuple(skipped_layers(model, config.layers, config.exclude))),
+                         resolved.num_parameters, tuple(resolved.assumptions) + tuple(data_notes)
+                         + tuple(skipped_layers(model, config.layers, config.exclude))),
             DataContext(str(config.data_path), sha256_path(config.data_path), info.x_key, info.y_key,
                         info.num_samples, tuple(info.input_shape), info.target_dim),
             str(device), config.batch_size,
@@ -140,7 +141,7 @@ def pass_rows(config: AuditConfig, inputs: Inputs, device: torch.device, rows: t
     The returned context adds what the first batch taught to the model's assumptions; the store records
     that same context."""
     (start, stop), info, ds = rows, inputs.ds.info, inputs.ds
-    keyed = bool(config.data.input_keys)
+    keyed = bool(ds.opts.input_keys)  # the data file may add a padding mask (model_io.prepare_inputs)
     batches = ((a - start, x, y, ds.extras(a, a + len(y)) if keyed else {})  # shard-local rows, file rows read
                for a, x, y in ds.batches(config.batch_size, start, stop))  # fmt: skip
     store = None if store_path is None else StoreRequest(store_path, stop - start, inputs.context,

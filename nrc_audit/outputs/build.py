@@ -12,7 +12,7 @@ from typing import Any
 from nrc_audit.version import __version__
 from nrc_audit.config import AnalysisOptions
 from nrc_audit.core.conditions import LayerMetrics, TargetSummary
-from nrc_audit.core.diagnostics import report_warnings
+from nrc_audit.core.diagnostics import report_warnings, unused_mask_warning
 from nrc_audit.core.facts import DataFacts
 from nrc_audit.core.verdicts import collapse_onset, gate
 from nrc_audit.models.architecture import inferred_architecture_warning
@@ -52,12 +52,12 @@ def build_report(found: Findings, analysis: AnalysisOptions, context: RunContext
         model_info["assumptions"].append(POOLING_NOTE)
     warnings = report_warnings(found.facts, found.target, found.model_mse, found.rank, found.rank_source,
                                context.uint8_unscaled)  # fmt: skip
-    inferred = inferred_architecture_warning(model_info["assumptions"])
+    noted = [inferred_architecture_warning(model_info["assumptions"]), unused_mask_warning(model_info["assumptions"])]
     return Report(
         tool={"name": "nrc-audit", "version": __version__},
         model=model_info, data=context.data.to_dict(), settings=_settings(found, analysis, context),
         target=found.target, model_mse=found.model_mse, layers=rows, summary=summary,
-        warnings=warnings + ([inferred] if inferred else []),
+        warnings=warnings + [w for w in noted if w],
     )  # fmt: skip
 
 
