@@ -38,7 +38,8 @@ def scalars(report: Report) -> dict[str, float]:
     out[f"{PREFIX}/collapsed_layers"] = float(len(report.summary.collapsed_layers))
     if report.summary.collapse_onset is not None:
         out[f"{PREFIX}/onset"] = float(report.summary.collapse_onset)
-    out[f"{PREFIX}/model_mse"] = float(report.model_mse)
+    if report.model_mse is not None:
+        out[f"{PREFIX}/model_mse"] = float(report.model_mse)
     return out
 
 

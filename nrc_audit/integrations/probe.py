@@ -75,6 +75,7 @@ class ProbeSet:
                 b = min(a + self.batch_size, stop)
                 yield x[a:b], y[a:b], {k: v[a:b] for k, v in extra.items()}
             return
+        assert self.path is not None  # a probe set holds tensors, a loader or an HDF5 path (checked when made)
         with HDF5Dataset(self.path, self.options) as ds:
             for a, x, y in ds.batches(self.batch_size, start, stop):
                 yield x, y, ds.extras(a, a + len(x))
@@ -92,7 +93,8 @@ class ProbeSet:
             if first == last:
                 raise OptionsError(f"the probe DataLoader has {count} batches for {group.world_size} ranks; "
                                    "give it at least one batch per rank.")  # fmt: skip
-        for i, batch in enumerate(self.loader):  # type: ignore[union-attr]
+        assert self.loader is not None
+        for i, batch in enumerate(self.loader):
             if last is not None and i >= last:
                 break
             if i >= first:

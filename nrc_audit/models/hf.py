@@ -87,7 +87,7 @@ def _quiet() -> Iterator[None]:
             hf_logging.enable_progress_bar()
 
 
-def _from_pretrained(cls: type, folder: Path, **kwargs: Any) -> nn.Module:
+def _from_pretrained(cls: Any, folder: Path, **kwargs: Any) -> nn.Module:
     try:
         with _quiet():
             module, info = cls.from_pretrained(str(folder), local_files_only=True, output_loading_info=True, **kwargs)
