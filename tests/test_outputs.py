@@ -156,3 +156,30 @@ def _has_matplotlib() -> bool:
     except ImportError:
         return False
     return True
+
+
+def test_report_records_and_the_json_schema_name_the_same_fields():
+    """Python's report types and the shipped JSON Schema are two descriptions of one document: a field added
+    to a record but not to the schema (or the other way round) fails here. Order counts: the JSON keeps the
+    records' field order, which the schema lists."""
+    from dataclasses import fields
+
+    from nrc_audit.core.conditions import LayerMetrics, TargetSummary
+    from nrc_audit.core.verdicts import TABLE
+    from nrc_audit.outputs.records import Gate, ReportData, Summary, load_schema
+
+    schema = load_schema()["properties"]
+    pairs = {
+        "layers": (LayerMetrics, schema["layers"]["items"]),
+        "target": (TargetSummary, schema["target"]),
+        "summary": (Summary, schema["summary"]),
+        "summary.gate": (Gate, schema["summary"]["properties"]["gate"]),
+    }
+    for where, (record, block) in pairs.items():
+        names = [f.name for f in fields(record)]
+        assert names == list(block["properties"]), where
+        assert set(block.get("required", [])) <= set(names), where
+    top = [f.name for f in fields(ReportData) if f.name not in ("extensions",)]
+    assert set(top) == set(schema) - {"baseline"}, "a top-level report field differs from the schema"
+    passed = schema["layers"]["items"]["properties"]["passed"]
+    assert set(passed.get("properties", passed.get("required", []))) == {c.name for c in TABLE}

@@ -89,3 +89,14 @@ def test_help_defaults_render_in_every_command():
         out = " ".join(CliRunner().invoke(app, ["--help"], env={"COLUMNS": "200"}).stdout.split())
         assert f"[default: ({json.dumps(DEFAULTS['nrc1_max'])})]" in out
         assert f"[default: ({DEFAULTS['batch_size']})]" in out
+
+
+def test_every_settings_key_is_a_field_of_an_option_group():
+    """The settings file reaches a command only through the groups' ``setting(KEY)`` fields: a key that no
+    field carries (a renamed parameter) would be read from the file and silently dropped."""
+    from dataclasses import fields
+
+    from nrc_audit.cli.options import GROUPS
+
+    carried = [f.metadata["setting"] for g in GROUPS for f in fields(g) if "setting" in f.metadata]
+    assert sorted(carried) == sorted(DEFAULTS)  # each key exactly once

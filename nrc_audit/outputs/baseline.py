@@ -23,11 +23,14 @@ class Regression:
     name: str
     what: str
     metric: str | None = None  # the metric field that worsened (e.g. "nrc4_ratio"); None: onset or collapse
+    failing: tuple[str, ...] = ()  # a layer no longer collapsed: the conditions it now fails
 
     @property
-    def condition(self) -> str | None:
-        """The condition whose metric worsened (``nrc4`` for ``nrc4_ratio``), or None."""
-        return next((c.name for c in TABLE if c.field == self.metric), None)
+    def conditions(self) -> tuple[str, ...]:
+        """The conditions concerned: the one whose metric worsened (``nrc4`` for ``nrc4_ratio``), or those a
+        layer no longer collapsed fails; () for the onset."""
+        worsened = tuple(c.name for c in TABLE if c.field == self.metric)
+        return worsened or self.failing
 
 
 def load_baseline(path: Path) -> Report:
@@ -65,8 +68,9 @@ def compare(report: Report, baseline: Report, tolerance: float) -> list[Regressi
         found.append(Regression(None, "model", f"collapse onset moved from layer {old_onset} to {new_onset}"))
     for old, new in zip(baseline.layers, report.layers):
         if old.collapsed and not new.collapsed:
-            failing = [k for k, ok in new.passed.items() if not ok]
-            found.append(Regression(new.index, new.name, f"no longer collapsed (fails {', '.join(failing)})"))
+            failing = tuple(k for k, ok in new.passed.items() if not ok)
+            found.append(Regression(new.index, new.name, f"no longer collapsed (fails {', '.join(failing)})",
+                                    failing=failing))
         for c in TABLE:
             key, sign = c.field, (+1 if c.larger_is_worse else -1)
             a, b = getattr(old, key), getattr(new, key)

@@ -57,7 +57,7 @@ def github_annotations(report: Report, regressions: Sequence[Regression] = ()) -
                               f"layer {index} ({layer.name}) is not collapsed: " + "; ".join(t for _, t in failed)))
     for r in regressions:
         where = "model" if r.layer is None else f"layer {r.layer} {r.name}"
-        conditions = r.condition.upper() if r.condition else ""
+        conditions = " ".join(c.upper() for c in r.conditions)
         lines.append(_command("error", f"nrc-audit baseline: {where} {conditions or 'collapse onset'}",
                               f"regression against the baseline: {where}: {r.what}"))
     for w in report.warnings:

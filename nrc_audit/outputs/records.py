@@ -1,4 +1,4 @@
-"""The records of an audit report, their JSON form (schema ``nrc-audit-report/1``) and the verdict → exit code map.
+"""The records of an audit report and their JSON form (schema ``nrc-audit-report/1``).
 
 Field names follow SPEC §5 exactly; they are a public contract: extend, never rename.
 """
@@ -12,8 +12,6 @@ from importlib import resources
 from typing import Any, TypeVar
 
 from nrc_audit.core.conditions import METRIC_FIELDS, LayerMetrics, TargetSummary
-from nrc_audit.core.verdicts import exit_code
-from nrc_audit.errors import ExitCode
 
 __all__ = ["SCHEMA_ID", "METRIC_FIELDS", "Gate", "LayerReport", "ReportData", "Summary", "load_schema"]
 
@@ -41,7 +39,7 @@ class Summary:
 
 @dataclass
 class ReportData:
-    """The whole audit. ``to_dict()`` gives the JSON document; ``exit_code`` the CLI's verdict."""
+    """The whole audit. ``to_dict()`` gives the JSON document."""
 
     tool: dict[str, Any]
     model: dict[str, Any]
@@ -85,11 +83,6 @@ class ReportData:
         return cls(doc["tool"], doc["model"], doc["data"], doc["settings"], TargetSummary(**doc["target"]),
                    doc["model_mse"], layers, summary, doc.get("schema", SCHEMA_ID),
                    warnings=list(doc.get("warnings", [])))  # fmt: skip
-
-    @property
-    def exit_code(self) -> ExitCode:
-        """The exit code of this report's gate alone (no baseline, no ``--exit-zero``)."""
-        return exit_code(self.summary.gate.passed)
 
 
 def _finite_or_null(obj: Any) -> Any:
