@@ -19,9 +19,9 @@ WITHIN = {
     "core": ["layer", "kernels", "facts", "stats", "verdicts", "conditions", "diagnostics"],
     "io": ["lifecycle", "files", "validate", "plan", "settings_file", "fingerprint", "checkpoint", "hf_layout", "dataset", "store_check", "store"],
     "models": ["base", "mlp", "resnet", "architecture"],
-    "outputs": ["records", "render", "markdown", "model_card", "plot", "report", "baseline", "ci", "trend", "emit"],
+    "outputs": ["charset", "records", "render", "markdown", "model_card", "plot", "report", "baseline", "ci", "trend", "emit"],
     "engine": ["threads", "overlap", "model_io", "extract", "context", "distributed", "pipeline", "api", "monitor"],
-    "cli": ["common", "commands", "app", "reference"],
+    "cli": ["streams", "common", "commands", "app", "reference"],
 }
 TOP = {"__init__", "__main__"}
 
