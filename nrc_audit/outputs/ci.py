@@ -2,10 +2,12 @@
 (``--junit-xml``). Presentation only: everything comes from the report and the baseline comparison.
 
 GitHub: one ``::error`` per layer that fails the gate and per baseline regression, one ``::warning`` per
-layer warning, each titled with the layer and the condition (workflow commands:
-https://docs.github.com/actions/reference/workflow-commands-for-github-actions).
+report-level warning (the audit may not be well posed) and per layer warning, each titled with the layer and
+the condition (workflow commands: https://docs.github.com/actions/reference/workflow-commands-for-github-actions).
 JUnit: one testsuite named after the model, one testcase per audited layer; a layer that fails the gate is
 a failure; a layer that is not collapsed but lies outside the gate passes, with the finding in system-out.
+Report-level warnings are suite properties (``nrc-audit.warning``) and lines of the suite's system-out: they
+inform and never fail a test, as they never change the exit code.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from typing import Sequence
 from nrc_audit.outputs.baseline import Regression
 from nrc_audit.outputs.records import LayerReport, ReportData as Report
 
+WARNING_PROPERTY = "nrc-audit.warning"  # JUnit suite property holding one report-level warning
 CONDITIONS = (  # (passed key, value field, label, threshold key, comparison that passes)
     ("nrc1", "nrc1", "NRC1 noise", "nrc1_max", "≤"),
     ("nrc2", "nrc2", "NRC2 CKA", "nrc2_min", "≥"),
@@ -62,6 +65,8 @@ def github_annotations(report: Report, regressions: Sequence[Regression] = ()) -
         conditions = " ".join(k.upper() for k in ("nrc1", "nrc2", "nrc3", "nrc4") if k in r.what)
         lines.append(_command("error", f"nrc-audit baseline: {where} {conditions or 'collapse onset'}",
                               f"regression against the baseline: {where}: {r.what}"))
+    for w in report.warnings:
+        lines.append(_command("warning", "nrc-audit: audit", w))
     for layer in report.layers:
         for w in layer.warnings:
             lines.append(_command("warning", f"nrc-audit: layer {layer.index} {layer.name}", w))
@@ -98,6 +103,10 @@ def junit_xml(report: Report, regressions: Sequence[Regression] = (), name: str 
     compared = "baseline" in report.extensions
     tests = len(report.layers) + compared
     root, suite = _suite(model, tests, len(failing) + bool(regressions))
+    if report.warnings:
+        props = ET.SubElement(suite, "properties")
+        for w in report.warnings:
+            ET.SubElement(props, "property", name=WARNING_PROPERTY, value=w)
     for layer in report.layers:
         case = ET.SubElement(suite, "testcase", classname=f"nrc-audit.{model}", name=f"layer {layer.index}: {layer.name}")
         failed = failed_conditions(layer, th)
@@ -113,6 +122,8 @@ def junit_xml(report: Report, regressions: Sequence[Regression] = (), name: str 
         if regressions:
             ET.SubElement(case, "failure", type="baseline", message=f"{len(regressions)} regression(s)").text = \
                 "\n".join(f"{'model' if r.layer is None else f'layer {r.layer} ({r.name})'}: {r.what}" for r in regressions)
+    if report.warnings:
+        ET.SubElement(suite, "system-out").text = "\n".join(f"warning: {w}" for w in report.warnings)
     return _text(root)
 
 

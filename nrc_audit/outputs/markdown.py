@@ -57,6 +57,16 @@ def _verdict(report: Report) -> str:
     return f"**Gate FAILED**: failing layer(s) {failing} among the last {g.require_collapsed}; {onset}."
 
 
+def _warnings(report: Report) -> list[str]:
+    """Report-level warnings as a quote block under the verdict: a card reader must see them with it."""
+    lines: list[str] = []
+    for w in report.warnings:
+        if lines:
+            lines.append(">")
+        lines.append(f"> **Warning:** {w}")
+    return lines + [""] if lines else []
+
+
 def to_markdown(report: Report) -> str:
     """A self-contained model-card section (also fit for a CI job summary)."""
     m, d, st = report.model, report.data, report.settings
@@ -71,6 +81,7 @@ def to_markdown(report: Report) -> str:
         "",
         _verdict(report),
         "",
+        *_warnings(report),
         "| # | layer | kind | h | NRC1 noise | NRC2 CKA | NRC3 align | NRC4 MSE (×model) | bound lhs vs rhs | collapsed |",
         "|---:|---|---|---:|---:|---:|---:|---:|---|:---:|",
         *(_row(layer) for layer in report.layers),
@@ -94,6 +105,8 @@ def headline_metrics(report: Report) -> list[dict]:
         {"type": "nrc_collapsed_layers", "name": "Collapsed layers", "value": len(report.summary.collapsed_layers)},
         {"type": "nrc_gate_passed", "name": "nrc-audit gate passed", "value": report.summary.gate.passed},
         {"type": "model_mse", "name": "Model MSE on audited data", "value": report.model_mse},
+        # the count travels in the card's metadata; the warnings themselves are in the body (to_markdown)
+        {"type": "nrc_report_warnings", "name": "nrc-audit report-level warnings", "value": len(report.warnings)},
     ]  # fmt: skip
     for key, label in (("nrc1", "NRC1 noise"), ("nrc2", "NRC2 CKA"), ("nrc3", "NRC3 alignment"),
                        ("nrc4_ratio", "NRC4 probe MSE / model MSE")):  # fmt: skip
