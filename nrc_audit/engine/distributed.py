@@ -83,6 +83,25 @@ def from_env(device: torch.device) -> DistContext | None:
     return DistContext(dist.get_rank(), dist.get_world_size(), str(dist.get_backend()), owns)
 
 
+def joined_group() -> DistContext | None:
+    """The process group the caller already initialised (a training framework's), when it has > 1 rank."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() < 2:
+        return None
+    return DistContext(dist.get_rank(), dist.get_world_size(), str(dist.get_backend()), owns_group=False)
+
+
+def combined_digest(ctx: DistContext, hexdigest: str) -> str:
+    """SHA-256 over every rank's shard digest, in rank order: the same on all ranks, names all the rows."""
+    import hashlib
+    import torch.distributed as dist
+
+    digests: list[Any] = [None] * ctx.world_size
+    dist.all_gather_object(digests, hexdigest)
+    return hashlib.sha256("".join(digests).encode()).hexdigest()
+
+
 def local_device(device: torch.device) -> torch.device:
     """Under torchrun each rank takes the GPU of its LOCAL_RANK."""
     if device.type == "cuda" and device.index is None and "LOCAL_RANK" in os.environ:

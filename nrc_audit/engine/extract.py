@@ -26,7 +26,7 @@ import torch
 from torch import nn
 from torch.nn.utils.rnn import PackedSequence, pad_packed_sequence
 
-from nrc_audit.core.layer import LayerInfo, RowLayout, find_rows, rows_first, token_major_matches
+from nrc_audit.core.layer import LayerInfo, RowLayout, find_rows, flattened_order, row_signature, rows_first
 from nrc_audit.engine.layer_kinds import dense_weight, kind_of, row_hint
 from nrc_audit.engine.model_io import select_output
 from nrc_audit.errors import ModelDataMismatchError, OptionsError
@@ -137,7 +137,7 @@ class FeatureExtractor:
         self._inputs: list[tuple[tuple | None, weakref.ref]] = []  # this forward's raw inputs, per call
         self._mask: torch.Tensor | None = None
         self._batch = 0
-        self._probe: list[tuple[str, tuple[int, ...], torch.Tensor | None]] | None = None  # per call of the probe
+        self._probe: list[tuple[str, tuple[int, ...], dict[int, torch.Tensor]]] | None = None  # per call of the probe
         self._probe_at: list[int] = []
         self._probing = False
         self._layouts: list[tuple[str, int, RowLayout]] = []  # per call of the first batch: (layer, ndim, rows)
@@ -172,8 +172,10 @@ class FeatureExtractor:
                 )
             if self._probing:
                 assert self._probe is not None
-                flat = not any(s == len(self._probe_at) for s in h.shape[:-1])  # maybe (B·c, …): keep its values
-                self._probe.append((name, tuple(h.shape), h.detach().clone() if flat else None))
+                b2 = len(self._probe_at)  # a dim of b2·c entries (c > 1) may be flattened rows: keep its order
+                axes = range(1) if kind in CONV_NDIM else range(h.ndim - 1)
+                signatures = {d: row_signature(h, d) for d in axes if h.shape[d] > b2 and h.shape[d] % b2 == 0}
+                self._probe.append((name, tuple(h.shape), signatures))
                 return
             rows = self._rows(len(self._calls), name, kind, h.detach())
             i = len(self._calls)
@@ -231,7 +233,8 @@ class FeatureExtractor:
         probe = probe if probe is not None and probe[0] == name else None
         found = find_rows(shape, batch, probe[1] if probe else None, len(self._probe_at), axes, self._hints.get(name))
         if isinstance(found, RowLayout) and found.per_row > 1:
-            major = token_major_matches(h, probe[2], found, self._probe_at) if probe and probe[2] is not None else None
+            signature = probe[2].get(found.axis) if probe else None
+            major = flattened_order(h, signature, found, self._probe_at) if signature is not None else None
             found = replace(found, major=major) if major else (
                 f"its input (shape {shape}) flattens {found.per_row} entries per sample into dim {found.axis}, and "
                 "the probe could not tell whether they are ordered (B, c) or (c, B)")  # fmt: skip
