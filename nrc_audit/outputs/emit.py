@@ -80,7 +80,7 @@ class Outputs:
         if self.model_card_path is not None:
             from nrc_audit.outputs.model_card import check_card
 
-            check_card(self.model_card_path)
+            check_card(self.model_card_path, self.card.dataset_id)
 
 
 def _write_plot(report: Report, path: Path) -> None:
@@ -185,7 +185,7 @@ def print_warnings(report: Report) -> None:
 def _write_card(path: Path, report: Report, out: Outputs) -> None:
     from nrc_audit.outputs.model_card import merge_model_card
 
-    existing = path.read_text(encoding="utf-8") if path.exists() else ""
+    existing = path.read_bytes().decode("utf-8") if path.exists() else ""  # bytes: CRLF stays CRLF
     write_atomic(path, merge_model_card(existing, report, out.card, where=path))
 
 
