@@ -32,7 +32,7 @@ from nrc_audit.models.architecture import inferred_architecture_warning, resolve
 from nrc_audit.io.hf_layout import load_model_files, sha256_path
 from nrc_audit.io.dataset import HDF5Dataset
 from nrc_audit.outputs.report import Gate, Report, Summary
-from nrc_audit.core.stats import JointAccumulator, PassStatistics
+from nrc_audit.core.stats import PassStatistics
 from nrc_audit.io.store import FeatureStore, FeatureStoreWriter
 
 ProgressHook = Callable[[int, int], None]  # (rows done, rows total)
@@ -364,13 +364,17 @@ def build_report(stats: PassStatistics, analysis: AnalysisOptions, context: RunC
     if any(layer.pooled for layer in stats.layers) and POOLING_NOTE not in model_info["assumptions"]:
         model_info["assumptions"].append(POOLING_NOTE)
 
-    def analyse(pair: tuple[LayerInfo, JointAccumulator]) -> LayerMetrics:
-        layer, acc = pair
-        m = layer_metrics(acc.finalize(), layer.weight.numpy(), k, model_mse, analysis.pinv_rtol, analysis.thresholds,
-                          context.device)
-        return with_identity(m, layer.index, layer.name, layer.kind, layer.in_dim, layer.out_dim, layer.pooled)
+    # each distinct input's statistics once, before the threads: layers sharing an input share one accumulator
+    finals = [acc.finalize() if layer.shares_input_with is None else None for layer, acc in zip(stats.layers, stats.joint)]
 
-    rows = threads.parallel_map(analyse, zip(stats.layers, stats.joint))  # O(h³) per layer: layers in parallel
+    def analyse(i: int) -> LayerMetrics:
+        layer = stats.layers[i]
+        st = finals[i if layer.shares_input_with is None else layer.shares_input_with]
+        m = layer_metrics(st, layer.weight.numpy(), k, model_mse, analysis.pinv_rtol, analysis.thresholds, context.device)
+        return with_identity(m, layer.index, layer.name, layer.kind, layer.in_dim, layer.out_dim, layer.pooled,
+                             layer.shares_input_with)
+
+    rows = threads.parallel_map(analyse, range(len(stats.layers)))  # O(h³) per layer: layers in parallel
     collapsed = [r.collapsed for r in rows]
     passed, failing = gate(collapsed, analysis.require_collapsed)
     summary = Summary(
