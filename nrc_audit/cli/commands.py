@@ -163,9 +163,8 @@ def _show_trend(labels: list[str], reports: list, n: int, fmt: OutputFormat) -> 
     last checkpoint's GitHub annotations, and return the exit code of the last checkpoint's gate."""
     import sys
 
-    from rich.console import Console
-
     from nrc_audit.core.verdicts import exit_code
+    from nrc_audit.outputs import charset
     from nrc_audit.outputs.trend import gate_of, trend_json, trend_tables
 
     layers = reports[-1].summary.num_layers
@@ -181,7 +180,7 @@ def _show_trend(labels: list[str], reports: list, n: int, fmt: OutputFormat) -> 
 
         sys.stdout.writelines(line + "\n" for line in github_annotations(reports[-1]))
     else:
-        console = Console()
+        console = charset.console()
         for table in trend_tables(labels, reports, n):
             console.print(table)
     passed = gate_of(reports[-1], n)

@@ -20,7 +20,7 @@ import torch
 
 from nrc_audit.config import AuditConfig
 from nrc_audit.errors import NrcAuditError, OptionsError
-from nrc_audit.core.stats import Accumulator, JointAccumulator, Moments, PassStatistics
+from nrc_audit.core.stats import Accumulator, Moments, PassStatistics, distinct, shared_accumulators
 from nrc_audit.engine.pipeline import ProgressHook, opened, pass_rows
 from nrc_audit.io.files import write_with
 from nrc_audit.outputs.context import RunContext
@@ -212,7 +212,7 @@ def _moments(acc: Accumulator) -> Moments:
 
 
 def _accumulators(stats: PassStatistics) -> list[Accumulator]:
-    return [*stats.joint, stats.targets]
+    return [*(acc for (acc,) in distinct(stats.layers, stats.joint)), stats.targets]  # a shared state once
 
 
 def _pack(stats: PassStatistics) -> torch.Tensor:
@@ -227,7 +227,7 @@ def _pack(stats: PassStatistics) -> torch.Tensor:
 
 def _unpack(packed: torch.Tensor, like: PassStatistics) -> PassStatistics:
     """One rank's :class:`PassStatistics` from its :func:`_pack` vector (shapes from this rank's ``like``)."""
-    out = PassStatistics(layers=like.layers, joint=[JointAccumulator(a.h) for a in like.joint],
+    out = PassStatistics(layers=like.layers, joint=shared_accumulators(like.layers),
                          sse=float(packed[0]), n=int(packed[1]))  # fmt: skip
     at = 2
     for acc, mine in zip(_accumulators(out), _accumulators(like)):

@@ -121,7 +121,6 @@ def opened(config: AuditConfig, device: torch.device) -> Iterator[Inputs]:
         plan_audit(modules, info.num_samples, info.input_shape, config.batch_size, config.features_path,
                    8 if ds.compute_dtype == torch.float64 else 4, info.target_dim)  # before any batch is read  # fmt: skip
         data_notes = prepare_inputs(model, ds, device, ds.compute_dtype)  # may pass a mask, keep uint8 ids
-        info = ds.info
         context = RunContext(
             ModelContext(str(config.model_path), sha256_path(config.model_path), ckpt.format, resolved.architecture,
                          resolved.num_parameters, tuple(resolved.assumptions) + tuple(data_notes)
@@ -129,7 +128,7 @@ def opened(config: AuditConfig, device: torch.device) -> Iterator[Inputs]:
             DataContext(str(config.data_path), sha256_path(config.data_path), info.x_key, info.y_key,
                         info.num_samples, tuple(info.input_shape), info.target_dim),
             str(device), config.batch_size,
-            uint8_unscaled=info.x_kind == "uint8" and not config.data.scale_uint8,
+            uint8_unscaled=ds.info.x_kind == "uint8" and not config.data.scale_uint8,  # not if kept as ids
         )  # fmt: skip
         yield Inputs(model, modules, ds, context)
 

@@ -12,8 +12,7 @@ from pathlib import Path
 
 from nrc_audit.config import AnalysisOptions, AuditConfig
 from nrc_audit.core.conditions import LayerMetrics, layer_metrics, target_summary, with_identity
-from nrc_audit.core.layer import LayerInfo
-from nrc_audit.core.stats import JointAccumulator, PassStatistics
+from nrc_audit.core.stats import PassStatistics
 from nrc_audit.core.verdicts import choose_rank
 from nrc_audit.errors import NrcAuditError, OptionsError
 from nrc_audit.engine import distributed, threads
@@ -108,11 +107,15 @@ def analyse(stats: PassStatistics, analysis: AnalysisOptions, device: str = "cpu
         )
     model_mse = stats.sse / (n * t)
 
-    def one(pair: tuple[LayerInfo, JointAccumulator]) -> LayerMetrics:
-        layer, acc = pair
-        m = layer_metrics(acc.finalize(), layer.weight.numpy(), k, model_mse, analysis.pinv_rtol, analysis.thresholds,
-                          device)
-        return with_identity(m, layer.index, layer.name, layer.kind, layer.in_dim, layer.out_dim, layer.pooled)
+    # each distinct input's statistics once, before the threads: layers sharing an input share one accumulator
+    finals = [acc.finalize() if layer.shares_input_with is None else None for layer, acc in zip(stats.layers, stats.joint)]
 
-    rows = threads.parallel_map(one, zip(stats.layers, stats.joint))
+    def one(i: int) -> LayerMetrics:
+        layer = stats.layers[i]
+        st = finals[i if layer.shares_input_with is None else layer.shares_input_with]
+        m = layer_metrics(st, layer.weight.numpy(), k, model_mse, analysis.pinv_rtol, analysis.thresholds, device)
+        return with_identity(m, layer.index, layer.name, layer.kind, layer.in_dim, layer.out_dim, layer.pooled,
+                             layer.shares_input_with)
+
+    rows = threads.parallel_map(one, range(len(stats.layers)))
     return Findings(rows, target, k, source, model_mse, stats.facts)
