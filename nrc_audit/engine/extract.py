@@ -184,7 +184,7 @@ class FeatureExtractor:
             source = self._shared_source(key)
             self._inputs.append((key, weakref.ref(h)))
             known = self.layers is not None and i < len(self.layers)
-            expected = self.layers[i].shares_input_with if known else source
+            expected = self.layers[i].shares_input_with if self.layers is not None and known else source
             if source is not None and source == expected and known:
                 feats, pooled = self._calls[source][2], self._calls[source][3]  # checked equal on the first batch
             else:

@@ -113,6 +113,7 @@ def analyse(stats: PassStatistics, analysis: AnalysisOptions, device: str = "cpu
     def one(i: int) -> LayerMetrics:
         layer = stats.layers[i]
         st = finals[i if layer.shares_input_with is None else layer.shares_input_with]
+        assert st is not None  # a sharing layer names an earlier layer that holds the statistics
         m = layer_metrics(st, layer.weight.numpy(), k, model_mse, analysis.pinv_rtol, analysis.thresholds, device)
         return with_identity(m, layer.index, layer.name, layer.kind, layer.in_dim, layer.out_dim, layer.pooled,
                              layer.shares_input_with)
