@@ -76,6 +76,7 @@ Nrc1Opt = Annotated[Optional[float], opt("--nrc1-max", help="NRC1 passes when no
 Nrc2Opt = Annotated[Optional[float], opt("--nrc2-min", help="NRC2 passes when CKA(H, Y) ≥ this.", panel=THRESHOLDS, key="nrc2_min")]
 Nrc3Opt = Annotated[Optional[float], opt("--nrc3-min", help="NRC3 passes when the mean principal cosine ≥ this.", panel=THRESHOLDS, key="nrc3_min")]
 Nrc4Opt = Annotated[Optional[float], opt("--nrc4-ratio-max", help="NRC4 passes when probe MSE / model MSE ≤ this.", panel=THRESHOLDS, key="nrc4_ratio_max")]
+NoiseOpt = Annotated[Optional[float], opt("--noise-alignment-max", help="The noise condition passes when the mean singular value of U_⊥ᵀV_k (W reading the feature noise subspace) ≤ this; 1 disables it.", panel=THRESHOLDS, key="noise_alignment_max")]
 RtolOpt = Annotated[Optional[float], opt("--pinv-rtol", help="Σ_H⁺ keeps eigenvalues > rtol²·λ₁.", panel=ANALYSIS, key="pinv_rtol")]
 EnergyOpt = Annotated[Optional[float], opt("--rank-energy", help="Energy fraction for target.rank_estimate.", panel=ANALYSIS, key="rank_energy")]
 RequireOpt = Annotated[Optional[int], opt("--require-collapsed", help="Gate: the last N layers must be collapsed; 0 disables.", panel=CI, key="require_collapsed")]
@@ -123,7 +124,8 @@ SharedOption = tuple[str, Any, Any]
 ANALYSIS_OPTIONS: tuple[SharedOption, ...] = (
     ("rank", RankOpt, None), ("pinv_rtol", RtolOpt, None), ("rank_energy", EnergyOpt, None),
     ("batch_size", BatchOpt, None), ("nrc1_max", Nrc1Opt, None), ("nrc2_min", Nrc2Opt, None),
-    ("nrc3_min", Nrc3Opt, None), ("nrc4_ratio_max", Nrc4Opt, None), ("require_collapsed", RequireOpt, None),
+    ("nrc3_min", Nrc3Opt, None), ("nrc4_ratio_max", Nrc4Opt, None), ("noise_alignment_max", NoiseOpt, None),
+    ("require_collapsed", RequireOpt, None),
 )  # fmt: skip
 DATA_PASS_OPTIONS: tuple[SharedOption, ...] = (  # commands that run the model over a data file
     ("x_key", XKeyOpt, None), ("y_key", YKeyOpt, None), ("channels_last", ChannelsLastOpt, False),
@@ -178,7 +180,8 @@ def analysis_options(s: dict[str, Any]) -> AnalysisOptions:
             rank = int(rank)
         except ValueError:
             raise OptionsError(f"--rank {rank!r} is not understood; pass an integer ≥ 1, 'auto' or 't'.") from None
-    thresholds = Thresholds(float(s["nrc1_max"]), float(s["nrc2_min"]), float(s["nrc3_min"]), float(s["nrc4_ratio_max"]))
+    thresholds = Thresholds(float(s["nrc1_max"]), float(s["nrc2_min"]), float(s["nrc3_min"]), float(s["nrc4_ratio_max"]),
+                            float(s["noise_alignment_max"]))  # fmt: skip
     return AnalysisOptions(rank, float(s["pinv_rtol"]), float(s["rank_energy"]), int(s["require_collapsed"]),
                            thresholds).validate()  # fmt: skip
 

@@ -11,14 +11,22 @@ k = r (docs/validation.md, "Choice of k"). When the targets are full rank, r = t
 
 from __future__ import annotations
 
-from typing import Callable, Mapping
+from typing import Mapping
 
-from nrc_audit.config import Thresholds
+from nrc_audit.config import NEAR_MARGIN, Thresholds
 from nrc_audit.errors import ExitCode
 
 RANK_T = "t"  # --rank t: the paper's k = t view
 RANK_AUTO = "auto"  # --rank auto (the default): k = target.rank_estimate
-CONDITIONS = ("nrc1", "nrc2", "nrc3", "nrc4")
+CONDITIONS = ("nrc1", "nrc2", "nrc3", "nrc4", "noise_alignment")
+# passed key → (value field, threshold field, "max" | "min"): how each condition compares its value
+RULES = {
+    "nrc1": ("nrc1", "nrc1_max", "max"),
+    "nrc2": ("nrc2", "nrc2_min", "min"),
+    "nrc3": ("nrc3", "nrc3_min", "min"),
+    "nrc4": ("nrc4_ratio", "nrc4_ratio_max", "max"),
+    "noise_alignment": ("noise_alignment", "noise_alignment_max", "max"),
+}
 
 
 def choose_rank(rank: int | str | None, target_dim: int, rank_estimate: int) -> tuple[int, str]:
@@ -41,26 +49,50 @@ def choose_rank(rank: int | str | None, target_dim: int, rank_estimate: int) -> 
 def condition_passed(values: Mapping[str, float | None], th: Thresholds) -> dict[str, bool]:
     """Per-condition verdicts of one layer; a null (undefined) metric fails its condition.
 
+    One exception: a null ``noise_alignment`` next to a defined ``nrc3`` means the features have rank below k
+    (λ_k ≈ 0, see core/conditions.py): there is no noise subspace for W to read, so that condition holds.
+
     Args:
-        values: at least ``nrc1``, ``nrc2``, ``nrc3``, ``nrc4_ratio`` (floats or None).
-        th: the thresholds (NRC1 ≤ nrc1_max, NRC2 ≥ nrc2_min, NRC3 ≥ nrc3_min, NRC4 ratio ≤ nrc4_ratio_max).
+        values: at least ``nrc1``, ``nrc2``, ``nrc3``, ``nrc4_ratio``, ``noise_alignment`` (floats or None).
+        th: the thresholds (NRC1 ≤ nrc1_max, NRC2 ≥ nrc2_min, NRC3 ≥ nrc3_min, NRC4 ratio ≤ nrc4_ratio_max,
+            noise alignment ≤ noise_alignment_max).
     """
 
-    def ok(key: str, test: Callable[[float], bool]) -> bool:
-        v = values.get(key)
-        return v is not None and bool(test(v))
+    def ok(key: str) -> bool:
+        field, limit, kind = RULES[key]
+        v, bound = values.get(field), getattr(th, limit)
+        if v is None:
+            return key == "noise_alignment" and values.get("nrc3") is not None
+        return bool(v <= bound) if kind == "max" else bool(v >= bound)
 
-    return {
-        "nrc1": ok("nrc1", lambda v: v <= th.nrc1_max),
-        "nrc2": ok("nrc2", lambda v: v >= th.nrc2_min),
-        "nrc3": ok("nrc3", lambda v: v >= th.nrc3_min),
-        "nrc4": ok("nrc4_ratio", lambda v: v <= th.nrc4_ratio_max),
-    }
+    return {key: ok(key) for key in CONDITIONS}
+
+
+def near_threshold(values: Mapping[str, float | None], th: Thresholds, margin: float = NEAR_MARGIN) -> list[str]:
+    """The conditions whose value lies within ``margin`` of its threshold, on either side, and decides the verdict.
+
+    Absolute for the fractions and cosines; relative (a factor 1 ± margin) for the NRC4 ratio, which is not
+    bounded by 1. Only a condition whose flip would flip the layer's verdict counts: any near condition of a
+    collapsed layer, the one failing condition of a layer that fails only one. A verdict decided this close
+    could flip with another seed or a few more epochs.
+    """
+    passed = condition_passed(values, th)
+    failing = [c for c in CONDITIONS if not passed[c]]
+    out = []
+    for key in CONDITIONS:
+        field, limit, _ = RULES[key]
+        v, bound = values.get(field), getattr(th, limit)
+        if v is None or (failing and failing != [key]):
+            continue
+        if abs(v - bound) <= (margin * bound if key == "nrc4" else margin):
+            out.append(key)
+    return out
 
 
 def is_collapsed(passed: Mapping[str, bool]) -> bool:
-    """A layer is collapsed when all four conditions hold."""
-    return all(passed.get(c, False) for c in CONDITIONS)
+    """A layer is collapsed when all five conditions hold (a report without the fifth, from an earlier
+    version, is judged on the four it has)."""
+    return all(passed.get(c, c == "noise_alignment") for c in CONDITIONS)
 
 
 def collapse_onset(collapsed: list[bool]) -> int | None:
