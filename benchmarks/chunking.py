@@ -24,7 +24,8 @@ import torch
 
 from _common import Machine, markdown_table, sgemm_like_mlp, sgemm_like_rows, stamp, update_doc_section
 from nrc_audit.io import store
-from nrc_audit.engine.extract import FeatureExtractor, candidate_layers
+from nrc_audit.engine.extract import FeatureExtractor
+from nrc_audit.engine.layer_kinds import candidate_layers
 
 
 def batches_of_features(n: int, batch_size: int):

@@ -26,8 +26,8 @@ def main() -> None:
     data = SAMPLES / "data.h5"
     for name in ("mlp_wd", "mlp_nowd"):
         cli(SAMPLES / f"{name}.safetensors", data, "--no-features", "-q", "--plot", IMG / f"audit_{name}.png")
-    trend = sorted((SAMPLES / "trend").glob("mlp_wd_epoch*.safetensors"), key=lambda p: int(p.stem.split("epoch")[1]))
-    cli("trend", *trend, SAMPLES / "mlp_wd.safetensors", "--data", data, "-q", "--as-given", "--plot", IMG / "trend_mlp_wd.png")
+    trend = sorted((SAMPLES / "trend").glob("mlp_wd_epoch*.safetensors"))  # trend orders them by their stored epoch
+    cli("trend", *trend, SAMPLES / "mlp_wd.safetensors", "--data", data, "-q", "--plot", IMG / "trend_mlp_wd.png")
     for png in sorted(IMG.glob("*.png")):
         print(png.relative_to(ROOT))
 

@@ -50,8 +50,8 @@ def main() -> None:
                           nn.Linear(width, width, bias=False), nn.ReLU(), nn.Linear(width, 4, bias=False))
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=args.weight_decay)
     sched = torch.optim.lr_scheduler.MultiStepLR(opt, [args.epochs // 3, 2 * args.epochs // 3], gamma=0.1)
-    args.history.unlink(missing_ok=True)
-    monitor = CollapseMonitor(evaluation, args.history, every=args.every)
+    # a rerun starts the history over; the default (if_exists="refuse") would stop before training
+    monitor = CollapseMonitor(evaluation, args.history, every=args.every, if_exists="overwrite")
 
     for epoch in range(args.epochs + 1):
         model.train()

@@ -15,6 +15,7 @@ class ExitCode(enum.IntEnum):
     OK = 0  # audit ran and the gate passed
     GATE_FAILED = 1  # one of the last --require-collapsed layers is not collapsed
     USAGE = 2  # unusable input or options
+    SIGHUP = 129  # the terminal went away (hang-up)
     SIGINT = 130  # interrupted (Ctrl-C)
     SIGTERM = 143  # terminated
 

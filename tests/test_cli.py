@@ -66,8 +66,7 @@ def test_feature_store_default_path_and_reanalysis(mlp_case, tmp_path, monkeypat
     monkeypatch.chdir(tmp_path)
     direct = run(mlp_case["ckpt"], mlp_case["data"], "--format", "json", "--require-collapsed", "0")
     assert direct.exit_code == 0
-    store = tmp_path / "mlp.features.h5"
-    assert store.is_file()
+    (store,) = tmp_path.glob("mlp-*.features.h5")  # the model's stem and a hash of its path
     again = runner.invoke(reanalyze_app, [str(store), "--format", "json", "--require-collapsed", "0"])
     assert again.exit_code == 0, again.stderr
     assert json.loads(again.stdout)["layers"] == json.loads(direct.stdout)["layers"]

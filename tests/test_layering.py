@@ -16,11 +16,11 @@ PACKAGE = REPO / "nrc_audit"
 LAYERS = ["version", "errors", "config", "core", "io", "models", "outputs", "engine", "cli"]
 # Order inside a layer (lower first); a module not listed ranks below every listed one of its layer.
 WITHIN = {
-    "core": ["layer", "kernels", "facts", "stats", "verdicts", "conditions", "diagnostics"],
-    "io": ["lifecycle", "files", "validate", "plan", "settings_file", "fingerprint", "checkpoint", "hf_layout", "dataset", "store_check", "store"],
+    "core": ["layer", "kernels", "facts", "stats", "verdicts", "spectra", "conditions", "diagnostics"],
+    "io": ["lifecycle", "files", "validate", "plan", "settings_file", "fingerprint", "pickle_scan", "checkpoint", "hf_layout", "training_position", "dataset", "store_check", "store_lock", "store"],
     "models": ["base", "mlp", "resnet", "architecture"],
-    "outputs": ["records", "render", "markdown", "model_card", "plot", "report", "baseline", "ci", "trend", "emit"],
-    "engine": ["threads", "overlap", "model_io", "extract", "context", "distributed", "pipeline", "api", "monitor"],
+    "outputs": ["records", "render", "markdown", "model_card", "plot", "report", "history", "baseline", "ci", "trend", "emit"],
+    "engine": ["threads", "overlap", "model_io", "layer_kinds", "extract", "context", "distributed", "pipeline", "api", "monitor"],
     "cli": ["common", "commands", "app", "reference"],
 }
 TOP = {"__init__", "__main__"}

@@ -49,8 +49,9 @@ def _default_sigint() -> None:
     signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
-@pytest.mark.parametrize(("sig", "code", "name"), [(signal.SIGTERM, 143, "SIGTERM"), (signal.SIGINT, 130, "SIGINT")],
-                         ids=["SIGTERM", "SIGINT"])  # fmt: skip
+@pytest.mark.parametrize(("sig", "code", "name"), [(signal.SIGTERM, 143, "SIGTERM"), (signal.SIGINT, 130, "SIGINT"),
+                                                 (signal.SIGHUP, 129, "SIGHUP")],
+                         ids=["SIGTERM", "SIGINT", "SIGHUP"])  # fmt: skip
 def test_signal_mid_extraction_keeps_earlier_outputs_and_leaves_no_partial(slow_case, sig, code, name):
     first = CliRunner().invoke(audit_app, slow_case["args"])  # an earlier, finished run (full speed)
     assert first.exit_code == 0, first.stderr
@@ -89,6 +90,47 @@ def test_signal_mid_extraction_keeps_earlier_outputs_and_leaves_no_partial(slow_
     assert again.exit_code == 0, again.stderr
     with h5py.File(slow_case["store"]) as fh:
         assert bool(fh.attrs["complete"]) is True
+
+
+def _start_and_wait_for_partial(slow_case: dict) -> subprocess.Popen:
+    env = dict(os.environ, NRC_TEST_SLEEP=str(SLEEP_S))
+    child = subprocess.Popen([sys.executable, "-m", "nrc_audit", *slow_case["args"]], env=env,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)  # fmt: skip
+    deadline = time.monotonic() + START_TIMEOUT_S
+    while not (slow_case["out"] / ".f.h5.partial").exists():
+        assert child.poll() is None, child.communicate()
+        if time.monotonic() > deadline:
+            child.kill()
+            pytest.fail("the audit did not start extracting")
+        time.sleep(0.02)
+    return child
+
+
+def test_sigkilled_runs_leftovers_are_removed_by_the_next_run_also_without_a_store(slow_case):
+    child = _start_and_wait_for_partial(slow_case)
+    child.kill()  # SIGKILL: no handler runs, the partial and lock files stay
+    child.communicate(timeout=60)
+    left = sorted(p.name for p in slow_case["out"].iterdir())
+    assert left == [".f.h5.lock", ".f.h5.partial"], left
+    quiet = CliRunner().invoke(audit_app, [*slow_case["args"], "--no-features"])
+    assert quiet.exit_code == 0, quiet.stderr
+    assert sorted(p.name for p in slow_case["out"].iterdir()) == ["r.json"]  # the stale files are gone
+
+
+def test_a_live_runs_partial_is_never_taken_for_a_stale_one(slow_case):
+    child = _start_and_wait_for_partial(slow_case)
+    try:
+        partial = slow_case["out"] / ".f.h5.partial"
+        inode = partial.stat().st_ino
+        other = CliRunner().invoke(audit_app, [*slow_case["args"], "--no-features"])
+        assert other.exit_code == 0, other.stderr
+        assert partial.stat().st_ino == inode  # the live run's file was left alone
+        clash = CliRunner().invoke(audit_app, slow_case["args"])
+        assert clash.exit_code == 2 and "another nrc-audit run" in clash.stderr
+        assert partial.stat().st_ino == inode
+    finally:
+        child.kill()
+        child.communicate(timeout=60)
 
 
 def test_sigterm_at_random_moments_sample():

@@ -234,17 +234,27 @@ def test_natural_order():
     assert natural_order(names) == ["run/epoch_2", "run/epoch_10", "run/epoch_20", "run/epoch_100"]
 
 
+def _without_position(src, dst):
+    """A copy of a sample checkpoint without its stored epoch, so that only its file name orders it."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    with safe_open(str(src), framework="pt") as fh:
+        meta = {k: v for k, v in fh.metadata().items() if k != "epoch"}
+        save_file({k: fh.get_tensor(k) for k in fh.keys()}, str(dst), metadata=meta)
+
+
 def test_trend_sorts_checkpoints_naturally_and_gates_the_last(tmp_path):
     # epoch_2 is the collapsed sample (4 of 6 layers), epoch_10 the not-yet-collapsed one (none)
-    shutil.copy(SAMPLES / "trend/mlp_wd_epoch100.safetensors", tmp_path / "epoch_2.safetensors")
-    shutil.copy(SAMPLES / "trend/mlp_wd_epoch20.safetensors", tmp_path / "epoch_10.safetensors")
+    _without_position(SAMPLES / "trend/mlp_wd_epoch100.safetensors", tmp_path / "epoch_2.safetensors")
+    _without_position(SAMPLES / "trend/mlp_wd_epoch20.safetensors", tmp_path / "epoch_10.safetensors")
     given = sorted(map(str, tmp_path.glob("epoch_*.safetensors")))  # the shell's alphabetical order
     assert [p.rsplit("/", 1)[1] for p in given] == ["epoch_10.safetensors", "epoch_2.safetensors"]
     base = [*given, "--data", str(SAMPLES / "data.h5"), "--limit", "600", "--no-progress"]
     out = tmp_path / "trend.json"
     result = runner.invoke(trend_app, [*base, "--require-collapsed", "1", "--json", str(out)])
     assert result.exit_code == 1, result.stderr  # the last checkpoint, epoch_10, is not collapsed
-    assert "order: epoch_2, epoch_10" in result.stderr
+    assert "order (by file name (no step or epoch stored in every checkpoint)): epoch_2, epoch_10" in result.stderr
     assert json.loads(out.read_text())["labels"] == ["epoch_2", "epoch_10"]
     rows = [line for line in result.stdout.splitlines() if line.startswith("│ epoch_")]
     assert rows[0].split("│")[-2].strip() == "pass" and rows[1].split("│")[-2].strip() == "fail"

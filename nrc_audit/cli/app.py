@@ -18,6 +18,8 @@ from nrc_audit.cli.common import (
 from nrc_audit.cli.commands import SUBCOMMANDS
 from nrc_audit.errors import ExitCode, OptionsError
 from nrc_audit.io import lifecycle
+from nrc_audit.io.files import on_commit, published_together
+from nrc_audit.io.store_lock import clean_stale, default_store_path
 
 audit_app = make_app("Audit a trained regression network for Deep Neural Regression Collapse (NRC1–NRC4).")
 EPILOG = ("Subcommands (each with its own --help): nrc-audit trend CHECKPOINTS… --data DATA: collapse over "
@@ -38,7 +40,7 @@ def audit(
     token_pooling: Annotated[str, opt("--token-pooling", help="Linear inputs (B, T, h) → (B, h): mean (unmasked tokens), cls (token 0) or last (last unmasked token).", panel=MODEL)] = "mean",
     layers: Annotated[Optional[list[str]], opt("--layers", help="Glob of layer names to audit (repeatable).", panel=ANALYSIS, show="every Linear/Conv2d layer")] = None,
     exclude: Annotated[Optional[list[str]], opt("--exclude", help="Glob of layer names to skip (repeatable).", panel=ANALYSIS, key="exclude")] = None,
-    features: Annotated[Optional[Path], opt("--features", help="Feature store path.", panel=OUTPUTS, show="MODEL-STEM.features.h5 in the current folder")] = None,
+    features: Annotated[Optional[Path], opt("--features", help="Feature store path.", panel=OUTPUTS, show="MODEL-STEM-HASH8.features.h5 in the current folder (beside a model folder, never in it)")] = None,
     no_features: Annotated[bool, flag("--no-features", help="Do not write the feature store.", panel=OUTPUTS)] = False,
     features_compression: Annotated[Optional[str], opt("--features-compression", help="gzip or lzf.", panel=OUTPUTS, show="none")] = None,
     version: VersionOpt = False,
@@ -55,7 +57,9 @@ def audit(
         with failure_reports(out):
             s = settings(opts["config"], given)
             out = out.with_tolerance(float(s["baseline_tolerance"]))
-            store = None if no_features else (features or Path(f"{model.stem}.features.h5"))
+            store = None if no_features else (features or default_store_path(model))
+            if store is None:  # what a killed run left at the store this run would have written goes all the same
+                clean_stale(features or default_store_path(model))
             out.check_before_run(
                 {"the checkpoint": model, "the data file": data, "the settings file": settings_source(opts["config"]),
                  "the --model-def file": model_def_file(model_def)}, {"--features": store})  # fmt: skip
@@ -74,10 +78,10 @@ def audit(
 
             report = with_progress(not (opts["no_progress"] or opts["quiet"]), lambda hook: run_audit(cfg, hook))
         if store is not None and out.is_main and not opts["quiet"]:
-            _note_store(store)
+            on_commit(lambda: _note_store(store), lambda: None)  # once the store is in place
         return emit(report, out)
 
-    guarded(body)
+    guarded(published_together(body))  # the store and every output file: all put in place, or none
 
 
 def input_keys(values: list[str] | None) -> tuple[tuple[str, str], ...]:
@@ -111,7 +115,7 @@ def main(argv: list[str] | None = None) -> None:
         else:
             audit_app(args=args, prog_name="nrc-audit")
     except SystemExit as exc:
-        if lifecycle.received or exc.code in (ExitCode.SIGINT, ExitCode.SIGTERM):
+        if lifecycle.received or exc.code in (ExitCode.SIGINT, ExitCode.SIGTERM, ExitCode.SIGHUP):
             # Stopped by a signal: the graceful path is done (workers stopped, partial files removed). The
             # interpreter's teardown of torch & co. can take seconds on a loaded machine, during which no
             # thread may run, so end now (docs/reliability.md: "within a second").

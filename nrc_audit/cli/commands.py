@@ -56,15 +56,17 @@ def reanalyze(
 @trend_app.command()
 @takes(ANALYSIS_OPTIONS, DATA_PASS_OPTIONS, RUN_OPTIONS)
 def trend(
-    checkpoints: Annotated[Optional[list[Path]], typer.Argument(metavar="CHECKPOINTS...", help="Checkpoints of one run (sorted by the numbers in their names: epoch_2 before epoch_10, unless --as-given).", show_default=False)] = None,
+    checkpoints: Annotated[Optional[list[Path]], typer.Argument(metavar="CHECKPOINTS...", help="Checkpoints of one run, taken in training order: the step or epoch each one stores (safetensors metadata, a Lightning .ckpt, an HF checkpoint-N/trainer_state.json), else the numbers in their names (epoch_2 before epoch_10); --as-given keeps yours.", show_default=False)] = None,
     data: Annotated[Optional[Path], opt("--data", help="HDF5 dataset to audit every checkpoint on.", panel=INPUTS, show=False)] = None,
-    history: Annotated[Optional[Path], opt("--history", help="Render a JSON-lines history (from CollapseMonitor) instead.", panel=INPUTS, show=False)] = None,
+    history: Annotated[Optional[Path], opt("--history", help="Render a JSON-lines history (from CollapseMonitor or the Lightning / transformers callbacks) instead.", panel=INPUTS, show=False)] = None,
+    run: Annotated[Optional[str], opt("--run", help="The run to render when the --history file holds several.", panel=INPUTS, show=False)] = None,
     json_path: Annotated[Optional[Path], opt("--json", help="Write all reports as one JSON document.", panel=OUTPUTS, show=False)] = None,
     plot: PlotOpt = None,
-    as_given: Annotated[bool, flag("--as-given", help="Keep the checkpoints in the order given instead of sorting them naturally.", panel=INPUTS)] = False,
+    as_given: Annotated[bool, flag("--as-given", help="Keep the checkpoints in the order given instead of their training order.", panel=INPUTS)] = False,
     **opts: Any,
 ) -> None:
-    """Audit each checkpoint (one data pass each) and show every condition per layer against checkpoint.
+    """Audit each checkpoint (one data pass each) and show every condition per layer against checkpoint;
+    or, given a HISTORY.jsonl written during training, show its audits the same way.
 
     The gate (--require-collapsed N) applies to the last checkpoint and sets the exit code (0/1/2 as for an audit).
     """
@@ -73,28 +75,32 @@ def trend(
     def body() -> ExitCode:
         from nrc_audit.config import AuditConfig, DataOptions, ModelOptions
         from nrc_audit.outputs.emit import Outputs
-        from nrc_audit.outputs.trend import load_history, natural_order, write_trend_json
+        from nrc_audit.outputs.trend import load_history, write_trend_json
 
-        inputs = {f"the checkpoint {c}": c for c in checkpoints or []} | {"--data": data, "--history": history}
+        history_file, paths = history, list(checkpoints or [])
+        if history_file is None and len(paths) == 1 and paths[0].suffix == ".jsonl":
+            history_file, paths = paths[0], []  # `nrc-audit trend HISTORY.jsonl`
+        if run is not None and history_file is None:
+            raise OptionsError(f"--run {run} chooses a run of a history file; pass the HISTORY.jsonl file too.")
+        inputs = {f"the checkpoint {c}": c for c in paths} | {"--data": data, "--history": history_file}
         Outputs(plot_path=plot).check_before_run(inputs | {"the settings file": settings_source(opts["config"])},
                                                  {"--json": json_path})  # fmt: skip
-        if history is not None:
-            if checkpoints:
+        if history_file is not None:
+            if paths:
                 raise OptionsError("pass either checkpoints (with --data) or --history, not both.")
             s = settings(opts["config"], given)
-            labels, reports = load_history(history)  # in the order recorded (training order)
+            labels, reports, order = load_history(history_file, run)
+            if not opts["quiet"]:
+                err_console.print(f"order (by {order}): " + ", ".join(labels), highlight=False, soft_wrap=True)
         else:
-            if not checkpoints or data is None:
+            if not paths or data is None:
                 raise OptionsError("pass the checkpoints of one run and --data DATA.h5 (or --history FILE).")
             s = settings(opts["config"], given)
             analysis = analysis_options(s)
-            require_inputs(("data file", data), *(("checkpoint", c) for c in checkpoints))
+            require_inputs(("data file", data), *(("checkpoint", c) for c in paths))
             from nrc_audit.engine.pipeline import run_audit  # torch: only after the checks
 
-            ordered = list(checkpoints) if as_given else natural_order(checkpoints)
-            if not opts["quiet"]:
-                err_console.print(f"order{' (as given)' if as_given else ''}: " + ", ".join(c.stem for c in ordered),
-                                  highlight=False, soft_wrap=True)  # fmt: skip
+            ordered = _ordered(paths, as_given, opts["quiet"])
             labels, reports = [], []
             for ckpt in ordered:
                 cfg = AuditConfig(model_path=ckpt, data_path=data,
@@ -119,6 +125,21 @@ def trend(
         return _show_trend(labels, reports, int(s["require_collapsed"]))
 
     guarded(body)
+
+
+def _ordered(checkpoints: list[Path], as_given: bool, quiet: bool) -> list[Path]:
+    """The checkpoints in training order (or as given), the order printed on stderr with its reason."""
+    from nrc_audit.outputs.trend import training_order
+
+    if as_given:
+        ordered, how, shown = list(checkpoints), "as given", [c.stem for c in checkpoints]
+    else:
+        ordered, how, positions = training_order(checkpoints)
+        key = "step" if how.startswith("by step") else "epoch" if how.startswith("by epoch") else None
+        shown = [c.stem + ("" if key is None else f" ({key} {getattr(p, key):g})") for c, p in zip(ordered, positions)]
+    if not quiet:
+        err_console.print(f"order ({how}): " + ", ".join(shown), highlight=False, soft_wrap=True)
+    return ordered
 
 
 def _show_trend(labels: list[str], reports: list, n: int) -> ExitCode:

@@ -4,7 +4,7 @@ exceptions and signals become exit codes.
 Originally: Typer wiring only: options → settings → config → run_audit → outputs → exit code.
 
 Exceptions become exit codes here and nowhere else: NrcAuditError → 2, any unexpected exception → 2 (one
-paragraph; traceback with --debug), SIGINT → 130, SIGTERM → 143; 1 only for a failed gate or baseline.
+paragraph; traceback with --debug), SIGINT → 130, SIGTERM → 143, SIGHUP → 129; 1 only for a failed gate or baseline.
 stdout carries only the product (table or JSON); progress, warnings and errors go to stderr.
 Analysis options default to None on the command line so that a ``[tool.nrc-audit]`` table can fill them
 (command line > settings file > built-in default).
@@ -204,7 +204,9 @@ def outputs(given: dict[str, Any], model: Path | None = None) -> Any:
 def is_main() -> bool:
     """Whether this process writes and prints (rank 0 under torchrun's RANK, always outside it). Read from the
     environment, not from engine.distributed, which imports torch: option errors come before torch loads."""
-    return int(os.environ.get("RANK", "0")) == 0
+    from nrc_audit.io.validate import env_int
+
+    return env_int("RANK", 0) == 0
 
 
 def require_inputs(*inputs: tuple[str, Path | None]) -> None:
@@ -300,11 +302,12 @@ def guarded(body: Callable[[], ExitCode | int]) -> None:
     comes only from ``body``'s own return value (a failed gate or baseline). A signal that the graceful path
     does not turn into an exit within a second ends the process anyway (io.lifecycle.Watchdog).
     """
-    previous: Any = signal.getsignal(signal.SIGTERM)
+    handled = [s for s in (signal.SIGTERM, getattr(signal, "SIGHUP", None)) if s is not None]
+    previous: dict[int, Any] = {s: signal.getsignal(s) for s in handled}
 
     def on_term(signum: int, frame: object) -> None:
         lifecycle.note_signal(signum)  # kept even where the raise below is swallowed (a weakref callback)
-        raise Interrupted(ExitCode.SIGTERM)
+        raise Interrupted(ExitCode(128 + signum))
 
     unraisable = sys.unraisablehook
 
@@ -315,9 +318,10 @@ def guarded(body: Callable[[], ExitCode | int]) -> None:
     sys.unraisablehook = quiet_unraisable
     try:
         try:
-            signal.signal(signal.SIGTERM, on_term)
-        except ValueError:  # not the main thread: keep the default handler
-            previous = None
+            for signum in handled:
+                signal.signal(signum, on_term)
+        except ValueError:  # not the main thread: keep the default handlers
+            previous = {}
         with Watchdog():
             code = _run_body(body)
     except Interrupted as exc:  # a signal outside the body (just before or after it)
@@ -328,8 +332,8 @@ def guarded(body: Callable[[], ExitCode | int]) -> None:
         code = int(ExitCode.SIGINT)
     finally:
         sys.unraisablehook = unraisable
-        if previous is not None:
-            signal.signal(signal.SIGTERM, previous)
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
     raise typer.Exit(code)
 
 

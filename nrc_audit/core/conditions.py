@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from nrc_audit.config import Thresholds
+from nrc_audit.core.spectra import FeatureSpectrum, feature_spectrum, fix_signs, weight_spectrum
 from nrc_audit.core.verdicts import RULES, condition_passed, is_collapsed, near_threshold
 
 if TYPE_CHECKING:  # an annotation only: the report records (outputs) load without torch
@@ -103,14 +104,7 @@ def eigh_desc(sym: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     vals, vecs = np.linalg.eigh((sym + sym.T) / 2.0)
     order = np.argsort(vals)[::-1]
     vals, vecs = np.clip(vals[order], 0.0, None), vecs[:, order]
-    return vals, _fix_signs(vecs)
-
-
-def _fix_signs(vecs: np.ndarray) -> np.ndarray:
-    if vecs.size == 0:
-        return vecs
-    pivots = vecs[np.argmax(np.abs(vecs), axis=0), np.arange(vecs.shape[1])]
-    return vecs * np.where(pivots < 0, -1.0, 1.0)
+    return vals, fix_signs(vecs)
 
 
 def weight_input_matrix(weight: np.ndarray) -> np.ndarray:
@@ -125,13 +119,6 @@ def weight_input_matrix(weight: np.ndarray) -> np.ndarray:
     if weight.ndim in (3, 4, 5):
         return np.moveaxis(weight, 1, 0).reshape(weight.shape[1], -1)
     raise ValueError(f"weight of shape {weight.shape} is neither Linear (2-D) nor Conv1d/2d/3d (3-, 4- or 5-D)")
-
-
-def weight_input_basis(weight: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Input singular vectors (h, r) and singular values (r,) of a layer weight, descending, signs fixed."""
-    a = weight_input_matrix(np.asarray(weight, dtype=np.float64))  # (h, m)
-    u, s, _ = np.linalg.svd(a, full_matrices=False)
-    return _fix_signs(u), s
 
 
 def mean_principal_cosine(a: np.ndarray, b: np.ndarray, k: int) -> float:
@@ -172,6 +159,7 @@ def layer_metrics(
     model_mse: float,
     pinv_rtol: float,
     thresholds: Thresholds,
+    device: str | None = None,
 ) -> LayerMetrics:
     """All SPEC §4 fields of one layer from its statistics and weight, with the per-condition verdicts.
 
@@ -182,39 +170,45 @@ def layer_metrics(
         model_mse: (1/(N t)) ‖f(X) − Y‖_F² of the whole model.
         pinv_rtol: Σ_H⁺ keeps λ_j > pinv_rtol² · λ_1 (Σ_Y⁺ in the bound likewise).
         thresholds: the verdict thresholds.
+        device: where the audit ran; on a CUDA device the decompositions run there in float64.
+    One decomposition of Σ_H and one of W serve every metric (:mod:`nrc_audit.core.spectra`).
     """
     out = LayerMetrics()
     h = stats.s_hh.shape[0]
     if h == 0:  # a zero-width layer (e.g. Linear(d, 0) before it): nothing to measure
         out.warnings.append("the layer has no input features (h = 0)")
         return _verdicts(out, thresholds)
-    u_w, s_w = _weight_part(out, weight, h)
-    spectrum = _feature_spectrum(out, stats)
+    u_w, s_w, count = _weight_part(out, weight, h, k, device)
+    sigma_y, c = stats.s_yy / stats.n, stats.s_hy / stats.n  # (t, t), (h, t)
+    spectrum = _feature_spectrum(out, stats, c, k, device)
     if spectrum is not None:
-        lam, u = spectrum
-        sigma_y, c = stats.s_yy / stats.n, stats.s_hy / stats.n  # (t, t), (h, t)
+        lam = spectrum.lam
         _spectral_part(out, lam, c, sigma_y)
-        _probe_part(out, lam, u, c, sigma_y, model_mse, pinv_rtol)
-        _subspace_part(out, lam, u, c, sigma_y, u_w, s_w, k)
+        _probe_part(out, spectrum, sigma_y, model_mse, pinv_rtol)
+        _subspace_part(out, spectrum, sigma_y, u_w, s_w, count, k)
         _bound_part(out, lam, c, sigma_y, pinv_rtol)
     return _verdicts(out, thresholds)
 
 
-def _weight_part(out: LayerMetrics, weight: np.ndarray, h: int) -> tuple[np.ndarray, np.ndarray]:
-    """W's input singular vectors (h, r) and values (r,), ``stable_rank_w``; empty (h, 0) when undefined."""
+def _weight_part(out: LayerMetrics, weight: np.ndarray, h: int, k: int,
+                 device: str | None) -> tuple[np.ndarray, np.ndarray, int]:  # fmt: skip
+    """W's top input singular vectors (h, ≥ k), its largest singular values (≥ k + 1 where W has them) and its
+    number of input singular vectors; ``stable_rank_w`` = ‖W‖_F² / σ_1². Empty (h, 0) when undefined."""
     if not np.isfinite(weight).all():  # LAPACK's SVD does not converge on NaN/Inf
         out.warnings.append("the weight contains NaN/Inf: its input subspace is undefined")
-        return np.zeros((h, 0)), np.zeros(0)
-    u_w, s_w = weight_input_basis(weight)
-    if s_w.size and s_w[0] > 0:
-        out.stable_rank_w = float((s_w**2).sum() / s_w[0] ** 2)
+        return np.zeros((h, 0)), np.zeros(0), 0
+    ws = weight_spectrum(weight_input_matrix(np.asarray(weight, dtype=np.float64)), k, GAP_RTOL, device)
+    if ws.s.size and ws.s[0] > 0:
+        out.stable_rank_w = float(ws.fro2 / ws.s[0] ** 2)
     else:
         out.warnings.append("the weight is all zeros: its input subspace is undefined")
-    return u_w, s_w
+    return ws.u, ws.s, ws.count
 
 
-def _feature_spectrum(out: LayerMetrics, stats: LayerStatistics) -> tuple[np.ndarray, np.ndarray] | None:
-    """Eigenpairs (λ (h,), U (h, h)) of Σ_H, or None (with a warning) when the features are unusable."""
+def _feature_spectrum(out: LayerMetrics, stats: LayerStatistics, c: np.ndarray, k: int,
+                      device: str | None) -> FeatureSpectrum | None:  # fmt: skip
+    """Σ_H's spectrum (all λ, the top-k eigenvectors, C in the eigenbasis), or None (with a warning) when the
+    features are unusable."""
     if stats.nonfinite_rows:
         out.warnings.append(
             f"{stats.nonfinite_rows} of {stats.n} samples produced NaN/Inf features in this layer; "
@@ -225,11 +219,12 @@ def _feature_spectrum(out: LayerMetrics, stats: LayerStatistics) -> tuple[np.nda
         out.warnings.append("the features are so large that their float64 scatter overflows; "
                             "its statistics are undefined")  # fmt: skip
         return None
-    lam, u = eigh_desc(stats.s_hh / stats.n)
+    spectrum = feature_spectrum(stats.s_hh / stats.n, c, k, device)
+    lam = spectrum.lam
     if lam[0] <= (1e-12 * float(np.abs(stats.mu_h).max(initial=0.0))) ** 2 or float(lam.sum()) <= 0:
         out.warnings.append("the features are constant over the data (zero variance)")
         return None
-    return lam, u
+    return spectrum
 
 
 def _spectral_part(out: LayerMetrics, lam: np.ndarray, c: np.ndarray, sigma_y: np.ndarray) -> None:
@@ -240,11 +235,12 @@ def _spectral_part(out: LayerMetrics, lam: np.ndarray, c: np.ndarray, sigma_y: n
     out.nrc2 = _ratio(float((c**2).sum()), float(np.sqrt((lam**2).sum())) * float(np.linalg.norm(sigma_y)))
 
 
-def _probe_part(out: LayerMetrics, lam: np.ndarray, u: np.ndarray, c: np.ndarray, sigma_y: np.ndarray,
-                model_mse: float, pinv_rtol: float) -> None:  # fmt: skip
+def _probe_part(out: LayerMetrics, spectrum: FeatureSpectrum, sigma_y: np.ndarray, model_mse: float,
+                pinv_rtol: float) -> None:  # fmt: skip
     """NRC4 = (tr Σ_Y − tr(Cᵀ Σ_H⁺ C)) / t, the linear probe's MSE, and its ratio to the model's MSE."""
+    lam = spectrum.lam
     keep = lam > pinv_rtol**2 * lam[0]
-    proj = u[:, keep].T @ c  # (r, t) coordinates of C in the kept eigenbasis
+    proj = spectrum.coords[keep]  # (r, t) coordinates of C in the kept eigenbasis
     explained = float(((proj**2) / lam[keep, None]).sum())  # tr(Cᵀ Σ_H⁺ C)
     out.nrc4 = max(0.0, (float(np.trace(sigma_y)) - explained) / sigma_y.shape[0])
     if not np.isfinite(model_mse):
@@ -255,9 +251,10 @@ def _probe_part(out: LayerMetrics, lam: np.ndarray, u: np.ndarray, c: np.ndarray
         out.warnings.append("the model's MSE is 0, so nrc4_ratio is undefined")
 
 
-def _subspace_part(out: LayerMetrics, lam: np.ndarray, u: np.ndarray, c: np.ndarray, sigma_y: np.ndarray,
-                   u_w: np.ndarray, s_w: np.ndarray, k: int) -> None:  # fmt: skip
+def _subspace_part(out: LayerMetrics, spectrum: FeatureSpectrum, sigma_y: np.ndarray, u_w: np.ndarray,
+                   s_w: np.ndarray, count: int, k: int) -> None:  # fmt: skip
     """NRC1, cka_signal, NRC3 and noise_alignment at rank k (null, with a warning, where U_k or V_k is ill-defined)."""
+    lam, u = spectrum.lam, spectrum.top  # u: (h, k), the top-k eigenvectors
     h = len(lam)
     if h < k:
         out.warnings.append(f"the layer has {h} feature dims, fewer than the rank k={k}")
@@ -282,21 +279,21 @@ def _subspace_part(out: LayerMetrics, lam: np.ndarray, u: np.ndarray, c: np.ndar
             "uses that subspace, and noise_alignment is undefined"
         )
     if r:
-        u_r = u[:, :r]  # (h, r): U_k, or the whole feature subspace when it has rank r < k
-        sig = float(np.sqrt((lam[:r] ** 2).sum()))
-        out.cka_signal = _ratio(float(((u_r.T @ c) ** 2).sum()), sig * float(np.linalg.norm(sigma_y)))
+        sig = float(np.sqrt((lam[:r] ** 2).sum()))  # u_r = U_k, or the whole feature subspace when it has rank r < k
+        out.cka_signal = _ratio(float((spectrum.coords[:r] ** 2).sum()), sig * float(np.linalg.norm(sigma_y)))
     if out.stable_rank_w is None:
         return
-    if u_w.shape[1] < k:
-        out.warnings.append(f"the weight has {u_w.shape[1]} input singular vectors, fewer than k={k}")
+    if count < k:
+        out.warnings.append(f"the weight has {count} input singular vectors, fewer than k={k}")
     elif k < h and s_w[k - 1] - (s_w[k] if k < len(s_w) else 0.0) <= GAP_RTOL * s_w[0]:
         out.warnings.append(f"σ_k ≈ σ_(k+1) of the weight for k={k}: its top-k input subspace is ill-defined, "
                             "so nrc3 and noise_alignment are undefined")  # fmt: skip
     elif r:
         v_k = u_w[:, :k]  # (h, k)
         out.nrc3 = mean_principal_cosine(u[:, :r], v_k, r)
-        if r == k:
-            out.noise_alignment = mean_principal_cosine(u[:, k:], v_k, k)
+        if r == k:  # σ_i(U_⊥ᵀ V_k) = σ_i((I − U_k U_kᵀ) V_k): U_⊥ itself is never formed; empty when k = h
+            noise = np.linalg.svd(v_k - u @ (u.T @ v_k), compute_uv=False).sum() / k if k < h else 0.0
+            out.noise_alignment = float(noise)
 
 
 def _collapsed_rank(lam: np.ndarray, k: int) -> int | None:
@@ -329,7 +326,7 @@ def _verdicts(out: LayerMetrics, th: Thresholds) -> LayerMetrics:
     out.passed = condition_passed(values, th)
     out.collapsed = is_collapsed(out.passed)
     for key in near_threshold(values, th):
-        field, limit, kind = RULES[key]
+        field, limit, _ = RULES[key]
         out.warnings.append(
             f"near threshold: {field} {values[field]:.4g} is close to {limit} {getattr(th, limit):g} "
             f"({'passes' if out.passed[key] else 'fails'}); this verdict could flip with another seed or more training"

@@ -36,6 +36,7 @@ from nrc_audit.core.facts import DataFacts
 from nrc_audit.core.kernels import (CHAN, SUM, _DeviceFolder, _HostFolder, _State, _host64, _to_host, merge_rule,
                                     merge_states, state_field)
 from nrc_audit.core.layer import LayerInfo
+from nrc_audit.errors import ModelDataMismatchError
 
 SAME = "same"  # a field both sides must hold equal (the audited layers)
 
@@ -127,6 +128,8 @@ class _Folding:
         return self._state.n + (self._folder.rows if self._folder is not None else 0)
 
     def _fold(self, parts: list[torch.Tensor]) -> None:
+        if len({int(p.shape[0]) for p in parts}) > 1:  # the parts are one sample's columns: same rows, same order
+            raise ValueError(f"parts of one batch have different row counts {[int(p.shape[0]) for p in parts]}")
         if int(parts[0].shape[0]) == 0:
             return
         if self._folder is None:
@@ -302,6 +305,12 @@ class PassStatistics:
             self.layers = layers
             self.joint = [JointAccumulator(layer.in_dim) for layer in layers]
         y64 = y.to(device=outputs.device, dtype=torch.float64)
+        wrong = [(layer.name, int(f.shape[0])) for layer, f in zip(self.layers, feats) if f.shape[0] != y.shape[0]]
+        if wrong or outputs.shape[0] != y.shape[0]:  # rows are paired by position: never fold a misaligned batch
+            raise ModelDataMismatchError(
+                f"a batch of {int(y.shape[0])} target rows came with {int(outputs.shape[0])} output rows and "
+                f"feature rows {wrong or 'as many'}; every layer's features need one row per sample."
+            )
         for acc, f in zip(self.joint, feats):
             acc.update_pair(f, y64)
         self.targets.update(y64)

@@ -14,7 +14,7 @@ from torch import nn
 
 from nrc_audit.config import AnalysisOptions, AuditConfig, ModelOptions, Thresholds
 from nrc_audit.errors import DatasetError
-from nrc_audit.engine.extract import candidate_layers
+from nrc_audit.engine.layer_kinds import candidate_layers, skipped_layers
 from nrc_audit.engine.pipeline import build_report, extraction_pass, resolve_device
 from nrc_audit.engine.context import DataContext, ModelContext, RunContext
 from nrc_audit.outputs.report import Report
@@ -71,7 +71,7 @@ def audit(
     modules = candidate_layers(model, tuple(layers or ()), tuple(exclude))
     hasher = hashlib.sha256()
     pending: dict[int, dict[str, torch.Tensor]] = {}  # first row → that batch's extra inputs
-    notes: list[str] = []  # how the output was read and tokens pooled: the report's assumptions
+    notes = skipped_layers(model, tuple(layers or ()), tuple(exclude))  # + how the output was read, tokens pooled
     stream = _numbered(batches, hasher, pending)
     try:
         peek = next(stream, None)

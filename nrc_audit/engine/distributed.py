@@ -20,6 +20,7 @@ import torch
 from nrc_audit.errors import NrcAuditError, OptionsError
 from nrc_audit.core.stats import Accumulator, JointAccumulator, Moments, PassStatistics
 from nrc_audit.io.files import write_with
+from nrc_audit.io.validate import env_int
 
 TIMEOUT_ENV = "NRC_AUDIT_DIST_TIMEOUT"
 # How long a rank waits for the others in a collective (gloo/NCCL timeout) and at the rendezvous. Ranks of
@@ -40,9 +41,21 @@ class DistContext:
         return self.rank == 0
 
 
+def _timeout() -> timedelta:
+    raw = os.environ.get(TIMEOUT_ENV, "")
+    try:
+        seconds = float(raw) if raw.strip() else DEFAULT_TIMEOUT_S
+    except ValueError:
+        seconds = float("nan")
+    if not 0 < seconds < 1e7:  # also NaN and inf
+        raise OptionsError(f"{TIMEOUT_ENV}={raw[:40]!r}: expected a number of seconds > 0 (default "
+                           f"{DEFAULT_TIMEOUT_S:g}).")  # fmt: skip
+    return timedelta(seconds=seconds)
+
+
 def from_env(device: torch.device) -> DistContext | None:
     """Join the process group torchrun describes (WORLD_SIZE > 1), else None."""
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+    if env_int("WORLD_SIZE", 1) <= 1:
         return None
     import torch.distributed as dist
 
@@ -56,7 +69,8 @@ def from_env(device: torch.device) -> DistContext | None:
                 f"WORLD_SIZE={os.environ['WORLD_SIZE']} but {', '.join(missing)} not set: this process was not started "
                 "by torchrun's rendezvous. Launch with `torchrun --nproc-per-node N -m nrc_audit …`, or unset WORLD_SIZE."
             )
-        timeout = timedelta(seconds=float(os.environ.get(TIMEOUT_ENV, DEFAULT_TIMEOUT_S)))
+        env_int("RANK", 0)  # a junk RANK is named before torch reads it
+        timeout = _timeout()
         try:
             dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=timeout)
         except (RuntimeError, ValueError) as exc:  # DistNetworkError / DistStoreError are RuntimeErrors
@@ -72,7 +86,7 @@ def from_env(device: torch.device) -> DistContext | None:
 def local_device(device: torch.device) -> torch.device:
     """Under torchrun each rank takes the GPU of its LOCAL_RANK."""
     if device.type == "cuda" and device.index is None and "LOCAL_RANK" in os.environ:
-        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+        device = torch.device("cuda", env_int("LOCAL_RANK", 0))
         torch.cuda.set_device(device)
     return device
 
@@ -189,7 +203,8 @@ def write_master_store(path: os.PathLike, shard_files: list[str], num_rows: int)
 
     Sources are named relative to the master's folder, so the set of files can be moved together.
     """
-    write_with(path, lambda tmp: _write_master(tmp, shard_files, num_rows), suffix=".h5")  # beside the target
+    write_with(path, lambda tmp: _write_master(tmp, shard_files, num_rows), suffix=".h5",
+               now=True)  # beside the target; at once: a report failure afterwards removes it  # fmt: skip
 
 
 def _write_master(path: os.PathLike, shard_files: list[str], num_rows: int) -> None:

@@ -1,86 +1,38 @@
 """Forward hooks that capture every audited layer's *input* features in one pass (SPEC §2).
 
 No statistics and no files here: :meth:`FeatureExtractor.run` maps a batch to the model output and the
-per-layer features ``{name: (B, h)}`` in execution order. Pooling happens in float64 (SPEC §3): ConvNd
-inputs (B, c_in, *spatial) are averaged over the spatial dims; Linear inputs (B, T, h) are pooled over the
-tokens (``mean`` over the unmasked positions, ``cls`` = position 0, ``last`` = last unmasked position);
-Linear inputs with more extra dims are averaged over all of them. Such layers are reported ``pooled``.
+per-layer features ``{name: (B, h)}`` in execution order. Every captured input is first tied to the batch
+rows (:mod:`nrc_audit.core.layer`): a probe forward of a few rows of the first batch shows which dim follows
+the batch size, so seq-first (T, B, h) and flattened (B·T, h) inputs are read by their rows, and an input
+whose rows cannot be told apart is refused by name. Pooling happens in float64 (SPEC §3): ConvNd inputs
+(B, c_in, *spatial) are averaged over the spatial dims; Linear inputs (B, T, h) are pooled over the tokens
+(``mean`` over the unmasked positions, ``cls`` = position 0, ``last`` = last unmasked position); Linear
+inputs with more extra dims are averaged over all of them. Such layers are reported ``pooled``.
 
 ``nn.MultiheadAttention`` computes its input projection from a bare parameter and calls ``out_proj``
 functionally, so no Linear hook sees either: the input projection is audited through a pre-hook on the
 attention module itself (layer ``NAME.in_proj``, self-attention only), ``out_proj`` is listed as skipped.
+A module applied several times per forward (shared layers) is audited once per call, ``NAME#1``, ``NAME#2``….
 """
 
 from __future__ import annotations
 
 import contextlib
-import fnmatch
+from collections import Counter
+from dataclasses import replace
+
 import torch
 from torch import nn
+from torch.nn.utils.rnn import PackedSequence, pad_packed_sequence
 
-from nrc_audit.core.layer import LayerInfo
+from nrc_audit.core.layer import LayerInfo, RowLayout, find_rows, rows_first, token_major_matches
+from nrc_audit.engine.layer_kinds import dense_weight, kind_of, row_hint
 from nrc_audit.engine.model_io import select_output
 from nrc_audit.errors import ModelDataMismatchError, OptionsError
 
-KINDS: dict[type[nn.Module], str] = {nn.Linear: "linear", nn.Conv1d: "conv1d", nn.Conv2d: "conv2d",
-                                     nn.Conv3d: "conv3d", nn.MultiheadAttention: "linear"}  # fmt: skip
 CONV_NDIM = {"conv1d": 3, "conv2d": 4, "conv3d": 5}  # batched input ndim per conv kind
 TOKEN_POOLING = ("mean", "cls", "last")
 MASK_KWARG = "attention_mask"  # the extra model input that marks the real (non-padding) tokens
-IN_PROJ = ".in_proj"  # suffix of the layer audited through a MultiheadAttention pre-hook
-
-
-def _is_mha_out_proj(model: nn.Module) -> set[str]:
-    """Names of the ``out_proj`` Linears of every ``nn.MultiheadAttention`` (called functionally, never hooked)."""
-    return {f"{name}.out_proj" if name else "out_proj" for name, mod in model.named_modules()
-            if isinstance(mod, nn.MultiheadAttention)}  # fmt: skip
-
-
-def _selected(name: str, include: tuple[str, ...], exclude: tuple[str, ...]) -> bool:
-    if include and not any(fnmatch.fnmatchcase(name, p) for p in include):
-        return False
-    return not any(fnmatch.fnmatchcase(name, p) for p in exclude)
-
-
-def candidate_layers(model: nn.Module, include: tuple[str, ...], exclude: tuple[str, ...]) -> dict[str, nn.Module]:
-    """Linear/ConvNd modules (and MultiheadAttention input projections, as ``NAME.in_proj``) whose path
-    matches an ``include`` glob (all if empty) and no ``exclude`` glob."""
-    found = {}
-    unhookable = _is_mha_out_proj(model)
-    for name, mod in model.named_modules():
-        if not isinstance(mod, tuple(KINDS)) or name in unhookable:
-            continue
-        if isinstance(mod, nn.MultiheadAttention):
-            if not mod._qkv_same_embed_dim:  # separate q/k/v weights take different inputs: not one layer
-                continue
-            name = f"{name}{IN_PROJ}" if name else IN_PROJ.lstrip(".")
-        if _selected(name, include, exclude):
-            found[name] = mod
-    if not found:
-        raise OptionsError(
-            f"no Linear or Conv2d layer is left to audit (nor Conv1d/Conv3d) (--layers {list(include) or 'all'}, "
-            f"--exclude {list(exclude)}). Loosen the patterns; layer names look like 'layers.4' or 'layer4.1.conv2'."
-        )
-    return found
-
-
-def skipped_layers(model: nn.Module, include: tuple[str, ...], exclude: tuple[str, ...]) -> list[str]:
-    """Report notes for weight layers that the selection wants but no hook can see (stated, never silent)."""
-    notes = []
-    for name, mod in model.named_modules():
-        if not isinstance(mod, nn.MultiheadAttention):
-            continue
-        out_proj = f"{name}.out_proj" if name else "out_proj"
-        if _selected(out_proj, include, exclude):
-            notes.append(f"layer {out_proj!r} skipped: nn.MultiheadAttention calls its out_proj functionally, "
-                         "so no hook sees its input")  # fmt: skip
-        if not mod._qkv_same_embed_dim and _selected(f"{name}{IN_PROJ}", include, exclude):
-            notes.append(f"layer {name}{IN_PROJ} skipped: separate q/k/v projection weights (kdim/vdim ≠ embed_dim)")
-    return notes
-
-
-def _kind(mod: nn.Module) -> str:
-    return next(kind for cls, kind in KINDS.items() if isinstance(mod, cls))
 
 
 def _token_pool(h: torch.Tensor, pooling: str, mask: torch.Tensor | None) -> torch.Tensor:
@@ -102,17 +54,12 @@ def _token_pool(h: torch.Tensor, pooling: str, mask: torch.Tensor | None) -> tor
 
 def pool(h: torch.Tensor, kind: str, pooling: str = "mean", mask: torch.Tensor | None = None
          ) -> tuple[torch.Tensor, bool]:  # fmt: skip
-    """(B, …) module input → ((B, h) features, whether it was pooled). Pooled features are float64.
+    """(B, …) module input, rows first → ((B, h) features, whether it was pooled). Pooled features are float64.
 
     The sums run in float64 (``dtype=torch.float64``), so channels whose mean dwarfs their spread
     (|μ|/σ ~ 1e7 in MobileNets) keep their variance (SPEC §3).
     """
     if kind in CONV_NDIM:
-        if h.ndim != CONV_NDIM[kind]:
-            raise OptionsError(
-                f"a {kind} layer received an input of shape {tuple(h.shape)}; nrc-audit needs batched inputs "
-                f"({CONV_NDIM[kind]}-D). Wrap the model with --model-def so that it is called on batches."
-            )
         dims = tuple(range(2, h.ndim))
         return torch.sum(h, dim=dims, dtype=torch.float64) / h[0, 0].numel(), True  # (B, c_in) global average
     if h.ndim == 2:
@@ -125,29 +72,8 @@ def pool(h: torch.Tensor, kind: str, pooling: str = "mean", mask: torch.Tensor |
     return torch.sum(h, dim=dims, dtype=torch.float64) / count, True  # (B, h) averaged over all extra dims
 
 
-def dense_weight(mod: nn.Module) -> torch.Tensor:
-    """The layer's weight as the equivalent dense matrix/kernel, float64 on the CPU.
-
-    Linear (out, h); ConvNd (c_out, c_in, *k). A grouped conv's (c_out, c_in/g, *k) kernel becomes the
-    block-diagonal (c_out, c_in, *k) kernel of the dense conv computing the same map (zeros between groups);
-    MultiheadAttention gives its packed input projection (3E, E).
-    """
-    if isinstance(mod, nn.MultiheadAttention):
-        return mod.in_proj_weight.detach().to("cpu", torch.float64).clone()
-    w = mod.weight.detach().to("cpu", torch.float64)
-    groups = int(getattr(mod, "groups", 1))
-    if groups == 1:
-        return w.clone()
-    c_out, c_in_g = w.shape[:2]
-    out_g = c_out // groups
-    dense = w.new_zeros((c_out, c_in_g * groups, *w.shape[2:]))
-    for g in range(groups):
-        dense[g * out_g:(g + 1) * out_g, g * c_in_g:(g + 1) * c_in_g] = w[g * out_g:(g + 1) * out_g]
-    return dense
-
-
 def _mha_query(module: nn.MultiheadAttention, args: tuple, kwargs: dict) -> torch.Tensor:
-    """The input of a self-attention's packed in-projection: the query, (B, T, E)."""
+    """The input of a self-attention's packed in-projection: the query, as given ((B, T, E) or (T, B, E))."""
     names = ("query", "key", "value")
     q, k, v = (args[i] if len(args) > i else kwargs.get(n) for i, n in enumerate(names))
     if not all(isinstance(t, torch.Tensor) for t in (q, k, v)):
@@ -160,17 +86,37 @@ def _mha_query(module: nn.MultiheadAttention, args: tuple, kwargs: dict) -> torc
             "input projection takes several inputs and cannot be audited as one layer. Exclude it with "
             "--exclude '*in_proj'."
         )
-    return q if module.batch_first or q.ndim != 3 else q.transpose(0, 1)  # (B, T, E)
+    return q
+
+
+def _layer_input(name: str, module: nn.Module, args: tuple, kwargs: dict) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(the audited input tensor as the module received it, its own token mask or None)."""
+    if isinstance(module, nn.MultiheadAttention):
+        return _mha_query(module, args, kwargs), None
+    first = args[0] if args else next(iter(kwargs.values()), None)
+    if isinstance(first, PackedSequence):  # (B, T, in) padded, batch-first, with the sequences' lengths
+        padded, lengths = pad_packed_sequence(first, batch_first=True)
+        mask = torch.arange(padded.shape[1])[None, :] < lengths[:, None]  # (B, T)
+        return padded, mask.to(padded.device)
+    if not isinstance(first, torch.Tensor):
+        raise OptionsError(f"layer {name!r} was called without a tensor input ({type(first).__name__}); "
+                           f"exclude it with --exclude '{name}'.")  # fmt: skip
+    return first, None
+
+
+def _probe_rows(batch: int) -> list[int]:
+    """Rows of the first batch for the probe forward: always a count ≠ the batch's (so the row dim shows)."""
+    return [0, 1] if batch >= 3 else [0, 1, 0] if batch == 2 else [0, 0]
 
 
 class FeatureExtractor:
     """Captures the inputs of the given modules during :meth:`run`. Use as a context manager.
 
     The order of the layers is the execution order of the first batch; every later batch must run the same
-    modules in the same order. A module called more than once per forward pass (weight sharing) is refused:
-    its calls would mix different features under one name — exclude it with ``--exclude``.
+    modules in the same order, with their rows on the same dims.
 
     Args:
+        modules: {layer name: module} from :func:`candidate_layers`.
         token_pooling: how Linear inputs (B, T, h) become (B, h): ``mean`` | ``cls`` | ``last``.
         output_key: the entry of a dict / ModelOutput model output to audit (None: ``logits``).
     """
@@ -185,8 +131,14 @@ class FeatureExtractor:
         self.output_key = output_key
         self.output_note: str | None = None  # how the output container was read (for the report)
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
-        self._calls: list[tuple[str, torch.Tensor, bool]] = []
+        self._calls: list[tuple[str, int, torch.Tensor, bool]] = []  # (layer, call number, (B, h), pooled)
         self._mask: torch.Tensor | None = None
+        self._batch = 0
+        self._probe: list[tuple[str, tuple[int, ...], torch.Tensor | None]] | None = None  # per call of the probe
+        self._probe_at: list[int] = []
+        self._probing = False
+        self._layouts: list[tuple[str, int, RowLayout]] = []  # per call of the first batch: (layer, ndim, rows)
+        self._hints = _row_hints(model, modules)
         self._stack = contextlib.ExitStack()
         self.layers: list[LayerInfo] | None = None
 
@@ -197,11 +149,8 @@ class FeatureExtractor:
             self._stack.callback(fastpath.set_fastpath_enabled, fastpath.get_fastpath_enabled())
             fastpath.set_fastpath_enabled(False)
         for name, mod in self.modules.items():
-            if isinstance(mod, nn.MultiheadAttention):
-                hook = self._make_mha_hook(name)
-                self._handles.append(mod.register_forward_pre_hook(hook, with_kwargs=True))
-            else:
-                self._handles.append(mod.register_forward_pre_hook(self._make_hook(name, _kind(mod))))
+            hook = self._make_hook(name, kind_of(mod) or "linear")
+            self._handles.append(mod.register_forward_pre_hook(hook, with_kwargs=True))
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -211,25 +160,84 @@ class FeatureExtractor:
         self._stack.close()
 
     def _make_hook(self, name: str, kind: str):
-        def hook(module: nn.Module, inputs: tuple) -> None:
-            feats, pooled = pool(inputs[0].detach(), kind, self.token_pooling, self._mask)
-            self._calls.append((name, feats, pooled))
+        def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
+            h, mask = _layer_input(name, module, args, kwargs)
+            if kind in CONV_NDIM and h.ndim != CONV_NDIM[kind]:
+                raise OptionsError(
+                    f"a {kind} layer received an input of shape {tuple(h.shape)}; nrc-audit needs batched inputs "
+                    f"({CONV_NDIM[kind]}-D). Wrap the model with --model-def so that it is called on batches."
+                )
+            if self._probing:
+                assert self._probe is not None
+                flat = not any(s == len(self._probe_at) for s in h.shape[:-1])  # maybe (B·c, …): keep its values
+                self._probe.append((name, tuple(h.shape), h.detach().clone() if flat else None))
+                return
+            rows = self._rows(len(self._calls), name, kind, h.detach())
+            h = rows_first(h.detach(), rows, self._batch)
+            if kind in CONV_NDIM and rows.per_row > 1:
+                h = h.movedim(1, 2).flatten(2, 3)  # (B, c, C, L, …) → (B, C, c·L, …): c joins the averaged dims
+            feats, pooled = pool(h, kind, self.token_pooling, mask if mask is not None else self._mask)
+            number = 1 + sum(1 for c in self._calls if c[0] == name)
+            self._calls.append((name, number, feats, pooled))
 
         return hook
 
-    def _make_mha_hook(self, name: str):
-        def hook(module: nn.MultiheadAttention, args: tuple, kwargs: dict) -> None:
-            feats, pooled = pool(_mha_query(module, args, kwargs).detach(), "linear", self.token_pooling, self._mask)
-            self._calls.append((name, feats, pooled))
+    def _rows(self, i: int, name: str, kind: str, h: torch.Tensor) -> RowLayout:
+        """Where call ``i`` (layer ``name``) keeps the batch rows: learnt on the first batch, checked after."""
+        shape, batch = tuple(h.shape), self._batch
+        if i < len(self._layouts):
+            first_name, ndim, rows = self._layouts[i]
+            if first_name != name:
+                raise ModelDataMismatchError(
+                    f"the model ran layer {name!r} as call {i + 1} of this batch but {first_name!r} on the first "
+                    "one; nrc-audit needs the same layers in the same order on every batch (no data-dependent "
+                    "control flow)."
+                )
+            if len(shape) != ndim or shape[rows.axis] != batch * rows.per_row:
+                raise ModelDataMismatchError(
+                    f"layer {name!r} received an input of shape {shape} for a batch of {batch} rows; on the first "
+                    f"batch its dim {rows.axis} held the rows ({rows.per_row} per sample). nrc-audit needs each "
+                    "layer's rows on the same dim in every batch."
+                )
+            return rows
+        axes = (0,) if kind in CONV_NDIM else tuple(range(h.ndim - 1))
+        probe = self._probe[i] if self._probe is not None and i < len(self._probe) else None
+        probe = probe if probe is not None and probe[0] == name else None
+        found = find_rows(shape, batch, probe[1] if probe else None, len(self._probe_at), axes, self._hints.get(name))
+        if isinstance(found, RowLayout) and found.per_row > 1:
+            major = token_major_matches(h, probe[2], found, self._probe_at) if probe and probe[2] is not None else None
+            found = replace(found, major=major) if major else (
+                f"its input (shape {shape}) flattens {found.per_row} entries per sample into dim {found.axis}, and "
+                "the probe could not tell whether they are ordered (B, c) or (c, B)")  # fmt: skip
+        if isinstance(found, str):
+            raise ModelDataMismatchError(
+                f"layer {name!r}: {found}. nrc-audit pairs every feature row with its target row and does not "
+                f"guess; exclude the layer with --exclude '{name}', or wrap the model (--model-def) so that it "
+                "receives batch-first inputs."
+            )
+        self._layouts.append((name, h.ndim, found))
+        return found
 
-        return hook
+    def _run_probe(self, x: torch.Tensor, extra: dict[str, torch.Tensor]) -> None:
+        """Forward a few rows of the first batch, recording each call's input shape (nothing is pooled)."""
+        self._probe_at, self._probe, self._probing = _probe_rows(len(x)), [], True
+        idx = torch.as_tensor(self._probe_at, device=x.device)
+        try:
+            with torch.inference_mode():
+                self.model(x[idx], **{k: v[idx] for k, v in extra.items()})
+        except (Exception, SystemExit):  # noqa: BLE001 - a model that cannot run these rows: shapes alone decide
+            self._probe = None
+        finally:
+            self._probing = False
 
     def run(self, x: torch.Tensor, extra: dict[str, torch.Tensor] | None = None
             ) -> tuple[torch.Tensor, list[torch.Tensor]]:  # fmt: skip
         """Forward one batch, ``model(x, **extra)``. Returns (output tensor (B, …), features [(B, h_ℓ)
         per layer, in layer order]); a tuple/dict/ModelOutput output is reduced by :func:`select_output`."""
         extra = extra or {}
-        self._mask = extra.get(MASK_KWARG)
+        if self.layers is None and self._probe is None:
+            self._run_probe(x, extra)
+        self._mask, self._batch = extra.get(MASK_KWARG), len(x)
         self._calls.clear()
         try:
             with torch.inference_mode():
@@ -238,16 +246,16 @@ class FeatureExtractor:
             self._mask = None
         out, self.output_note = select_output(raw, self.output_key)
         calls, self._calls = self._calls, []
-        names = [c[0] for c in calls]
         if self.layers is None:
             self.layers = self._fix_layers(calls)
         expected = [layer.name for layer in self.layers]
+        names = _call_names([(c[0], c[1]) for c in calls])
         if names != expected:
             raise ModelDataMismatchError(
                 f"the model ran layers {names} on this batch but {expected} on the first one; nrc-audit needs the "
                 "same layers in the same order on every batch (no data-dependent control flow)."
             )
-        return out, [c[1] for c in calls]
+        return out, [c[2] for c in calls]
 
     def flops_per_row(self, x: torch.Tensor, extra: dict[str, torch.Tensor] | None = None) -> float | None:
         """The forward's flops per row, counted by torch's FlopCounterMode on the first 8 rows of a batch
@@ -273,21 +281,44 @@ class FeatureExtractor:
         masked = " (masked positions left out, mask from the 'attention_mask' input)" if self.token_pooling != "cls" else ""
         return f"token pooling {self.token_pooling!r}: Linear inputs (B, T, h) {how}{masked}"
 
-    def _fix_layers(self, calls: list[tuple[str, torch.Tensor, bool]]) -> list[LayerInfo]:
-        seen: set[str] = set()
-        for name, _, _ in calls:
-            if name in seen:
-                raise OptionsError(
-                    f"module {name!r} runs more than once per forward pass (shared weights); its calls would mix "
-                    f"different features under one name. Exclude it with --exclude '{name}'."
-                )
-            seen.add(name)
+    def coverage_notes(self) -> list[str]:
+        """Report assumptions, after the first batch: inputs read by a row dim other than 0 or flattened, and
+        the selected layers whose hook never fired (never called, or their weight used functionally)."""
+        notes = [f"layer {layer.name!r}: {how}" for layer, (_, ndim, rows) in zip(self.layers or [], self._layouts)
+                 if (how := rows.describe(ndim))]  # fmt: skip
+        fired = {name for name, _, _ in self._layouts}
+        for name, mod in self.modules.items():
+            if name not in fired:
+                notes.append(f"layer {name!r} ({type(mod).__name__}) never ran during the forward pass: not audited "
+                             "(a module the model does not call, or whose weight it uses through a functional call "
+                             "such as F.linear, which no hook sees)")  # fmt: skip
+        return notes
+
+    def _fix_layers(self, calls: list[tuple[str, int, torch.Tensor, bool]]) -> list[LayerInfo]:
         if not calls:
             raise ModelDataMismatchError("none of the selected layers ran during the forward pass.")
-        layers = []
-        for i, (name, feats, pooled) in enumerate(calls):
-            mod = self.modules[name]
-            w = dense_weight(mod)
-            layers.append(LayerInfo(i, name, _kind(mod), int(feats.shape[1]), int(w.shape[0]), pooled, w))
-        return layers
+        weights = {name: dense_weight(self.modules[name]) for name in dict.fromkeys(c[0] for c in calls)}
+        names = _call_names([(c[0], c[1]) for c in calls])
+        return [LayerInfo(i, shown, kind_of(self.modules[name]) or "linear", int(feats.shape[1]),
+                          int(weights[name].shape[0]), pooled, weights[name])
+                for i, (shown, (name, _, feats, pooled)) in enumerate(zip(names, calls))]  # fmt: skip
 
+
+def _call_names(calls: list[tuple[str, int]]) -> list[str]:
+    """Layer names per call: the module's own name, or ``NAME#k`` for the k-th call of a module run repeatedly."""
+    counts = Counter(name for name, _ in calls)
+    return [name if counts[name] == 1 else f"{name}#{k}" for name, k in calls]
+
+
+def _row_hints(model: nn.Module, modules: dict[str, nn.Module]) -> dict[str, int]:
+    """The row dim each audited module declares (``batch_first``), own or its transformer layer's."""
+    ids = {id(m): n for n, m in model.named_modules()}
+    hints = {}
+    for layer, mod in modules.items():
+        path = ids.get(id(mod), "")
+        parts = path.split(".") if path else []
+        parents = [model.get_submodule(".".join(parts[:i])) for i in range(len(parts) - 1, -1, -1)]  # nearest first
+        hint = row_hint(mod, parents)
+        if hint is not None:
+            hints[layer] = hint
+    return hints

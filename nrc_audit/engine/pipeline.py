@@ -25,7 +25,8 @@ from nrc_audit.config import AnalysisOptions, AuditConfig
 from nrc_audit.errors import Interrupted, ModelDataMismatchError, NrcAuditError, OptionsError
 from nrc_audit.io.plan import plan_audit, plan_statistics
 from nrc_audit.core.layer import LayerInfo
-from nrc_audit.engine.extract import FeatureExtractor, candidate_layers, skipped_layers
+from nrc_audit.engine.extract import FeatureExtractor
+from nrc_audit.engine.layer_kinds import candidate_layers, skipped_layers
 from nrc_audit.engine.model_io import check_first_layer, probe_batch
 from nrc_audit.models.architecture import inferred_architecture_warning, resolve_model, user_forward_error
 from nrc_audit.io.hf_layout import load_model_files, sha256_path
@@ -105,7 +106,7 @@ def _opened(config: AuditConfig, device: torch.device) -> Iterator[_Inputs]:
         ds.compute_dtype = _model_dtype(model)  # X beyond float32 is refused for a float32 model (io/dataset.py)
         modules = candidate_layers(model, config.layers, config.exclude)
         plan_audit(modules, info.num_samples, info.input_shape, config.batch_size, config.features_path,
-                   8 if ds.compute_dtype == torch.float64 else 4)  # before any batch is read  # fmt: skip
+                   8 if ds.compute_dtype == torch.float64 else 4, info.target_dim)  # before any batch is read  # fmt: skip
         check_first_layer(model, *probe_batch(ds, device, ds.compute_dtype), info.input_shape)
         context = RunContext(
             ModelContext(str(config.model_path), sha256_path(config.model_path), ckpt.format, resolved.architecture,
@@ -191,7 +192,7 @@ def _audit_sharded(config: AuditConfig, device: torch.device, ctx: distributed.D
             stats, context, writer = _pass_rows(config, replace(inputs, context=context), device, (start, stop),
                                                 store, progress if ctx.is_main else None)  # fmt: skip
             if writer is not None:  # every shard complete before rank 0 links them into the master store
-                writer.close(complete=True)
+                writer.close(complete=True, now=True)
         except NrcAuditError as exc:
             error = exc
     try:
@@ -278,7 +279,8 @@ def extraction_pass(
                     widths = [layer.in_dim + target_dim for layer in extractor.layers or []]  # fold columns
                     plan = threads.rebalanced(plan, extractor.flops_per_row(x, extra), widths)
                 if notes is not None and first:  # the first batch: before the store writer copies the context
-                    notes.extend(n for n in (extractor.output_note, extractor.pooling_note()) if n and n not in notes)
+                    notes.extend(n for n in (extractor.output_note, extractor.pooling_note(), *extractor.coverage_notes())
+                                 if n and n not in notes)
                 first = False
                 layers = extractor.layers or []
                 if writer is None and writer_factory is not None:
@@ -328,7 +330,7 @@ def reanalyze(store_path: Path, analysis: AnalysisOptions, batch_size: int = 409
     analysis.validate()
     stats = PassStatistics()
     with FeatureStore(store_path) as store:
-        plan_statistics({layer.name: layer.in_dim for layer in store.layers}, store.n, None, 4)
+        plan_statistics({layer.name: layer.in_dim for layer in store.layers}, store.n, None, 4, store.t)
         context = RunContext.from_dict(store.context)
         for start, out, y, feats in store.batches(batch_size):
             stats.update(store.layers, out, y, feats)
@@ -363,7 +365,8 @@ def build_report(stats: PassStatistics, analysis: AnalysisOptions, context: RunC
 
     def analyse(pair: tuple[LayerInfo, JointAccumulator]) -> LayerMetrics:
         layer, acc = pair
-        m = layer_metrics(acc.finalize(), layer.weight.numpy(), k, model_mse, analysis.pinv_rtol, analysis.thresholds)
+        m = layer_metrics(acc.finalize(), layer.weight.numpy(), k, model_mse, analysis.pinv_rtol, analysis.thresholds,
+                          context.device)
         return with_identity(m, layer.index, layer.name, layer.kind, layer.in_dim, layer.out_dim, layer.pooled)
 
     rows = threads.parallel_map(analyse, zip(stats.layers, stats.joint))  # O(h³) per layer: layers in parallel

@@ -11,7 +11,11 @@ Rules (docs/reliability.md, "Inputs are sacred"):
   the replaced file's permission bits, and a new file gets ``0666 & ~umask`` (0644 under umask 022);
 - a character device or a FIFO (``/dev/null``, ``/dev/stdout``, ``/dev/fd/N`` from a shell's ``>(…)``) is
   never replaced: it is opened and written directly. Anything else that is not a regular file (a folder, a
-  block device, a socket) is refused.
+  block device, a socket) is refused;
+- all or nothing: inside :func:`all_or_nothing` (the CLI opens one around a whole command) every output is
+  first written in full to its temporary file, and the renames run only once every output (the feature
+  store included) is staged; if anything fails first, every temporary file is removed and every earlier
+  output stays byte-identical.
 """
 
 from __future__ import annotations
@@ -19,10 +23,67 @@ from __future__ import annotations
 import os
 import stat
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable, Mapping
+from typing import Callable, Iterator, Mapping, TypeVar
 
 from nrc_audit.errors import OptionsError
+from nrc_audit.io import lifecycle
+
+Action = Callable[[], None]
+T = TypeVar("T")
+_groups: list[list[tuple[Action, Action]]] = []  # open all-or-nothing groups, innermost last: (publish, abort)
+
+
+@contextmanager
+def all_or_nothing() -> Iterator[None]:
+    """Collect the outputs staged inside; publish them together on success, drop them all on any exception.
+
+    A group nested in another hands its outputs to the outer one, which alone publishes."""
+    group: list[tuple[Action, Action]] = []
+    _groups.append(group)
+    try:
+        yield
+    except BaseException:
+        _groups.remove(group)
+        _run_all(abort for _, abort in group)
+        raise
+    _groups.remove(group)
+    if _groups:
+        _groups[-1].extend(group)
+        return
+    for k, (publish, _) in enumerate(group):
+        try:
+            publish()
+        except BaseException:
+            _run_all(abort for _, abort in group[k + 1:])
+            raise
+
+
+def published_together(body: Callable[[], T]) -> Callable[[], T]:
+    """``body`` run inside one :func:`all_or_nothing` group (a command's whole run: the store and every file)."""
+
+    def run() -> T:
+        with all_or_nothing():
+            return body()
+
+    return run
+
+
+def _run_all(actions: Iterator[Action]) -> None:
+    for action in actions:
+        try:
+            action()
+        except Exception:  # cleaning up after a failure: the first failure is what the user must see
+            pass
+
+
+def on_commit(publish: Action, abort: Action) -> None:
+    """``publish`` now, or when the open all-or-nothing group succeeds (``abort`` when it fails)."""
+    if _groups:
+        _groups[-1].append((publish, abort))
+    else:
+        publish()
 
 
 def current_umask() -> int:
@@ -120,19 +181,22 @@ def is_stream(path: Path) -> bool:
         return False
 
 
-def write_atomic(path: Path, text: str | bytes) -> None:
-    """Write ``text`` to ``path``: atomically for files (see the module docstring), directly for streams."""
+def write_atomic(path: Path, text: str | bytes, now: bool = False) -> None:
+    """Write ``text`` to ``path``: atomically for files (see the module docstring), directly for streams;
+    ``now``: published at once even inside an all-or-nothing group."""
     data = text.encode("utf-8") if isinstance(text, str) else text
-    write_with(path, lambda tmp: tmp.write_bytes(data))
+    write_with(path, lambda tmp: tmp.write_bytes(data), now=now)
 
 
-def write_with(path: os.PathLike | str, produce: Callable[[Path], object], suffix: str = ".tmp") -> None:
-    """Let ``produce(tmp)`` write a temporary file, then put it at ``path`` (rename, or copy into a stream).
+def write_with(path: os.PathLike | str, produce: Callable[[Path], object], suffix: str = ".tmp",
+               now: bool = False) -> None:  # fmt: skip
+    """Let ``produce(tmp)`` write a temporary file, then put it at ``path`` (rename, or copy into a stream)
+    — at once, or when the open :func:`all_or_nothing` group succeeds.
 
     For a regular file (or a symlink to one, or a new name) the temporary file sits next to the resolved
     target and is renamed over it; for a character device or FIFO its bytes are written into the stream.
     The temporary file (named ``.NAME.XXXX`` + ``suffix``; matplotlib picks the format from it) is removed
-    on every path.
+    on every path, also by the watchdog's hard exit.
     """
     path = Path(path)
     stream = is_stream(path)
@@ -140,14 +204,46 @@ def write_with(path: os.PathLike | str, produce: Callable[[Path], object], suffi
     folder = Path(tempfile.gettempdir()) if stream else real.parent
     fd, name = tempfile.mkstemp(prefix=f".{real.name}.", suffix=suffix, dir=folder)
     tmp = Path(name)
+    lifecycle.track(tmp)
     try:
         os.fchmod(fd, new_file_mode(existing))  # mkstemp creates 0600; the result must honour the umask
-        os.close(fd)
-        produce(tmp)
-        if stream:
-            with open(path, "wb") as fh:  # /dev/null, /dev/stdout, a FIFO: no rename, no chmod
-                fh.write(tmp.read_bytes())
-        else:
-            os.replace(tmp, real)
     finally:
+        os.close(fd)
+
+    def drop() -> None:
         tmp.unlink(missing_ok=True)
+        lifecycle.untrack(tmp)
+
+    def publish() -> None:
+        try:
+            if stream:
+                with open(path, "wb") as fh:  # /dev/null, /dev/stdout, a FIFO: no rename, no chmod
+                    fh.write(tmp.read_bytes())
+            else:
+                os.replace(tmp, real)
+        finally:
+            drop()
+
+    try:
+        produce(tmp)
+    except BaseException:
+        drop()
+        raise
+    if now:
+        publish()
+    else:
+        on_commit(publish, drop)
+
+
+def check_writable_folder(option: str, path: Path) -> None:
+    """Refuse, before the pass, an output whose folder cannot take a new file (read-only mount, no write
+    permission): the rename that puts a finished output in place needs one there."""
+    if is_stream(path):
+        return
+    folder = Path(os.path.realpath(path)).parent
+    if os.access(folder, os.W_OK | os.X_OK):
+        return
+    hint = (" Pass --features PATH in a writable folder, or --no-features." if option == "--features"
+            else " Choose a path in a writable folder.")  # fmt: skip
+    raise OptionsError(f"{option} {path}: the folder {folder} is not writable (read-only or no permission), so "
+                       f"the output cannot be put there.{hint}")  # fmt: skip

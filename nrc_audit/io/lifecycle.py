@@ -7,7 +7,7 @@ there, so the graceful path (``Interrupted`` raised, workers stopped, partial fi
 only one. :class:`Watchdog` receives the signal through :func:`signal.set_wakeup_fd`, which the C-level
 handler writes to whatever the main thread is doing; if the process is still alive ``GRACE_S`` later it
 removes the tracked temporary files and ends with ``os._exit(128 + signum)`` (143 for SIGTERM, 130 for
-SIGINT).
+SIGINT, 129 for SIGHUP).
 
 The stop protocol for background threads (used by the feature-store writer and the batch reader; apply it
 to any new worker): every blocking queue operation polls a stop :class:`threading.Event` (:func:`put`,
@@ -27,8 +27,9 @@ GRACE_S = 0.8  # after a signal: time the graceful path gets before the watchdog
 JOIN_TIMEOUT_S = 5.0  # a worker that has not stopped by then is abandoned (it is a daemon thread)
 POLL_S = 0.05
 
+STOP_SIGNALS = tuple(getattr(signal, name) for name in ("SIGTERM", "SIGINT", "SIGHUP") if hasattr(signal, name))
 _tracked: set[str] = set()
-received: list[int] = []  # signals (SIGTERM/SIGINT) received while a Watchdog was active, in order
+received: list[int] = []  # stop signals (SIGTERM/SIGINT/SIGHUP) received while a Watchdog was active, in order
 
 
 def note_signal(signum: int) -> None:
@@ -178,7 +179,7 @@ class Watchdog:
             except OSError:
                 return
             for signum in data:
-                if signum in (signal.SIGTERM, signal.SIGINT):
+                if signum in STOP_SIGNALS:
                     note_signal(signum)
                     self._fired.set()
                     if self._cancel.wait(self.grace):

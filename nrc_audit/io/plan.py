@@ -9,7 +9,7 @@ the limit, and the knob that moves the limit. The limits:
   ``torch.save`` stores its entries uncompressed, so only a crafted file inflates;
 - module indices in state-dict keys: at most ``MAX_MODULE_INDEX`` (a key ``1000000000.weight`` would make
   the MLP builder create 10⁹ modules);
-- the feature store: its size on disk against the free space of its folder.
+- the feature store: its worst-case size on disk (compressed or not) against the free space of its folder.
 """
 
 from __future__ import annotations
@@ -35,6 +35,10 @@ _INDEX = re.compile(r"(?:^|\.)(\d+)(?=\.|$)")
 
 def _gib(nbytes: float) -> str:
     return f"{nbytes / (1 << 30):.3g} GiB"
+
+
+def _size(nbytes: float) -> str:
+    return _gib(nbytes) if nbytes >= 1 << 30 else f"{nbytes / (1 << 20):.3g} MiB"
 
 
 def _env_bytes(name: str) -> int | None:
@@ -110,20 +114,41 @@ def check_module_indices(keys: Iterable[str], path: Path) -> None:
                         "of the real model, or pass --model-def to build it yourself.")  # fmt: skip
 
 
-def plan_statistics(widths: Mapping[str, int], num_rows: int, store_path: Path | None, itemsize: int) -> None:
-    """Refuse an audit whose per-layer float64 statistics (Σ 8·h² bytes, times the eigh workspace) exceed
-    the memory budget, or whose feature store (N·(Σ h) values) exceeds the free disk of its folder.
+STORE_SLACK = 0.01  # HDF5's metadata and chunk index on top of the raw values, as a fraction …
+STORE_FIXED = 256 << 10  # … plus a fixed allowance (a store of a few rows still has its headers)
+
+
+def store_bytes(num_rows: int, widths: Mapping[str, int], target_dim: int, itemsize: int, weights: int = 0) -> int:
+    """Bytes a feature store can take on disk: every feature (N·Σh·itemsize), the outputs (N·t·itemsize) and
+    targets (N·t·8), the float64 weights, and HDF5's own. A compressed store is planned at this same worst
+    case: gzip and lzf may not shrink the data at all, and HDF5 fails (or crashes) on a full disk mid-write."""
+    raw = num_rows * (sum(widths.values()) * itemsize + target_dim * (itemsize + 8)) + weights
+    return int(raw * (1 + STORE_SLACK)) + STORE_FIXED
+
+
+def plan_statistics(widths: Mapping[str, int], num_rows: int, store_path: Path | None, itemsize: int,
+                    target_dim: int = 0, weights: int = 0) -> None:  # fmt: skip
+    """Refuse an audit whose float64 statistics exceed the memory budget, or whose feature store
+    (:func:`store_bytes`) exceeds the free disk of its folder.
+
+    The statistics of a layer are the joint moments of [H | Y], (h + t)² float64 values, times the
+    eigendecomposition's workspace; the targets' own t×t moments come once more. With many targets the t
+    term dominates: 3000 targets cost 8·3000² bytes per layer, whatever the widths.
 
     Args:
         widths: audited layer name → feature width h. num_rows: N. itemsize: bytes per stored feature.
+        target_dim: t. weights: bytes of the float64 weights the store keeps.
     """
     if not widths:
         return
-    stats = sum(8 * h * h for h in widths.values()) * STATS_FACTOR
+    t = target_dim
+    stats = (sum(8 * (h + t) ** 2 for h in widths.values()) + 8 * t * t) * STATS_FACTOR
     widest = max(widths, key=lambda name: widths[name])
     refuse_over_memory(
-        f"the statistics of {len(widths)} layers (Σ 8·h² bytes ×{STATS_FACTOR}; the widest, {widest!r}, has "
-        f"h = {widths[widest]})", stats, "Audit fewer layers with --layers/--exclude.")  # fmt: skip
+        f"the statistics of {len(widths)} layers and {t} targets (Σ 8·(h+t)² bytes ×{STATS_FACTOR}; the widest "
+        f"layer, {widest!r}, has h = {widths[widest]})", stats,
+        "Audit fewer layers with --layers/--exclude" + (" or fewer target columns." if t > max(widths.values())
+                                                        else "."))  # fmt: skip
     if store_path is None:
         return
     folder = Path(store_path).resolve().parent
@@ -131,25 +156,33 @@ def plan_statistics(widths: Mapping[str, int], num_rows: int, store_path: Path |
         free = shutil.disk_usage(folder).free
     except OSError:
         return  # the folder's absence is reported by the store writer
-    need = num_rows * sum(widths.values()) * itemsize
+    need = store_bytes(num_rows, widths, t, itemsize, weights)
     if need > free:
-        raise PlanError(f"--features {store_path}: the store needs {_gib(need)} ({num_rows} rows × "
-                        f"{sum(widths.values())} features × {itemsize} bytes) but {folder} has {_gib(free)} free. "
-                        "Free space, choose another folder, pass --features-compression, or audit fewer layers.")
+        raise PlanError(f"--features {store_path}: the store needs up to {_size(need)} ({num_rows} rows × "
+                        f"({sum(widths.values())} features + {t} outputs) × {itemsize} bytes, {t} float64 targets, "
+                        f"the weights and HDF5's own; compressed stores are planned at this worst case) but {folder} "
+                        f"has {_size(free)} free. Free space, choose another folder with --features PATH, pass "
+                        "--no-features, or audit fewer layers.")
+
+
+_WIDTH_ATTRS = ("in_features", "in_channels", "embed_dim", "input_size", "nx")  # Linear, Conv, MHA, RNN, HF Conv1D
 
 
 def plan_audit(modules: Mapping[str, torch.nn.Module], num_rows: int, input_shape: tuple[int, ...], batch_size: int,
-               store_path: Path | None, itemsize: int) -> None:
+               store_path: Path | None, itemsize: int, target_dim: int = 0) -> None:
     """Everything the pass will allocate, refused up front: the statistics and store (:func:`plan_statistics`)
-    and one batch of data, read as stored (≤ 8 bytes a value) and prefetched once (×2).
+    and one batch of data, read as stored (≤ 8 bytes a value) and prefetched once (×2), with its targets.
 
     Args:
         modules: audited layers (Linear: h = in_features; Conv2d: h = in_channels, pooled).
-        input_shape: per-sample shape, e.g. (C, H, W). itemsize: bytes per stored feature (4 or 8).
+        input_shape: per-sample shape, e.g. (C, H, W). itemsize: bytes per stored feature (4 or 8). target_dim: t.
     """
-    widths = {name: int(getattr(m, "in_features", None) or getattr(m, "in_channels", 0)) for name, m in modules.items()}
-    plan_statistics(widths, num_rows, store_path, itemsize)
-    per_sample = 8 * max(1, math.prod(input_shape))
+    widths = {name: next((int(getattr(m, a)) for a in _WIDTH_ATTRS if isinstance(getattr(m, a, None), int)), 0)
+              for name, m in modules.items()}  # fmt: skip
+    weights = sum(8 * int(getattr(m, "weight").numel()) for m in modules.values()
+                  if isinstance(getattr(m, "weight", None), torch.Tensor))  # fmt: skip
+    plan_statistics(widths, num_rows, store_path, itemsize, target_dim, weights)
+    per_sample = 8 * (max(1, math.prod(input_shape)) + target_dim)
     refuse_over_memory(f"a batch of {batch_size} samples of shape {input_shape} (×2: read and prefetched)",
                        2 * batch_size * per_sample, "Lower --batch-size.")
 

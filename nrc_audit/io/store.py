@@ -4,9 +4,11 @@ Layout: root attrs (schema, tool_version, model_sha256, data_sha256, complete, c
 ``/targets (N, t)``, ``/outputs (N, t)``, ``/layers/NN (N, h)`` with row chunks and attrs
 (index, name, kind, pooled, in_dim, out_dim), ``/weights/NN`` (the W used for NRC3, float64).
 Features are float32 (float64 when the model computes in float64). ``complete`` turns true only after the
-last batch. The store is written as ``.NAME.partial`` beside the target, under an exclusive ``flock`` (a
-second run on the same path exits 2 instead of truncating it), and renamed over the target when complete;
-a failed or interrupted run deletes its partial file, so an earlier store is never damaged.
+last batch. The store is written as ``.NAME.partial`` beside the target, created fresh (``O_EXCL``: never
+through a symlink) under an exclusive ``flock`` on ``.NAME.lock`` (store_lock.py: a second run on the same
+path exits 2 instead of truncating it; a killed run's leftovers are removed by the next one), and renamed
+over the target when complete; a failed or interrupted run deletes its partial file, so an earlier store
+is never damaged.
 
 Writes go through a background thread so the forward pass and the Gram products overlap with the I/O.
 Without compression every chunk is allocated when its dataset is created and the thread writes rows
@@ -27,14 +29,10 @@ import numpy as np
 import torch
 from h5py import h5d, h5p
 
-try:
-    import fcntl
-except ImportError:  # Windows: no advisory locks
-    fcntl = None  # type: ignore[assignment]
-
 from nrc_audit.version import __version__
 from nrc_audit.io import lifecycle
-from nrc_audit.io.files import new_file_mode, replace_target
+from nrc_audit.io.files import new_file_mode, on_commit, replace_target
+from nrc_audit.io.store_lock import StoreLock
 from nrc_audit.errors import FeatureStoreError
 from nrc_audit.core.layer import LayerInfo
 from nrc_audit.io.store_check import check_store
@@ -94,8 +92,8 @@ class FeatureStoreWriter:
                  compression: str | None = None) -> None:  # fmt: skip
         self.path, self.n, self.compression = Path(path), n, compression
         self.final, self._mode = _store_target(self.path)
-        self.partial = self.final.with_name(f".{self.final.name}.partial")
-        self._lock_fd = _lock_partial(self.partial, self.path)  # tracks the partial file once it holds the lock
+        self._lock: StoreLock | None = StoreLock(self.final, self.path)  # the partial path is ours and free
+        self.partial = self._lock.partial
         try:
             self._open(attrs, layers)
         except BaseException as exc:  # also an interruption here: no partial file may stay behind
@@ -107,12 +105,9 @@ class FeatureStoreWriter:
             raise
 
     def _open(self, attrs: dict[str, Any], layers: list[LayerInfo]) -> None:
-        self._fh = h5py.File(self.partial, "w", locking=False)  # our own lock (above) excludes other runs
-        # h5py's "w" truncates the partial file, which arms ext4's replace-via-truncate heuristic
-        # (auto_da_alloc): the next close of any descriptor of the file would allocate and start writing back
-        # every dirty page of the store first (measured 0.3-0.5 s per GiB, at the end of the pass). Closing
-        # one now, while the file is empty, disarms it; the data are written back as any other file's.
-        os.close(os.open(self.partial, os.O_RDONLY))
+        # "x": O_CREAT | O_EXCL, so a symlink planted after the lock cleared the path is refused, never followed;
+        # the file is new, so ext4's replace-via-truncate flush (auto_da_alloc) is never armed either
+        self._fh = h5py.File(self.partial, "x", locking=False)  # our own lock (above) excludes other runs
         root = self._fh.attrs
         root["schema"], root["tool_version"], root["complete"] = SCHEMA, __version__, False
         for key, value in attrs.items():
@@ -203,7 +198,7 @@ class FeatureStoreWriter:
             return None
         try:
             self._fh.flush()
-            self._fd = os.open(self.partial, os.O_WRONLY)
+            self._fd = os.dup(self._fh.id.get_vfd_handle())  # the very file HDF5 created, not a path lookup
             return [_RawRows(ds, self._fd) for ds in self._datasets]
         except (AttributeError, NotImplementedError, OSError, RuntimeError, ValueError):
             if self._fd is not None:
@@ -215,10 +210,12 @@ class FeatureStoreWriter:
         if self._worker.error is not None:
             raise FeatureStoreError(f"writing the feature store {self.path} failed: {self._worker.error}")
 
-    def close(self, complete: bool) -> None:
+    def close(self, complete: bool, now: bool = False) -> None:
         """``complete``: write what is queued, mark the store complete and rename it into place (atomically,
-        keeping an existing store's mode). Otherwise (error, interruption): drop the queue and delete the
-        partial file; an earlier store at the path is left as it was."""
+        keeping an existing store's mode) — together with the run's other outputs when an all-or-nothing
+        group is open (io/files.py; ``now``: at once regardless, e.g. a shard the master store links).
+        Otherwise (error, interruption): drop the queue and delete the partial file; an earlier store at the
+        path is left as it was."""
         if not complete:
             self.discard()
             return
@@ -229,9 +226,19 @@ class FeatureStoreWriter:
             self._fh.attrs["complete"] = True
             self._fh.close()
             os.chmod(self.partial, new_file_mode(self._mode))
-            os.replace(self.partial, self.final)
         except BaseException:
             self.discard()
+            raise
+        if now:
+            self._publish()
+        else:
+            on_commit(self._publish, lambda: self._release(remove=True))
+
+    def _publish(self) -> None:
+        try:
+            os.replace(self.partial, self.final)
+        except BaseException:
+            self._release(remove=True)
             raise
         self._release(remove=False)
 
@@ -252,12 +259,9 @@ class FeatureStoreWriter:
             self._fd = None
 
     def _release(self, remove: bool) -> None:
-        if remove:
-            self.partial.unlink(missing_ok=True)
-        lifecycle.untrack(self.partial)
-        if self._lock_fd is not None:
-            os.close(self._lock_fd)  # releases the lock
-            self._lock_fd = None
+        if self._lock is not None:
+            self._lock.release(remove_partial=remove)
+            self._lock = None
 
 
 def _store_target(path: Path) -> tuple[Path, int | None]:
@@ -265,31 +269,6 @@ def _store_target(path: Path) -> tuple[Path, int | None]:
         return replace_target(path)
     except OSError:
         raise FeatureStoreError(f"--features {path} is not a regular file; pass the path of an .h5 file.") from None
-
-
-def _lock_partial(partial: Path, path: Path) -> int | None:
-    """Open ``partial`` and take an exclusive, non-blocking lock on it; another run holding it → exit 2.
-
-    The lock lives as long as the descriptor (the kernel drops it when a run is killed), so a partial file
-    left by a killed run is simply reused. Without fcntl (Windows) there is no lock: None.
-    """
-    try:
-        fd = os.open(partial, os.O_RDWR | os.O_CREAT, 0o600)
-    except OSError as exc:
-        raise FeatureStoreError(f"cannot create the feature store {path}: {exc.strerror} ({partial})") from None
-    if fcntl is None:
-        lifecycle.track(partial)
-        return fd
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        lifecycle.track(partial)
-    except OSError:
-        os.close(fd)
-        raise FeatureStoreError(
-            f"another nrc-audit run is writing the feature store {path} right now (it holds the lock on {partial}). "
-            "Wait for it to finish, or pass another --features path (or --no-features)."
-        ) from None
-    return fd
 
 
 class _RawRows:

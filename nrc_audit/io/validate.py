@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from typing import Any, Callable
 
 from nrc_audit.errors import NrcAuditError, OptionsError
@@ -143,4 +144,20 @@ def json_object_of_scalars(raw: Any, source: str, field: str, error: type[NrcAud
     value = parse_json(raw, f"{source}: {field}", error)
     if not isinstance(value, dict):
         raise error(f"{source}: {field} is {_show(value)}; expected a JSON object such as {{\"width\": 64}}.")
+    return value
+
+
+def env_int(name: str, default: int) -> int:
+    """An integer torchrun variable (RANK, WORLD_SIZE, LOCAL_RANK); junk is an OptionsError, not a traceback."""
+    raw = os.environ.get(name)
+    if raw is None or not raw.strip():
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        value = -1
+    if value < 0:
+        shown = raw if len(raw) <= 40 else raw[:40] + "…"
+        raise OptionsError(f"{name}={shown!r} is not a non-negative integer; torchrun sets it for each rank. Unset "
+                           "it to run one process, or launch with `torchrun --nproc-per-node N -m nrc_audit …`.")
     return value

@@ -16,7 +16,7 @@ from nrc_audit.core.verdicts import exit_code
 from nrc_audit.outputs.baseline import Regression, compare, load_baseline
 from nrc_audit.config import BaselineOptions
 from nrc_audit.errors import ExitCode, NrcAuditError, OptionsError
-from nrc_audit.io.files import check_output_paths, write_atomic, write_with
+from nrc_audit.io.files import all_or_nothing, check_output_paths, check_writable_folder, write_atomic, write_with
 from nrc_audit.outputs.model_card import HubCard
 from nrc_audit.outputs.report import Report
 
@@ -66,6 +66,8 @@ class Outputs:
                 raise OptionsError(
                     f"{option} {path}: the folder {path.resolve().parent} does not exist; create it or choose another path."
                 )
+            if path is not None:
+                check_writable_folder(option, path)
         if self.plot_path is not None:
             from nrc_audit.outputs.plot import _pyplot
 
@@ -78,7 +80,7 @@ class Outputs:
         if self.model_card_path is not None:
             from nrc_audit.outputs.model_card import check_card
 
-            check_card(self.model_card_path)
+            check_card(self.model_card_path, self.card.dataset_id)
 
 
 def _write_plot(report: Report, path: Path) -> None:
@@ -123,6 +125,12 @@ def emit(report: Report, out: Outputs) -> ExitCode:
             "regressions": [{"layer": r.layer, "name": r.name, "what": r.what} for r in regressions],
         }  # fmt: skip
     text = report.to_json()
+    with all_or_nothing():  # every file staged in full before any is renamed into place (io/files.py)
+        _write_files(report, out, text, regressions)
+    return _print_product(report, out, text, regressions, baseline)
+
+
+def _write_files(report: Report, out: Outputs, text: str, regressions: list[Regression]) -> None:
     if out.json_path is not None:
         write_atomic(out.json_path, text)
     if out.markdown_path is not None:
@@ -141,6 +149,11 @@ def emit(report: Report, out: Outputs) -> ExitCode:
         write_atomic(out.junit_path, junit_xml(report, regressions, out.card.model_name))
     if out.plot_path is not None:
         _write_plot(report, out.plot_path)
+
+
+
+def _print_product(report: Report, out: Outputs, text: str, regressions: list[Regression],
+                   baseline: Report | None) -> ExitCode:  # fmt: skip
     if out.fmt == "json":
         sys.stdout.write(text)
     elif out.fmt == "github":
@@ -172,7 +185,7 @@ def print_warnings(report: Report) -> None:
 def _write_card(path: Path, report: Report, out: Outputs) -> None:
     from nrc_audit.outputs.model_card import merge_model_card
 
-    existing = path.read_text(encoding="utf-8") if path.exists() else ""
+    existing = path.read_bytes().decode("utf-8") if path.exists() else ""  # bytes: CRLF stays CRLF
     write_atomic(path, merge_model_card(existing, report, out.card, where=path))
 
 
@@ -191,8 +204,9 @@ def emit_failure(out: Outputs, message: str) -> None:
     if not out._paths_safe:  # the failure may be that an output path is an input: write no file at all
         return
     section = failure_markdown(message)
-    writers = [(out.markdown_path, lambda p: write_atomic(p, section)),
-               (out.junit_path, lambda p: write_atomic(p, junit_failure(message, out.card.model_name or "nrc-audit")))]
+    writers = [(out.markdown_path, lambda p: write_atomic(p, section, now=True)),
+               (out.junit_path, lambda p: write_atomic(p, junit_failure(message, out.card.model_name or "nrc-audit"),
+                                                       now=True))]
     for path, write in writers:  # fmt: skip
         if path is None or not path.resolve().parent.is_dir():
             continue

@@ -6,9 +6,11 @@ both ``name`` and ``url``. nrc-audit knows no public URL of its own, so it write
 takes the dataset only from what the user states (``--dataset-id``, ``--dataset-name``): the local HDF5
 file name and hash are no Hub dataset and revision (they stay in the markdown section and the JSON report).
 
-Merging keeps every other front-matter key and every other eval result; the nrc-audit section of the body
-lives between two HTML-comment markers and is replaced in place, so running the merge twice gives the
-same file. PyYAML (a dependency) reads and writes the front matter; comments in it are not preserved.
+Merging changes the front matter by a text splice (front_matter.py): only nrc-audit's own result in the
+model-index is replaced or added, and every other byte (BOM, line endings, comments, YAML 1.1 values,
+duplicate keys, other results) stays; a card it cannot change that way is refused. The nrc-audit section
+of the body lives between two HTML-comment markers and is replaced in place, so running the merge twice
+gives the same file.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from nrc_audit.errors import OptionsError
+from nrc_audit.outputs import front_matter
 from nrc_audit.outputs.markdown import headline_metrics, to_markdown
 from nrc_audit.outputs.records import ReportData as Report
 
@@ -58,14 +61,8 @@ def model_index(report: Report, card: HubCard) -> list[dict[str, Any]]:
     return [{"name": card.model_name or Path(report.model["path"]).stem, "results": [result]}]
 
 
-def _yaml() -> Any:
-    import yaml  # a declared dependency; imported here so that --help stays fast
-
-    return yaml
-
-
 def _dump(value: Any) -> str:
-    return str(_yaml().safe_dump(value, sort_keys=False, allow_unicode=True, default_flow_style=False, width=1000))
+    return front_matter.dump(value)
 
 
 def to_model_index(report: Report, card: HubCard) -> str:
@@ -75,73 +72,68 @@ def to_model_index(report: Report, card: HubCard) -> str:
 
 def split_card(text: str, where: Path | str = "the card") -> tuple[dict[str, Any], str]:
     """(front matter as a dict, body) of a model card; a card without front matter has an empty dict."""
-    lines = text.splitlines(keepends=True)
-    if not lines or lines[0].strip() != "---":
-        return {}, text
-    for i in range(1, len(lines)):
-        if lines[i].strip() == "---":
-            try:
-                meta = _yaml().safe_load("".join(lines[1:i])) or {}
-            except _yaml().YAMLError as exc:
-                raise OptionsError(f"{where}: the YAML front matter does not parse ({exc}); fix it first.") from None
-            if not isinstance(meta, dict):
-                raise OptionsError(f"{where}: the front matter is a {type(meta).__name__}, expected a mapping.")
-            return meta, "".join(lines[i + 1:])
-    raise OptionsError(f"{where}: the front matter opened by '---' on line 1 is never closed; add a '---' line.")
+    card = front_matter.split(text, where)
+    return front_matter.parse(card, where)[1], card.body
 
 
-def _merge_results(meta: dict[str, Any], new: list[dict[str, Any]]) -> None:
-    """Put ``new``'s result into ``meta['model-index']``: other entries and results kept, an earlier
-    nrc-audit result on the same dataset replaced."""
-    entries = meta.get("model-index")
-    if not isinstance(entries, list) or not entries:
-        meta["model-index"] = new
-        return
-    entry = next((e for e in entries if isinstance(e, dict) and e.get("name") == new[0]["name"]), None)
-    if entry is None:  # the card describes one model under another name: add our result to it
-        entry = entries[0] if len(entries) == 1 and isinstance(entries[0], dict) else None
-    if entry is None:
-        entries.append(new[0])
-        return
-    ours = new[0]["results"][0]
-
+def _is_ours(dataset_id: str) -> Any:
     def same(result: Any) -> bool:
-        return (isinstance(result, dict) and (result.get("task") or {}).get("name") == TASK_NAME
-                and (result.get("dataset") or {}).get("type") == ours["dataset"]["type"])  # fmt: skip
+        return (isinstance(result, dict) and isinstance(result.get("task"), dict)
+                and result["task"].get("name") == TASK_NAME and isinstance(result.get("dataset"), dict)
+                and result["dataset"].get("type") == dataset_id)  # fmt: skip
 
-    results = [r for r in entry.get("results") or [] if not same(r)]
-    entry["results"] = results + [ours]
+    return same
 
 
-def _merge_body(body: str, section: str) -> str:
-    block = f"{START}\n{section.rstrip()}\n{END}\n"
+def _merge_body(body: str, section: str, newline: str = "\n") -> str:
+    block = f"{START}\n{section.rstrip()}\n{END}\n".replace("\n", newline)
     start, end = body.find(START), body.find(END)
     if (start < 0) != (end < 0) or end < start:
         raise OptionsError(f"the card has one nrc-audit marker without the other ({START} … {END}); "
                            "remove the stray marker or add the missing one.")  # fmt: skip
     if start < 0:
-        return body.rstrip() + ("\n\n" if body.strip() else "") + block
+        return body.rstrip() + (newline * 2 if body.strip() else "") + block
     tail = body[end + len(END):]
-    return body[:start] + block + tail.lstrip("\n")
+    return body[:start] + block + tail.lstrip("\r\n")
 
 
 def merge_model_card(existing: str, report: Report, card: HubCard, where: Path | str = "the card") -> str:
     """The card ``existing`` ('' for a new card) with the audit merged in: the model-index result (only with
-    ``card.dataset_id``; the front matter is otherwise left as it is) and the :func:`to_markdown` section."""
-    meta, body = split_card(existing, where)
+    ``card.dataset_id``; the front matter is otherwise left byte for byte) and the :func:`to_markdown` section."""
+    doc = front_matter.split(existing, where)
+    node, _ = front_matter.parse(doc, where)
     if card.dataset_id:
-        _merge_results(meta, model_index(report, card))
-    text = _merge_body(body, to_markdown(report))
-    return (f"---\n{_dump(meta)}---\n" if meta else "") + text
+        (entry,) = model_index(report, card)
+        result = entry["results"][0]
+        front_matter.splice_result(doc, node, entry["name"], result, _is_ours(card.dataset_id), where)
+        if not doc.opening:
+            doc.opening, doc.closing = "---" + doc.newline, "---" + doc.newline
+        _check_spliced(doc, result, where)
+    doc.body = _merge_body(doc.body, to_markdown(report), doc.newline)
+    return doc.text()
 
 
-def check_card(path: Path) -> None:
-    """Fail before the pass when an existing card cannot be merged into (unreadable, bad front matter)."""
+def _check_spliced(doc: front_matter.Card, result: dict[str, Any], where: Path | str) -> None:
+    """The spliced front matter must parse and hold our result exactly once (else: refuse, never write)."""
+    _, values = front_matter.parse(doc, where)
+    found = [r for e in values.get("model-index") or [] if isinstance(e, dict)
+             for r in e.get("results") or [] if r == result]  # fmt: skip
+    if len(found) != 1:
+        raise front_matter.unsafe("the merged front matter would not hold the new result exactly once")
+
+
+def check_card(path: Path, dataset_id: str | None = None) -> None:
+    """Fail before the pass when an existing card cannot be merged into (unreadable, bad front matter, a
+    model-index that cannot be changed in place): the merge is tried on a placeholder result."""
     if not path.exists():
         return
     try:
-        text = path.read_text(encoding="utf-8")
+        text = path.read_bytes().decode("utf-8")  # not read_text: its newline translation would hide CRLF
     except (OSError, UnicodeDecodeError) as exc:
         raise OptionsError(f"--model-card {path}: cannot read the existing card ({exc}).") from None
-    split_card(text, path)
-    _merge_body(split_card(text, path)[1], "")
+    doc = front_matter.split(text, path)
+    node, _ = front_matter.parse(doc, path)
+    _merge_body(doc.body, "")
+    if dataset_id:
+        placeholder = {"task": {"type": "other", "name": TASK_NAME}, "dataset": {"type": dataset_id}, "metrics": []}
+        front_matter.splice_result(doc, node, path.stem, placeholder, _is_ours(dataset_id), path)

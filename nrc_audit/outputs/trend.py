@@ -1,6 +1,7 @@
 """Collapse over training: several reports of one run (checkpoints or monitor epochs) side by side.
 
-History files are JSON lines, one ``{"label": str, "report": {...}}`` per audited checkpoint/epoch.
+Checkpoints are taken in training order as the checkpoints themselves record it (io/training_position.py);
+histories are read by outputs/history.py.
 """
 
 from __future__ import annotations
@@ -14,9 +15,9 @@ from rich.table import Table
 from rich.text import Text
 
 from nrc_audit.core.verdicts import gate
-from nrc_audit.errors import OptionsError
 from nrc_audit.io.files import write_atomic
-from nrc_audit.io.validate import check_report, parse_json
+from nrc_audit.io.training_position import TrainingPosition, training_position
+from nrc_audit.outputs.history import load_run
 from nrc_audit.outputs.report import Report
 
 _P = TypeVar("_P")
@@ -41,36 +42,25 @@ TREND_METRICS = (("nrc1", "NRC1 noise"), ("nrc2", "NRC2 CKA"), ("nrc3", "NRC3 al
                  ("nrc4_ratio", "NRC4 MSE / model MSE"))  # fmt: skip
 
 
-def append_history(path: Path, label: str, report: Report) -> None:
-    """Append one record to a JSON-lines history file."""
-    with open(path, "a", encoding="utf-8") as fh:
-        fh.write(json.dumps({"label": label, "report": report.to_dict()}, allow_nan=False) + "\n")
+def load_history(path: Path, run_id: str | None = None) -> tuple[list[str], list[Report], str]:
+    """Labels and reports of one run of a history file, in training order, and that order's key."""
+    records, order = load_run(path, run_id)
+    return [r.label for r in records], [r.report for r in records], order
 
 
-def load_history(path: Path) -> tuple[list[str], list[Report]]:
-    """Read a history file written by :func:`append_history` (or the training monitor)."""
-    labels, reports = [], []
-    try:
-        lines = Path(path).read_text(encoding="utf-8").splitlines()
-    except OSError as exc:
-        raise OptionsError(f"cannot read the history file {path}: {exc}") from None
-    for number, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        where = f"{path}:{number}"
-        record = parse_json(line, where)
-        if not isinstance(record, dict) or not isinstance(record.get("label"), (str, int, float)):
-            raise OptionsError(f"{where}: expected a history record {{\"label\": str, \"report\": {{...}}}}; "
-                               f"found {type(record).__name__} without a string 'label'.")  # fmt: skip
-        check_report(record.get("report"), f"{where}: report")
-        try:
-            labels.append(str(record["label"]))
-            reports.append(Report.from_dict(record["report"]))
-        except (KeyError, TypeError) as exc:
-            raise OptionsError(f"{path}:{number} is not a history record ({exc}).") from None
-    if not reports:
-        raise OptionsError(f"{path} holds no history records.")
-    return labels, reports
+def training_order(paths: Sequence[_P]) -> tuple[list[_P], str, list[TrainingPosition]]:
+    """The checkpoints in training order, how it was decided, and each one's stored position.
+
+    The step (``global_step``) stored in every checkpoint decides when all have one, else the epoch when all
+    have one; otherwise the file names' natural order (:func:`natural_order`). Ties keep the name order.
+    """
+    named = natural_order(paths)
+    positions = {id(p): training_position(Path(str(p))) for p in named}
+    for key in ("step", "epoch"):
+        if all(getattr(positions[id(p)], key) is not None for p in named):
+            ordered = sorted(named, key=lambda p: getattr(positions[id(p)], key))
+            return ordered, f"by {key} stored in the checkpoints", [positions[id(p)] for p in ordered]
+    return named, "by file name (no step or epoch stored in every checkpoint)", [positions[id(p)] for p in named]
 
 
 def trend_tables(labels: Sequence[str], reports: Sequence[Report], require_collapsed: int | None = None) -> list[Table]:
