@@ -17,7 +17,7 @@ from nrc_audit.cli.reference import command_params
 # Which command takes which options: written out here on purpose, independently of the groups and decorators in cli/.
 USERS = {
     "analysis": (ANALYSIS_OPTIONS, ("audit", "reanalyze", "trend"),
-                 "--rank --pinv-rtol --rank-energy --batch-size --nrc1-max --nrc2-min --nrc3-min --nrc4-ratio-max "
+                 "--rank --pinv-rtol --rank-energy --batch-size --nrc1-max --nrc2-min --nrc3-min --nrc4-ratio-max --noise-alignment-max "
                  "--require-collapsed"),
     "data pass": (DATA_PASS_OPTIONS, ("audit", "trend"), "--x-key --y-key --channels-last --scale-uint8 --limit --device"),
     "report outputs": (REPORT_OUTPUTS, ("audit", "reanalyze"),

@@ -74,18 +74,19 @@ def scan(runs: list[dict], key: str, make: Callable[[float], Thresholds], grid: 
 
 
 def misclassified(runs: list[dict], th: Thresholds) -> list[str]:
-    """Every model the defaults get wrong at its last layer (k = auto and k = t), one line each."""
+    """Every cell (architecture, targets, λ) where the defaults get a model wrong at its last layer (k = auto)."""
     zero, pos, _ = groups(runs)
+    cells: dict[tuple, list[dict]] = {}
+    for r in zero + pos:
+        if collapsed(last(r, "auto"), th) != (r["wd"] > 0):
+            cells.setdefault((r["arch"], r["target"], r["wd"]), []).append(r)
     out = []
-    for key in KEYS:
-        for r in zero + pos:
-            if collapsed(last(r, key), th) == (r["wd"] > 0):
-                continue
-            layer = last(r, key)
-            failing = [c for c, ok in condition_passed(layer, th).items() if not ok]
-            out.append(f"{KEYS[key]}: {r['arch']} {r['target']} λ={r['wd']:g} seed {r['seed']}: last layer "
-                       f"{'collapsed' if r['wd'] == 0 else 'not collapsed (fails ' + ', '.join(failing) + ')'}; "
-                       f"NRC3 {layer['nrc3']:.3f}, noise alignment {fmt(layer['noise_alignment'])}")  # fmt: skip
+    for (arch, target, wd), wrong in cells.items():
+        ls = [last(r, "auto") for r in wrong]
+        fails = sorted({c for l in ls for c, ok in condition_passed(l, th).items() if not ok})
+        out.append(f"{arch} {target} λ={wd:g}: {len(wrong)} seed(s) {'collapsed' if wd == 0 else 'not collapsed'}"
+                   f"{'' if wd == 0 else ' (fail ' + ', '.join(fails) + ')'}; NRC3 {span(l['nrc3'] for l in ls)}, "
+                   f"noise alignment {span(l['noise_alignment'] for l in ls)}")  # fmt: skip
     return out
 
 
@@ -156,7 +157,7 @@ def write_block(res: dict, th: Thresholds, old: Thresholds) -> str:
     lines += [f"| noise_alignment_max (nrc3_min {th.nrc3_min}) | {s['value']:g} | {s['zero_collapsed']}/{len(zero)} | "
               f"{s['pos_collapsed']}/{len(pos)} |" for s in na]  # fmt: skip
     wrong = misclassified(runs, th)
-    lines += ["", f"**Misclassified by the new defaults** ({len(wrong)}):", ""] + ([f"- {w}" for w in wrong] or ["- none"])
+    lines += ["", f"**Misclassified by the new defaults at k = auto** ({len(wrong)} cells of 3 seeds):", ""] + ([f"- {w}" for w in wrong] or ["- none"])
     for key, label in KEYS.items():
         lines += ["", f"**Per condition, {label}, new defaults** (last layer; ranges over the 3 seeds; top layers "
                   "collapsed: per seed, how many layers from the last down are collapsed):", "",
