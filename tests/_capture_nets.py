@@ -79,6 +79,36 @@ class Recurrent(nn.Module):
         return self.head(out[:, -1] if self.batch_first else out[-1])
 
 
+class Packed(nn.Module):
+    """A GRU fed a PackedSequence of per-sample lengths 1…8 (taken from the data), read at its last state."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.rnn = nn.GRU(3, 6, batch_first=True)
+        self.head = nn.Linear(6, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        lengths = (x[:, 0].abs() * 4).long().clamp(1, T_TOK).cpu()
+        packed = nn.utils.rnn.pack_padded_sequence(x.reshape(len(x), T_TOK, 3), lengths, batch_first=True,
+                                                   enforce_sorted=False)  # fmt: skip
+        return self.head(self.rnn(packed)[1][-1])
+
+
+class Unrolled(nn.Module):
+    """An LSTMCell stepped over the 8 tokens: one module, 8 calls per forward."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.cell = nn.LSTMCell(3, 6)
+        self.head = nn.Linear(6, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = c = x.new_zeros(len(x), 6)
+        for step in x.reshape(len(x), T_TOK, 3).unbind(dim=1):
+            h, c = self.cell(step, (h, c))
+        return self.head(h)
+
+
 class FunctionalProj(nn.Module):
     """Uses its ``proj`` Linear's weight through F.linear, as torchvision's Swin does: no hook on proj fires."""
 

@@ -143,9 +143,9 @@ def test_corrupt_checkpoints_exit_2(resnet_case: dict, tmp_path: Path, fmt: str,
 
 def test_missing_checkpoint_and_unknown_extension(resnet_case: dict, tmp_path: Path) -> None:
     _assert_usage_error(_cli(tmp_path / "nope.pth", resnet_case["data"], tmp_path), tmp_path, "checkpoint not found")
-    odd = tmp_path / "model.ckpt"
+    odd = tmp_path / "model.onnx"
     odd.write_bytes(b"x")
-    _assert_usage_error(_cli(odd, resnet_case["data"], tmp_path), tmp_path, "unknown checkpoint extension '.ckpt'")
+    _assert_usage_error(_cli(odd, resnet_case["data"], tmp_path), tmp_path, "unknown checkpoint extension '.onnx'")
 
 
 def test_json_report_from_pth_validates(resnet_case: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

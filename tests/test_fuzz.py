@@ -231,7 +231,7 @@ def test_random_shapes_and_dtypes_validate_or_raise_dataset_error(originals, cas
     # what validation promises to everything downstream
     assert x.shape[0] == y.shape[0] and info.num_samples >= info.target_dim + 1
     assert info.num_samples == (x.shape[0] if opts.limit is None else min(opts.limit, x.shape[0]))
-    assert len(info.input_shape) in (1, 3) and info.x_kind in ("float", "uint8", "tokens")
+    assert len(info.input_shape) in (1, 2, 3, 4) and info.x_kind in ("float", "uint8", "tokens")  # X_NDIMS
     assert [r[0] for r in rows] == list(range(0, info.num_samples, batch))
     assert sum(len(r[1]) for r in rows) == info.num_samples
     for _start, xb, yb in rows:

@@ -22,7 +22,7 @@ from conftest import write_h5
 from fixtures_models import assert_layers_match, dense_reference_weight
 from nrc_audit.cli.app import audit_app
 from nrc_audit.config import AuditConfig, ModelOptions
-from nrc_audit.core.layer import LayerInfo, RowLayout, find_rows
+from nrc_audit.core.layer import LayerInfo, RowLayout, find_rows, flattened_order, row_signature
 from nrc_audit.core.stats import PassStatistics
 from nrc_audit.engine.pipeline import run_audit
 from nrc_audit.errors import ModelDataMismatchError
@@ -47,6 +47,8 @@ def reference(model: nn.Module, x: torch.Tensor, read: dict | None = None, kwarg
     def weight(mod: nn.Module) -> np.ndarray:
         if isinstance(mod, nn.MultiheadAttention):
             return mod.in_proj_weight.detach().double().numpy()
+        if isinstance(mod, nn.LSTMCell):
+            return mod.weight_ih.detach().double().numpy()
         if isinstance(mod, (nn.LSTM, nn.GRU)):
             ws = [mod.weight_ih_l0] + ([mod.weight_ih_l0_reverse] if mod.bidirectional else [])
             return np.concatenate([w.detach().double().numpy() for w in ws])
@@ -55,7 +57,13 @@ def reference(model: nn.Module, x: torch.Tensor, read: dict | None = None, kwarg
         return dense_reference_weight(mod)
 
     def hook(module, args, kw, name):
-        h = (args[0] if args else next(iter(kw.values()))).detach().double().numpy()
+        h = args[0] if args else next(iter(kw.values()))
+        if isinstance(h, nn.utils.rnn.PackedSequence):  # the mean over each sequence's own steps
+            padded, lengths = nn.utils.rnn.pad_packed_sequence(h, batch_first=True)
+            p, n = padded.double().numpy(), lengths.numpy()
+            calls.append((name, np.stack([p[i, :n[i]].mean(axis=0) for i in range(len(n))]), weight(module)))
+            return
+        h = h.detach().double().numpy()
         if name in (read or {}):
             h = read[name](h)
         elif isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
@@ -64,7 +72,7 @@ def reference(model: nn.Module, x: torch.Tensor, read: dict | None = None, kwarg
             h = h.mean(axis=tuple(range(1, h.ndim - 1)))
         calls.append((name, h, weight(module)))
 
-    kinds = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.MultiheadAttention, nn.LSTM, nn.GRU) + (
+    kinds = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.MultiheadAttention, nn.LSTM, nn.GRU, nn.LSTMCell) + (
         (conv1d,) if conv1d else ())  # fmt: skip
     skip = {f"{n}.out_proj" for n, m in model.named_modules() if isinstance(m, nn.MultiheadAttention)}
     handles = [m.register_forward_pre_hook(lambda mod, a, k, n=n: hook(mod, a, k, n), with_kwargs=True)
@@ -77,7 +85,8 @@ def reference(model: nn.Module, x: torch.Tensor, read: dict | None = None, kwarg
             h.remove()
     out = out if isinstance(out, torch.Tensor) else out["logits"]
     suffix = {n: ".in_proj" if isinstance(m, nn.MultiheadAttention) else ".weight_ih_l0"
-              if isinstance(m, (nn.LSTM, nn.GRU)) else "" for n, m in model.named_modules()}  # fmt: skip
+              if isinstance(m, (nn.LSTM, nn.GRU)) else ".weight_ih" if isinstance(m, nn.LSTMCell) else ""
+              for n, m in model.named_modules()}  # fmt: skip
     count = {n: sum(1 for c in calls if c[0] == n) for n, _, _ in calls}
     seen: dict[str, int] = {}
     names, feats, weights = [], {}, {}
@@ -181,6 +190,17 @@ def test_find_rows_rule() -> None:
     assert "no probe" in find_rows((8, 8, 16), 8, None, 2, (0, 1))
 
 
+def test_flattened_order_is_read_from_the_probe_values() -> None:
+    """Softmax rows (every feature row sums to 1) still tell (B, c) from (c, B); identical rows refuse."""
+    tokens = torch.softmax(torch.randn(6, 4, 5, dtype=torch.float64), dim=-1)  # (B, c, h)
+    rows, layout = [0, 1], RowLayout(0, 4)
+    for order, flat in (("batch", tokens.reshape(24, 5)), ("token", tokens.transpose(0, 1).reshape(24, 5))):
+        probe = tokens[rows].reshape(8, 5) if order == "batch" else tokens[rows].transpose(0, 1).reshape(8, 5)
+        assert flattened_order(flat, row_signature(probe, 0), layout, rows) == order
+    same = tokens[:1].expand(6, 4, 5).reshape(24, 5)  # every row the same: the order cannot be told
+    assert flattened_order(same, row_signature(same[:8], 0), layout, rows) is None
+
+
 # ----------------------------------------------------------------------------- layers that used to vanish
 
 
@@ -210,6 +230,22 @@ def test_recurrent_layers_audited_on_input_side_weights(cell: str) -> None:
     note = next(n for n in report.model["assumptions"] if n.startswith("layer 'rnn.weight_ih_l0'"))
     assert "weight_hh_l0" in note and "weight_ih_l1" in note and "weight_hh_l1" in note and "not audited" in note
     assert ("weight_ih_l0_reverse" in note) is False and ("both directions stacked" in note) == (cell == "gru")
+
+
+def test_packed_sequence_pooled_over_its_valid_steps() -> None:
+    model = build("Packed", 10)
+    x, y = data(10)
+    assert check(in_memory(model, x, y), model, torch.from_numpy(x), y) == ["rnn.weight_ih_l0", "head"]
+
+
+def test_recurrent_cell_audited_once_per_step() -> None:
+    model = build("Unrolled", 11)
+    x, y = data(11)
+    report = in_memory(model, x, y)
+    names = check(report, model, torch.from_numpy(x), y)
+    assert names == [f"cell.weight_ih#{k}" for k in range(1, 9)] + ["head"]
+    assert any(n.startswith("layer 'cell.weight_ih': LSTMCell audited on weight_ih") and "weight_hh" in n
+               for n in report.model["assumptions"])  # fmt: skip
 
 
 def test_albert_shared_layers_audited_per_call() -> None:

@@ -1,7 +1,7 @@
 """Data flows one way (STYLE.md): a module imports only from the layers below it, with no exception list.
 
 Layers, bottom to top: errors/config → core (pure math) → io → models → outputs → engine (the audit pass)
-→ cli. Inside a layer, modules are ranked too (e.g. outputs.records below outputs.render below
+→ integrations (training callbacks) → cli. Inside a layer, modules are ranked too (e.g. outputs.records below outputs.render below
 outputs.report). Imports inside functions count: laziness is no licence to point upwards. The package's
 ``__init__`` (lazy public names) and ``__main__`` sit above everything.
 """
@@ -13,14 +13,15 @@ import ast
 from conftest import REPO
 
 PACKAGE = REPO / "nrc_audit"
-LAYERS = ["version", "errors", "config", "core", "io", "models", "outputs", "engine", "cli"]
+LAYERS = ["version", "errors", "config", "core", "io", "models", "outputs", "engine", "integrations", "cli"]
 # Order inside a layer (lower first); a module not listed ranks below every listed one of its layer.
 WITHIN = {
     "core": ["layer", "kernels", "facts", "stats", "verdicts", "spectra", "conditions", "diagnostics"],
-    "io": ["lifecycle", "files", "validate", "plan", "settings_file", "fingerprint", "pickle_scan", "checkpoint", "hf_layout", "training_position", "dataset", "store_check", "store_lock", "store"],
-    "models": ["base", "mlp", "resnet", "architecture"],
-    "outputs": ["records", "render", "markdown", "model_card", "plot", "report", "history", "baseline", "ci", "trend", "emit"],
+    "io": ["lifecycle", "files", "validate", "plan", "settings_file", "fingerprint", "pickle_scan", "checkpoint", "hf_layout", "training_position", "pandas_hdf", "dataset", "store_check", "store_lock", "store"],
+    "models": ["base", "mlp", "resnet", "hf", "architecture"],
+    "outputs": ["charset", "records", "render", "markdown", "front_matter", "model_card", "plot", "report", "history", "baseline", "ci", "trend", "emit"],
     "engine": ["threads", "overlap", "model_io", "layer_kinds", "extract", "context", "distributed", "pipeline", "api", "monitor"],
+    "integrations": ["probe", "common", "lightning", "transformers"],
     "cli": ["common", "commands", "app", "reference"],
 }
 TOP = {"__init__", "__main__"}

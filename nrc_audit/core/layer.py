@@ -28,6 +28,9 @@ class LayerInfo:
     out_dim: int
     pooled: bool
     weight: torch.Tensor  # Linear (out, h); Conv2d (c_out, c_in, kh, kw); on the CPU, detached
+    # the index of the first layer that reads the very same input tensor (q/k/v, gate/up): its statistics
+    # and stored features serve this layer too; None when the input is this layer's own
+    shares_input_with: int | None = None
 
 
 @dataclass(frozen=True)
@@ -87,25 +90,39 @@ def find_rows(shape: tuple[int, ...], batch: int, probe: tuple[int, ...] | None,
     return f"no dim of its input (shape {shape}) equals the batch size {batch} and no probe could tell how it is flattened"
 
 
-def token_major_matches(full: torch.Tensor, probe: torch.Tensor, layout: RowLayout, rows: list[int]) -> str | None:
-    """Which order of a flattened row dim reproduces the probe's input: ``"batch"``, ``"token"`` or None.
+def row_signature(h: torch.Tensor, axis: int) -> torch.Tensor:
+    """(n,) float64: each entry along ``axis`` projected on one fixed pseudo-random direction of the other dims.
+
+    Two inputs that hold the same rows in the same order have the same signature (up to rounding); a fixed
+    random direction rather than a plain sum keeps rows apart whose features share a sum (softmax outputs).
+    """
+    flat = h.detach().movedim(axis, 0).reshape(h.shape[axis], -1).to(torch.float64)  # (n, m)
+    gen = torch.Generator().manual_seed(0)
+    w = torch.randn(flat.shape[1], generator=gen, dtype=torch.float64).to(flat.device)  # (m,)
+    return flat @ w
+
+
+def flattened_order(full: torch.Tensor, probe_signature: torch.Tensor, layout: RowLayout, rows: list[int]) -> str | None:
+    """Which order of a flattened row dim reproduces the probe: ``"batch"`` ((B, c)), ``"token"`` ((c, B)) or
+    None when neither (or both) does.
 
     Args:
-        full: the input for the whole batch, rows on ``layout.axis`` (B·c entries).
-        probe: the input for the batch rows ``rows`` (len(rows)·c entries on the same axis).
+        full: the input for the whole batch, B·c entries on ``layout.axis``.
+        probe_signature: :func:`row_signature` of the input for the batch rows ``rows`` (len(rows)·c entries).
     """
-    b, c = full.shape[layout.axis] // layout.per_row, layout.per_row
-    f = full.detach().movedim(layout.axis, 0).to(torch.float64)
-    p = probe.detach().movedim(layout.axis, 0).to(torch.float64)
-    idx = torch.as_tensor(rows, device=f.device)
-    candidates = {"batch": f.reshape(b, c, *f.shape[1:])[idx].reshape(p.shape),
-                  "token": f.reshape(c, b, *f.shape[1:])[:, idx].reshape(p.shape)}  # fmt: skip
-    scale = float(f.abs().max()) if f.numel() else 0.0
-    gaps = {k: float((v - p.to(f.device)).abs().max()) if p.numel() else 0.0 for k, v in candidates.items()}
-    close = [k for k, g in gaps.items() if g <= 1e-4 * scale]
-    if len(close) == 1:
-        return close[0]
-    return None
+    c = layout.per_row
+    sig = row_signature(full, layout.axis)  # (B·c,)
+    b = sig.shape[0] // c
+    idx = torch.as_tensor(rows, device=sig.device)
+    candidates = {"batch": sig.reshape(b, c)[idx].reshape(-1), "token": sig.reshape(c, b)[:, idx].reshape(-1)}
+    probe = probe_signature.to(sig.device)
+    scale = float(sig.abs().max()) if sig.numel() else 0.0
+    gaps = sorted((float((v - probe).abs().max()), k) for k, v in candidates.items() if v.shape == probe.shape)
+    if len(gaps) < 2:
+        return None
+    (best, order), (other, _) = gaps
+    # a forward of fewer rows rounds differently (bfloat16: ~1e-2), the wrong order is off by the rows' spread
+    return order if best <= 1e-2 * scale and other > 10 * best else None
 
 
 def rows_first(h: torch.Tensor, layout: RowLayout, batch: int) -> torch.Tensor:

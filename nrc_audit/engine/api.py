@@ -14,9 +14,11 @@ from torch import nn
 
 from nrc_audit.config import AnalysisOptions, AuditConfig, ModelOptions, Thresholds
 from nrc_audit.errors import DatasetError
+from nrc_audit.engine import distributed
 from nrc_audit.engine.layer_kinds import candidate_layers, skipped_layers
 from nrc_audit.engine.pipeline import build_report, extraction_pass, resolve_device
 from nrc_audit.engine.context import DataContext, ModelContext, RunContext
+from nrc_audit.core.stats import PassStatistics
 from nrc_audit.outputs.report import Report
 
 IN_MEMORY = "<in-memory>"
@@ -36,6 +38,7 @@ def audit(
     rank_energy: float = AnalysisOptions.rank_energy,
     output_key: str | None = ModelOptions.output_key,
     token_pooling: str = ModelOptions.token_pooling,
+    across_ranks: bool = False,
 ) -> Report:
     """Audit ``model`` for Deep NRC on ``batches`` and return the typed report.
 
@@ -51,6 +54,11 @@ def audit(
             of the same names (``output_key``: the entry of a dict / ModelOutput output, None → 'logits';
             ``token_pooling``: mean | cls | last for Linear inputs (B, T, h)); the defaults are the config
             dataclasses' (``nrc_audit.config``), as everywhere else.
+        across_ranks: inside an initialised ``torch.distributed`` group of > 1 rank (DDP training), every rank
+            calls ``audit`` with its own shard of the rows (≥ 1 batch each); the per-layer (n, μ, S) are
+            all-gathered in float64 and merged in rank order with Chan's formula (as under ``torchrun``), so
+            every rank returns the report of all the rows. The data SHA-256 is then the hash of the ranks'
+            shard hashes. Without a group it changes nothing.
 
     Returns:
         :class:`nrc_audit.outputs.report.Report` — ``report.layers[i].nrc3``, ``report.summary.collapse_onset``,
@@ -86,14 +94,25 @@ def audit(
     finally:
         model.to(home)
         model.train(was_training)
+    data_sha = _merge_ranks(stats, target, hasher.hexdigest()) if across_ranks else hasher.hexdigest()
     context = RunContext(
         ModelContext(IN_MEMORY, _state_sha256(model), "safetensors", type(model).__name__,
                      sum(p.numel() for p in model.parameters()),
                      ("audited in memory through nrc_audit.audit()", *notes)),
-        DataContext(IN_MEMORY, hasher.hexdigest(), "x", "y", stats.n, tuple(x0.shape[1:]), int(y0.shape[1])),
+        DataContext(IN_MEMORY, data_sha, "x", "y", stats.n, tuple(x0.shape[1:]), int(y0.shape[1])),
         str(target), int(x0.shape[0]),
     )  # fmt: skip
     return build_report(stats, analysis, context)
+
+
+def _merge_ranks(stats: PassStatistics, device: torch.device, data_sha: str) -> str:
+    """Inside a process group: every rank's statistics become those of all ranks' rows; returns the data hash
+    over the ranks' shard hashes (unchanged outside a group)."""
+    group = distributed.joined_group()
+    if group is None:
+        return data_sha
+    distributed.merge_pass(group, stats, device)
+    return distributed.combined_digest(group, data_sha)
 
 
 def _numbered(batches: Iterable, hasher: "hashlib._Hash",

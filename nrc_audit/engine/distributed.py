@@ -18,7 +18,7 @@ import h5py
 import torch
 
 from nrc_audit.errors import NrcAuditError, OptionsError
-from nrc_audit.core.stats import Accumulator, JointAccumulator, Moments, PassStatistics
+from nrc_audit.core.stats import Accumulator, Moments, PassStatistics, distinct, shared_accumulators
 from nrc_audit.io.files import write_with
 from nrc_audit.io.validate import env_int
 
@@ -83,6 +83,25 @@ def from_env(device: torch.device) -> DistContext | None:
     return DistContext(dist.get_rank(), dist.get_world_size(), str(dist.get_backend()), owns)
 
 
+def joined_group() -> DistContext | None:
+    """The process group the caller already initialised (a training framework's), when it has > 1 rank."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() < 2:
+        return None
+    return DistContext(dist.get_rank(), dist.get_world_size(), str(dist.get_backend()), owns_group=False)
+
+
+def combined_digest(ctx: DistContext, hexdigest: str) -> str:
+    """SHA-256 over every rank's shard digest, in rank order: the same on all ranks, names all the rows."""
+    import hashlib
+    import torch.distributed as dist
+
+    digests: list[Any] = [None] * ctx.world_size
+    dist.all_gather_object(digests, hexdigest)
+    return hashlib.sha256("".join(digests).encode()).hexdigest()
+
+
 def local_device(device: torch.device) -> torch.device:
     """Under torchrun each rank takes the GPU of its LOCAL_RANK."""
     if device.type == "cuda" and device.index is None and "LOCAL_RANK" in os.environ:
@@ -137,7 +156,7 @@ def merge_pass(ctx: DistContext, stats: PassStatistics, device: torch.device) ->
 
 
 def _accumulators(stats: PassStatistics) -> list[Accumulator]:
-    return [*stats.joint, stats.targets]
+    return [*(acc for (acc,) in distinct(stats.layers, stats.joint)), stats.targets]  # a shared state once
 
 
 def _pack(stats: PassStatistics) -> torch.Tensor:
@@ -152,7 +171,7 @@ def _pack(stats: PassStatistics) -> torch.Tensor:
 
 def _unpack(packed: torch.Tensor, like: PassStatistics) -> PassStatistics:
     """One rank's :class:`PassStatistics` from its :func:`_pack` vector (shapes from this rank's ``like``)."""
-    out = PassStatistics(layers=like.layers, joint=[JointAccumulator(a.h) for a in like.joint],
+    out = PassStatistics(layers=like.layers, joint=shared_accumulators(like.layers),
                          sse=float(packed[0]), n=int(packed[1]))  # fmt: skip
     at = 2
     for acc, mine in zip(_accumulators(out), _accumulators(like)):

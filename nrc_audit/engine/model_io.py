@@ -5,20 +5,28 @@
 * :func:`check_first_layer` runs the model on a probe batch (the data's first rows) and checks the first
   Linear/Conv layer *actually called*, so module declaration order (a head declared before the body, an
   embedding in front of the first Linear) never produces a false width error.
+* :func:`prepare_inputs` settles what the data file gives the model before the pass: uint8 X stays integer
+  ids when the model's first layer is an embedding; a padding mask in the file is passed to a forward that
+  takes ``attention_mask``, or recorded (and warned about) when the model cannot take it.
 """
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Mapping
-from typing import Any
+from pathlib import Path
+from typing import Any, Callable
 
 import torch
 from torch import nn
 
+from nrc_audit.config import DataOptions
 from nrc_audit.errors import ModelDataMismatchError, OptionsError
 from nrc_audit.io.dataset import HDF5Dataset
 
 DEFAULT_OUTPUT_KEY = "logits"
+UNUSED_MASK_NOTE = "padding mask not used"  # starts the assumption that :func:`unused_mask_warning` reads
+_EMBEDDINGS = (nn.Embedding, nn.EmbeddingBag)
 _WEIGHT_LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.MultiheadAttention)
 
 
@@ -117,3 +125,75 @@ def probe_batch(ds: HDF5Dataset, device: torch.device, dtype: torch.dtype, rows:
     x = x.to(device, dtype=dtype if x.is_floating_point() else None)
     extra = {k: v.to(device) for k, v in ds.extras(0, len(x)).items()}
     return x, extra
+
+
+def _first_leaf(model: nn.Module, x: torch.Tensor, extra: dict[str, torch.Tensor]) -> nn.Module | None:
+    """The first module without children that the forward calls on ``x`` (None when the forward fails first)."""
+    seen: list[nn.Module] = []
+
+    def hook(module: nn.Module, args: tuple) -> None:
+        seen.append(module)
+        raise _Stop
+
+    handles = [m.register_forward_pre_hook(hook) for m in model.modules() if not list(m.children())]
+    try:
+        with torch.inference_mode():
+            model(x, **extra)
+    except _Stop:
+        pass
+    except (Exception, SystemExit):  # noqa: BLE001 - user code: its failure is reported by the pass
+        pass
+    finally:
+        for h in handles:
+            h.remove()
+    return seen[0] if seen else None
+
+
+def _takes_keyword(model: nn.Module, name: str) -> bool:
+    try:
+        return name in inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+def prepare_inputs(model: nn.Module, ds: HDF5Dataset, device: torch.device, dtype: torch.dtype) -> list[str]:
+    """Settle the model's inputs from the data file, run the width check, and return the report notes.
+
+    Raises:
+        ModelDataMismatchError: the first layer the model runs cannot take the data (:func:`check_first_layer`).
+    """
+    notes: list[str] = []
+    if ds.info.x_kind == "uint8":
+        x, extra = probe_batch(ds, device, dtype)
+        if isinstance(_first_leaf(model, x.long(), extra), _EMBEDDINGS):
+            ds.keep_integer_ids()
+    for key in ds.unused_masks():
+        if _takes_keyword(model, "attention_mask"):
+            ds.add_input("attention_mask", key)
+            notes.append(f"attention mask: the data file's {key!r} passed as attention_mask= (the model's forward "
+                         "takes one); it also masks token pooling")  # fmt: skip
+        else:
+            notes.append(f"{UNUSED_MASK_NOTE}: the data file holds {key!r}, but the model's forward takes no "
+                         "attention_mask, so padded positions were fed and pooled as real tokens")  # fmt: skip
+    check_first_layer(model, *probe_batch(ds, device, dtype), ds.info.input_shape)
+    return ds.notes + notes
+
+
+def unused_mask_warning(assumptions: list[str]) -> str | None:
+    """The report warning for a padding mask the data file holds but the model was not given; else None."""
+    found = [a for a in assumptions if a.startswith(UNUSED_MASK_NOTE)]
+    if not found:
+        return None
+    return (f"{found[0][len(UNUSED_MASK_NOTE) + 2:]}. If the model was trained with that mask, pass it with "
+            "--input-key attention_mask=KEY (its forward must take it), or the features of padded rows are wrong.")
+
+
+def lazy_dry_run(path: Path, opts: DataOptions) -> Callable[[nn.Module], None]:
+    """The forward that shapes a model's lazy modules: the data's first rows, on the CPU, in float32."""
+
+    def run(module: nn.Module) -> None:
+        with HDF5Dataset(path, opts) as ds, torch.no_grad():
+            x, extra = probe_batch(ds, torch.device("cpu"), torch.float32)
+            module(x, **extra)
+
+    return run

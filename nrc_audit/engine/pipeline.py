@@ -27,12 +27,12 @@ from nrc_audit.io.plan import plan_audit, plan_statistics
 from nrc_audit.core.layer import LayerInfo
 from nrc_audit.engine.extract import FeatureExtractor
 from nrc_audit.engine.layer_kinds import candidate_layers, skipped_layers
-from nrc_audit.engine.model_io import check_first_layer, probe_batch
+from nrc_audit.engine.model_io import lazy_dry_run, prepare_inputs, unused_mask_warning
 from nrc_audit.models.architecture import inferred_architecture_warning, resolve_model, user_forward_error
 from nrc_audit.io.hf_layout import load_model_files, sha256_path
 from nrc_audit.io.dataset import HDF5Dataset
 from nrc_audit.outputs.report import Gate, Report, Summary
-from nrc_audit.core.stats import JointAccumulator, PassStatistics
+from nrc_audit.core.stats import PassStatistics
 from nrc_audit.io.store import FeatureStore, FeatureStoreWriter
 
 ProgressHook = Callable[[int, int], None]  # (rows done, rows total)
@@ -99,7 +99,7 @@ class _Inputs:
 @contextlib.contextmanager
 def _opened(config: AuditConfig, device: torch.device) -> Iterator[_Inputs]:
     ckpt = load_model_files(config.model_path)
-    resolved = resolve_model(ckpt, config.model)
+    resolved = resolve_model(ckpt, config.model, lazy_dry_run(config.data_path, config.data))
     model = resolved.module.to(device)
     with HDF5Dataset(config.data_path, config.data) as ds:
         info = ds.info
@@ -107,11 +107,12 @@ def _opened(config: AuditConfig, device: torch.device) -> Iterator[_Inputs]:
         modules = candidate_layers(model, config.layers, config.exclude)
         plan_audit(modules, info.num_samples, info.input_shape, config.batch_size, config.features_path,
                    8 if ds.compute_dtype == torch.float64 else 4, info.target_dim)  # before any batch is read  # fmt: skip
-        check_first_layer(model, *probe_batch(ds, device, ds.compute_dtype), info.input_shape)
+        data_notes = prepare_inputs(model, ds, device, ds.compute_dtype)  # may pass a mask, keep uint8 ids
+        info = ds.info
         context = RunContext(
             ModelContext(str(config.model_path), sha256_path(config.model_path), ckpt.format, resolved.architecture,
-                         resolved.num_parameters,
-                         tuple(resolved.assumptions) + tuple(skipped_layers(model, config.layers, config.exclude))),
+                         resolved.num_parameters, tuple(resolved.assumptions) + tuple(data_notes)
+                         + tuple(skipped_layers(model, config.layers, config.exclude))),
             DataContext(str(config.data_path), sha256_path(config.data_path), info.x_key, info.y_key,
                         info.num_samples, tuple(info.input_shape), info.target_dim),
             str(device), config.batch_size,
@@ -145,7 +146,7 @@ def _pass_rows(config: AuditConfig, inputs: _Inputs, device: torch.device, rows:
         return made[-1]
 
     batches = ((a - start, x, y) for a, x, y in inputs.ds.batches(config.batch_size, start, stop))  # local rows
-    extras = functools.partial(_shard_extras, inputs.ds, start) if config.data.input_keys else None
+    extras = functools.partial(_shard_extras, inputs.ds, start) if inputs.ds.opts.input_keys else None
     stats = extraction_pass(inputs.model, inputs.modules, batches, device=device, target_dim=info.target_dim,
                             input_shape=info.input_shape, num_rows=stop - start,
                             writer_factory=writer_factory if store_path is not None else None, progress=progress,
@@ -363,13 +364,17 @@ def build_report(stats: PassStatistics, analysis: AnalysisOptions, context: RunC
     if any(layer.pooled for layer in stats.layers) and POOLING_NOTE not in model_info["assumptions"]:
         model_info["assumptions"].append(POOLING_NOTE)
 
-    def analyse(pair: tuple[LayerInfo, JointAccumulator]) -> LayerMetrics:
-        layer, acc = pair
-        m = layer_metrics(acc.finalize(), layer.weight.numpy(), k, model_mse, analysis.pinv_rtol, analysis.thresholds,
-                          context.device)
-        return with_identity(m, layer.index, layer.name, layer.kind, layer.in_dim, layer.out_dim, layer.pooled)
+    # each distinct input's statistics once, before the threads: layers sharing an input share one accumulator
+    finals = [acc.finalize() if layer.shares_input_with is None else None for layer, acc in zip(stats.layers, stats.joint)]
 
-    rows = threads.parallel_map(analyse, zip(stats.layers, stats.joint))  # O(h³) per layer: layers in parallel
+    def analyse(i: int) -> LayerMetrics:
+        layer = stats.layers[i]
+        st = finals[i if layer.shares_input_with is None else layer.shares_input_with]
+        m = layer_metrics(st, layer.weight.numpy(), k, model_mse, analysis.pinv_rtol, analysis.thresholds, context.device)
+        return with_identity(m, layer.index, layer.name, layer.kind, layer.in_dim, layer.out_dim, layer.pooled,
+                             layer.shares_input_with)
+
+    rows = threads.parallel_map(analyse, range(len(stats.layers)))  # O(h³) per layer: layers in parallel
     collapsed = [r.collapsed for r in rows]
     passed, failing = gate(collapsed, analysis.require_collapsed)
     summary = Summary(
@@ -391,5 +396,6 @@ def build_report(stats: PassStatistics, analysis: AnalysisOptions, context: RunC
         model=model_info, data=context.data.to_dict(), settings=settings, target=target,
         model_mse=model_mse, layers=rows, summary=summary,
         warnings=report_warnings(stats.facts, target, model_mse, k, source, context.uint8_unscaled)
-        + [w for w in [inferred_architecture_warning(model_info["assumptions"])] if w],
+        + [w for w in [inferred_architecture_warning(model_info["assumptions"]),
+                       unused_mask_warning(model_info["assumptions"])] if w],
     )  # fmt: skip

@@ -1,7 +1,9 @@
 """Checkpoint files → a flat state dict plus string metadata (SPEC §1), and the public ``save_checkpoint``.
 
-Formats: ``.safetensors`` (metadata read first through ``safe_open``) and ``.pt``/``.pth`` state dicts
-read with ``torch.load(weights_only=True)`` only — a pickle that needs code execution is refused.
+Formats: ``.safetensors`` (metadata read first through ``safe_open``; aliases that
+``safetensors.torch.save_model`` dropped for tied weights restored from it) and ``.pt``/``.pth``/``.bin``
+state dicts and Lightning ``.ckpt`` files read with ``torch.load(weights_only=True)`` only — a pickle that
+needs code execution is refused. The DDP/torch.compile key prefixes are removed in every format.
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ WRAPPER_PREFIXES = ("module.", "_orig_mod.")  # added by DDP and torch.compile
 # torch words it "Unsupported global: GLOBAL pkg.Class" or, for blocked modules such as os/posix,
 # "Trying to load unsupported GLOBAL posix.mkdir whose module posix is blocked"
 _UNSAFE_GLOBAL = re.compile(r"[Uu]nsupported (?:global: )?GLOBAL ([\w.]+)")
-FORMATS = {".safetensors": "safetensors", ".pt": "pt", ".pth": "pt", ".bin": "pt"}
+FORMATS = {".safetensors": "safetensors", ".pt": "pt", ".pth": "pt", ".bin": "pt", ".ckpt": "pt"}
 
 
 @dataclass
@@ -44,6 +46,7 @@ class Checkpoint:
     state_dict: dict[str, torch.Tensor]
     metadata: dict[str, str] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)  # what loading did (unwrapped containers, prefixes)
+    stripped_prefix: str | None = None  # the Lightning module attribute removed from every key ("model.")
 
     @property
     def arch(self) -> dict[str, Any] | None:
@@ -84,11 +87,13 @@ def load_checkpoint(path: Path) -> Checkpoint:
     fmt = FORMATS.get(path.suffix.lower())
     if fmt is None:
         raise CheckpointError(
-            f"{path}: unknown checkpoint extension {path.suffix!r}; expected .safetensors, .pt or .pth."
+            f"{path}: unknown checkpoint extension {path.suffix!r}; expected .safetensors, .pt, .pth, .bin or "
+            "a Lightning .ckpt."
         )
     try:  # plan before allocating: header dtypes/indices, zip inflation; then every loaded tensor (io/plan.py)
         (plan.check_safetensors_header if fmt == "safetensors" else plan.check_pt_archive)(path)
         ckpt = _load_safetensors(path) if fmt == "safetensors" else _load_pt(path)
+        ckpt.state_dict = _strip_wrappers(ckpt.state_dict, ckpt.notes)
         if not ckpt.state_dict:
             raise CheckpointError(f"{path}: the checkpoint holds no tensors.")
         plan.check_state_dict(ckpt.state_dict, path)
@@ -109,7 +114,17 @@ def _load_safetensors(path: Path) -> Checkpoint:
             f"{path} is not a valid safetensors file ({exc}). Re-save it with safetensors.torch.save_file "
             "or nrc_audit.save_checkpoint."
         ) from None
-    return Checkpoint(path, "safetensors", tensors, metadata)
+    notes = [f"tied weight {alias!r} restored from {kept!r} (the file's metadata names it: safetensors "
+             "save_model drops shared tensors)" for alias, kept in _tied_aliases(metadata, tensors)]  # fmt: skip
+    for alias, kept in _tied_aliases(metadata, tensors):
+        tensors[alias] = tensors[kept]
+    return Checkpoint(path, "safetensors", tensors, metadata, notes)
+
+
+def _tied_aliases(metadata: dict[str, str], tensors: dict[str, torch.Tensor]) -> list[tuple[str, str]]:
+    """(dropped name, kept name) pairs: ``safetensors.torch.save_model`` records each tensor it dropped
+    because it shares storage with a kept one as the metadata entry ``dropped: kept``."""
+    return sorted((k, v) for k, v in metadata.items() if k not in tensors and v in tensors)
 
 
 def _load_pt(path: Path) -> Checkpoint:
@@ -132,6 +147,8 @@ def _load_pt(path: Path) -> Checkpoint:
     except Exception as exc:  # torch raises RuntimeError/EOFError/… for corrupt zips and truncated files
         raise CheckpointError(f"{path} is not a readable PyTorch checkpoint ({type(exc).__name__}: {exc}).") from None
     notes: list[str] = []
+    lightning = isinstance(obj, dict) and "state_dict" in obj and (path.suffix.lower() == ".ckpt" or
+                                                                  any(str(k).startswith("pytorch-lightning") for k in obj))
     while isinstance(obj, dict):
         inner = next((k for k in CONTAINER_KEYS if k in obj and isinstance(obj[k], dict)), None)
         if inner is None:
@@ -145,7 +162,21 @@ def _load_pt(path: Path) -> Checkpoint:
             f"{path}: expected a state dict (name → tensor), possibly inside one of {list(CONTAINER_KEYS)}; "
             f"found {type(obj).__name__}. Save model.state_dict()."
         )
-    return Checkpoint(path, "pt", _strip_wrappers(obj, notes), {}, notes)
+    sd, prefix = _strip_lightning_prefix(obj, notes) if lightning else (obj, None)
+    return Checkpoint(path, "pt", sd, {}, notes, prefix)
+
+
+def _strip_lightning_prefix(sd: dict[str, torch.Tensor], notes: list[str]) -> tuple[dict[str, torch.Tensor], str | None]:
+    """A LightningModule's state dict names its network by attribute (``model.0.weight``): when every key
+    starts with one and the same first component, it is removed, so the keys are the network's own."""
+    heads = {k.split(".", 1)[0] for k in sd}
+    if len(heads) != 1 or not all("." in k for k in sd):
+        return sd, None
+    prefix = f"{heads.pop()}."
+    if prefix in WRAPPER_PREFIXES:  # DDP/compile prefixes are removed later, with their own note
+        return sd, None
+    notes.append(f"Lightning checkpoint: removed the LightningModule attribute prefix {prefix!r} from every key")
+    return {k[len(prefix):]: v for k, v in sd.items()}, prefix
 
 
 def _strip_wrappers(sd: dict[str, torch.Tensor], notes: list[str]) -> dict[str, torch.Tensor]:

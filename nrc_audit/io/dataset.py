@@ -1,12 +1,14 @@
 """HDF5 dataset reader: validate once, then yield (x, y) batches in file order, never the whole array.
 
-Layout (SPEC §1): an input array X — (N, d) features, (N, C, H, W) images (``channels_last``: (N, H, W, C))
-or (N, T) integer token ids — and a target array Y, (N,) or (N, t). Keys may be group paths (``train/X``).
+Layout (SPEC §1): an input array X — (N, d) features, (N, T, d) token features, (N, C, L) sequences,
+(N, C, H, W) images (``channels_last``: (N, H, W, C)), (N, C, D, H, W) volumes, or (N, T) integer token ids
+of any integer dtype — and a target array Y, (N,) or (N, t). Keys may be group paths (``train/X``) or
+pandas ``to_hdf`` groups (io/pandas_hdf.py).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Iterator
 
@@ -16,8 +18,11 @@ import torch
 
 from nrc_audit.config import DataOptions
 from nrc_audit.errors import DatasetError
+from nrc_audit.io.pandas_hdf import values_of
 
 Y_MAX_ABS = 1e100  # larger targets overflow the float64 scatter S_YY = Σ (y − μ)(y − μ)ᵀ
+X_NDIMS = (2, 3, 4, 5)  # (N, d) / (N, T); (N, T, d) or (N, C, L); (N, C, H, W); (N, C, D, H, W)
+MASK_NAMES = ("attention_mask",)  # arrays a Hugging Face forward takes as the padding mask
 
 
 @dataclass(frozen=True)
@@ -30,12 +35,13 @@ class DatasetInfo:
     num_samples: int
     input_shape: tuple[int, ...]  # per sample, as the model sees it (channels first)
     target_dim: int
-    x_kind: str  # "float" (floats, and integer images other than uint8: cast) | "uint8" | "tokens" (2-D integers)
+    x_kind: str  # "float" (floats, and integer images other than uint8: cast) | "uint8" | "tokens" (integer ids)
 
 
-def _dataset(fh: h5py.File, key: str, role: str, path: Path) -> h5py.Dataset:
+def _dataset(fh: h5py.File, key: str, role: str, path: Path, notes: list[str] | None = None) -> h5py.Dataset:
     """Resolve ``key`` to a dataset inside this file; refuse external links, virtual datasets and
-    external raw storage (anything that would read another file)."""
+    external raw storage (anything that would read another file). A pandas group stands for its values
+    array (the note saying so goes to ``notes``)."""
     key = _resolve_soft_links(fh, key, role, path)
     parts = [p for p in key.split("/") if p] or [""]  # "" (an empty key) is reported as a missing array
     for depth in range(1, len(parts) + 1):  # check every component, so no external link is ever followed
@@ -58,8 +64,12 @@ def _dataset(fh: h5py.File, key: str, role: str, path: Path) -> h5py.Dataset:
     if isinstance(obj, h5py.Dataset) and obj.shape is None:
         raise DatasetError(f"{path}: {role} array {key!r} has a null dataspace (no shape, no values); expected "
                            "an array of one row per sample. Write the data into it (h5py: f[key] = array).")
+    if isinstance(obj, h5py.Group):
+        obj, note = values_of(obj, key, role, path)
+        if notes is not None:
+            notes.append(note)
     if not isinstance(obj, h5py.Dataset):
-        raise DatasetError(f"{path}: {key!r} is an HDF5 group, not an array; pass the array's full path.")
+        raise DatasetError(f"{path}: {key!r} is not an array; pass the array's full path.")
     if obj.is_virtual or obj.external or obj.file.filename != fh.filename:
         raise DatasetError(
             f"{path}: {role} array {key!r} reads from other files (a virtual dataset, external storage or a "
@@ -95,7 +105,7 @@ def _x_kind(dtype: np.dtype, ndim: int, path: Path, key: str) -> str:
     if dtype == np.uint8:
         return "uint8"
     if dtype.kind in "iu":
-        return "tokens" if ndim == 2 else "float"  # (N, T) token ids; 4-D integers are images, cast to float
+        return "tokens" if ndim == 2 else "float"  # (N, T) token ids; 3-D+ integers are images, cast to float
     raise DatasetError(
         f"{path}: input array {key!r} has dtype {dtype}; expected float, uint8 images or integer token ids."
     )
@@ -131,16 +141,18 @@ class HDF5Dataset:
 
     def _validate(self) -> DatasetInfo:
         path, o = self.path, self.opts
+        self.notes: list[str] = []  # how the arrays were read (pandas groups, integer inputs kept as ids)
         try:
-            self._x = _dataset(self._fh, o.x_key, "X", path)
-            self._y = _dataset(self._fh, o.y_key, "Y", path)
+            self._x = _dataset(self._fh, o.x_key, "X", path, self.notes)
+            self._y = _dataset(self._fh, o.y_key, "Y", path, self.notes)
         except (OSError, KeyError, RuntimeError, ValueError) as exc:  # h5py's errors for damaged metadata
             raise DatasetError(f"{path}: the HDF5 file is corrupt or truncated ({exc}).") from None
         xs, ys = self._x.shape, self._y.shape
         kind = _x_kind(self._x.dtype, len(xs), path, o.x_key)
-        if len(xs) not in (2, 4):
+        if len(xs) not in X_NDIMS:
             raise DatasetError(
-                f"{path}: X {o.x_key!r} has shape {xs}; expected (N, d), (N, T) token ids or (N, C, H, W) images."
+                f"{path}: X {o.x_key!r} has shape {xs}; expected (N, d), (N, T) token ids, (N, T, d) tokens, "
+                "(N, C, L) sequences, (N, C, H, W) images or (N, C, D, H, W) volumes."
             )
         if o.channels_last and len(xs) != 4:
             raise DatasetError(f"{path}: --channels-last needs 4-D images (N, H, W, C); X has shape {xs}.")
@@ -165,7 +177,35 @@ class HDF5Dataset:
         if o.channels_last:
             shape = (shape[2], shape[0], shape[1])
         self._extras = _extra_arrays(self._fh, o, n, path)
-        return DatasetInfo(path, o.x_key, o.y_key, int(n), tuple(int(s) for s in shape), int(t), kind)
+        x_key, y_key = (ds.name.lstrip("/") if any(n.startswith(f"{role} read from") for n in self.notes) else key
+                        for ds, role, key in ((self._x, "X", o.x_key), (self._y, "Y", o.y_key)))  # pandas: the array read
+        return DatasetInfo(path, x_key, y_key, int(n), tuple(int(s) for s in shape), int(t), kind)
+
+    def keep_integer_ids(self) -> None:
+        """Feed a uint8 X as integer ids (int64) rather than as an image: the model begins with an embedding."""
+        if self.info.x_kind == "uint8":
+            self.info = replace(self.info, x_kind="tokens")
+            self.notes.append(f"X {self.info.x_key!r} (uint8) fed as integer token ids: the model's first layer "
+                              "is an embedding")  # fmt: skip
+
+    def unused_masks(self) -> list[str]:
+        """Keys of the file's padding-mask arrays (:data:`MASK_NAMES`, at the root or next to X) with one row
+        per sample that no ``--input-key`` passes to the model."""
+        used = {key.strip("/") for _, key in self.opts.input_keys} | {name for name, _ in self.opts.input_keys}
+        parent = self.info.x_key.rpartition("/")[0]
+        found = []
+        for name in MASK_NAMES:
+            for key in dict.fromkeys([f"{parent}/{name}".lstrip("/"), name]):
+                obj = self._fh.get(key, getlink=True)
+                if isinstance(obj, h5py.HardLink) and isinstance(self._fh.get(key), h5py.Dataset) and \
+                        key not in used and self._fh[key].shape[:1] == (self._x.shape[0],):
+                    found.append(key)
+        return found
+
+    def add_input(self, name: str, key: str) -> None:
+        """Pass the array ``key`` to the model as the keyword ``name`` from now on (checked like ``--input-key``)."""
+        self.opts = replace(self.opts, input_keys=(*self.opts.input_keys, (name, key)))
+        self._extras = _extra_arrays(self._fh, self.opts, self.info.num_samples, self.path)
 
     def batches(self, batch_size: int, start: int = 0, stop: int | None = None
                 ) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:  # fmt: skip

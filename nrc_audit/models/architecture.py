@@ -1,4 +1,10 @@
-"""Checkpoint → ``nn.Module`` (SPEC §1): ``--model-def``, then ``nrc_audit.arch`` metadata, then key detection."""
+"""Checkpoint → ``nn.Module`` (SPEC §1): ``--model-def``, then ``nrc_audit.arch`` metadata, then a Hugging Face
+folder through transformers' loader, then key detection.
+
+A ``--model-def`` callable with a ``checkpoint_path`` parameter loads its weights itself: it receives the
+checkpoint's path and the file's tensors are not loaded over its result. Lazy modules (``nn.LazyLinear`` …)
+are materialised by one dry forward on the data (the caller's ``dry_run``) before the state dict is loaded.
+"""
 
 from __future__ import annotations
 
@@ -12,6 +18,7 @@ from typing import Any, Callable
 
 import torch
 from torch import nn
+from torch.nn.modules.lazy import LazyModuleMixin
 
 from nrc_audit.config import ModelOptions
 from nrc_audit.errors import CheckpointError, Interrupted, ModelDataMismatchError, NrcAuditError
@@ -19,6 +26,7 @@ from nrc_audit.io.validate import json_object_of_scalars
 from nrc_audit.io.checkpoint import KWARGS_KEY, Checkpoint
 from nrc_audit.io.fingerprint import FINGERPRINT_KEY, LAYOUT_KEY, fingerprint_mismatch
 from nrc_audit.io.hf_layout import HF_CONFIG_KEY
+from nrc_audit.models import hf
 from nrc_audit.models import mlp as mlp_family
 from nrc_audit.models.base import ResolvedModel, load_strict
 
@@ -28,6 +36,8 @@ INFERRED_NOTE = ("architecture inferred from the state dict's keys and the arch 
                  "fingerprint to verify it against (re-save it with nrc_audit.save_checkpoint)")  # fmt: skip
 VERIFIED_NOTE = "architecture verified against the checkpoint's fingerprint (outputs on a seeded probe batch)"
 _UPCAST = {torch.float16: "float16", torch.bfloat16: "bfloat16"}
+LOADS_WEIGHTS_PARAM = "checkpoint_path"  # a --model-def callable taking it loads its own weights
+DryRun = Callable[[nn.Module], None]  # one forward on a batch of the data, to materialise lazy modules
 
 
 def inferred_architecture_warning(assumptions: list[str]) -> str | None:
@@ -43,15 +53,19 @@ def inferred_architecture_warning(assumptions: list[str]) -> str | None:
             "nrc_audit.save_checkpoint or pass --model-def.")  # fmt: skip
 
 
-def resolve_model(ckpt: Checkpoint, opts: ModelOptions) -> ResolvedModel:
+def resolve_model(ckpt: Checkpoint, opts: ModelOptions, dry_run: DryRun | None = None) -> ResolvedModel:
     """Build the model the checkpoint describes and load its weights strictly.
+
+    ``dry_run(module)`` runs a lazy ``--model-def`` model once on the data before its weights are loaded.
 
     Raises:
         CheckpointError: unknown architecture (the message names ``--model-def``), or keys/shapes that
             do not fit the architecture (all problems listed in one message).
     """
     if opts.model_def:
-        resolved = _from_model_def(ckpt, opts)
+        resolved = _from_model_def(ckpt, opts, dry_run)
+    elif (from_hf := hf.resolve(ckpt)) is not None:
+        resolved = from_hf
     else:
         arch = ckpt.arch or {}
         family = arch.get("family")
@@ -79,8 +93,10 @@ def resolve_model(ckpt: Checkpoint, opts: ModelOptions) -> ResolvedModel:
             )
     resolved.assumptions[:0] = ckpt.notes
     resolved.module.eval()
-    upcast = sorted({_UPCAST[v.dtype] for v in ckpt.state_dict.values() if v.dtype in _UPCAST})
-    if upcast:
+    upcast = sorted({_UPCAST[v.dtype] for v in resolved.module.state_dict().values() if v.dtype in _UPCAST}
+                    | {_UPCAST[v.dtype] for v in ckpt.state_dict.values() if v.dtype in _UPCAST})
+    if upcast:  # CPU kernels and exact statistics want float32 at least
+        resolved.module.float()
         resolved.assumptions.append(f"{'/'.join(upcast)} weights run upcast: compute dtype float32")
     _verify(ckpt, resolved, from_user_code=bool(opts.model_def))
     return resolved
@@ -228,7 +244,7 @@ def _build_resnet(ckpt: Checkpoint, arch: dict, opts: ModelOptions) -> ResolvedM
     return resnet.resolve(ckpt, arch, opts)
 
 
-def _from_model_def(ckpt: Checkpoint, opts: ModelOptions) -> ResolvedModel:
+def _from_model_def(ckpt: Checkpoint, opts: ModelOptions, dry_run: DryRun | None) -> ResolvedModel:
     """Call the user's ``file.py:callable`` / ``package.module:callable``. This executes user code."""
     target = opts.model_def or ""
     location, sep, attr = target.rpartition(":")
@@ -247,18 +263,60 @@ def _from_model_def(ckpt: Checkpoint, opts: ModelOptions) -> ResolvedModel:
     shown = dict(kwargs)
     if HF_CONFIG_KEY in ckpt.metadata and "config" not in kwargs and _accepts(factory, "config"):
         kwargs["config"] = json.loads(ckpt.metadata[HF_CONFIG_KEY])  # config.json next to the weights
+    loads_weights = _accepts(factory, LOADS_WEIGHTS_PARAM)
+    if loads_weights:
+        kwargs[LOADS_WEIGHTS_PARAM] = str(ckpt.path)
+    module = _fenced(target, lambda: factory(**kwargs))
+    if not isinstance(module, nn.Module):
+        raise CheckpointError(f"--model-def {target!r} returned {type(module).__name__}, not an nn.Module.")
+    notes = [f"model built by user code {target!r}"] + (["config= read from config.json"] if "config" in kwargs and "config" not in shown else [])
+    if loads_weights:
+        notes.append(f"weights loaded by the --model-def callable itself (it takes {LOADS_WEIGHTS_PARAM}=); the "
+                     "checkpoint's tensors were not loaded over them")  # fmt: skip
+    else:
+        module = _load_into(module, ckpt, target, dry_run, notes)
+    desc = f"model-def:{target}" + (f"({json.dumps(shown, sort_keys=True)})" if shown else "")
+    return ResolvedModel(module, desc, notes)
+
+
+def _fenced(target: str, call: Callable[[], Any]) -> Any:
     try:
-        module = factory(**kwargs)
+        return call()
     except (Interrupted, NrcAuditError, KeyboardInterrupt):
         raise
     except (Exception, SystemExit) as exc:  # user code is fenced: sys.exit(7) must not become exit 7
         raise CheckpointError(f"--model-def {target!r} raised {user_exception_line(exc)}") from None
-    if not isinstance(module, nn.Module):
-        raise CheckpointError(f"--model-def {target!r} returned {type(module).__name__}, not an nn.Module.")
-    load_strict(module, ckpt.state_dict, ckpt.path)
-    desc = f"model-def:{target}" + (f"({json.dumps(shown, sort_keys=True)})" if shown else "")
-    notes = [f"model built by user code {target!r}"] + (["config= read from config.json"] if "config" in kwargs and "config" not in shown else [])
-    return ResolvedModel(module, desc, notes)
+
+
+def _has_lazy(module: nn.Module) -> bool:
+    return any(isinstance(m, LazyModuleMixin) and m.has_uninitialized_params() for m in module.modules())
+
+
+def _load_into(module: nn.Module, ckpt: Checkpoint, target: str, dry_run: DryRun | None,
+               notes: list[str]) -> nn.Module:  # fmt: skip
+    """Load the checkpoint strictly into the user's module: lazy modules materialised first, a Lightning
+    attribute prefix put back when the module keeps it, a transformers model reloaded by its own loader
+    when the folder's keys are renamed on disk."""
+    if _has_lazy(module):
+        if dry_run is None:
+            raise CheckpointError(f"--model-def {target!r} returned a model with lazy modules (nn.LazyLinear …), "
+                                  "which only a forward on data can shape; build it with fixed sizes.")  # fmt: skip
+        _fenced(target, lambda: dry_run(module))
+        if _has_lazy(module):
+            raise CheckpointError(f"--model-def {target!r}: a forward on the data's first rows left lazy modules "
+                                  "unshaped (never called); build them with fixed sizes.")  # fmt: skip
+        notes.append("lazy modules materialised by one forward on the data's first rows before loading the weights")
+    sd, own = ckpt.state_dict, set(module.state_dict())
+    prefix = ckpt.stripped_prefix
+    if prefix and set(sd) != own and {prefix + k for k in sd} == own:
+        sd = {prefix + k: v for k, v in sd.items()}  # the callable returned the LightningModule itself
+        notes.append(f"the model keeps the Lightning attribute {prefix!r}: the prefix is kept in its keys")
+    if set(sd) != own and (reloaded := hf.reload(module, Path(ckpt.path))) is not None:
+        notes.append(f"weights loaded by transformers' {type(module).__name__}.from_pretrained with the callable's "
+                     "config (the folder's keys are not the module's names: transformers' key mapping applied)")
+        return reloaded
+    load_strict(module, sd, ckpt.path)
+    return module
 
 
 def _accepts(factory: Callable, name: str) -> bool:
