@@ -82,7 +82,7 @@ def test_onset_gate_and_exit_code_on_lists():
 def test_one_record_per_layer_with_the_json_field_order():
     assert LayerReport is LayerMetrics
     names = [f.name for f in fields(LayerMetrics)]
-    assert names == ["index", "name", "kind", "in_dim", "out_dim", "pooled", *METRIC_FIELDS,
+    assert names == ["index", "name", "kind", "in_dim", "out_dim", "pooled", "shares_input_with", *METRIC_FIELDS,
                      "bound", "passed", "collapsed", "warnings"]  # fmt: skip
     assert METRIC_FIELDS == ("nrc1", "nrc2", "nrc3", "nrc4", "nrc4_ratio", "cka_signal", "noise_alignment",
                              "stable_rank", "stable_rank_cov", "stable_rank_w")  # fmt: skip
