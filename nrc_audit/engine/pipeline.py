@@ -18,7 +18,7 @@ import torch
 from nrc_audit.version import __version__
 from nrc_audit.engine import distributed, overlap, threads
 from nrc_audit.engine.context import DataContext, ModelContext, RunContext
-from nrc_audit.core.conditions import LayerMetrics, layer_metrics, target_summary, with_identity
+from nrc_audit.core.conditions import IDENTITY_FIELDS, LayerMetrics, layer_metrics, target_summary, with_identity
 from nrc_audit.core.diagnostics import report_warnings
 from nrc_audit.core.verdicts import choose_rank, collapse_onset, gate
 from nrc_audit.config import AnalysisOptions, AuditConfig
@@ -364,15 +364,14 @@ def build_report(stats: PassStatistics, analysis: AnalysisOptions, context: RunC
     if any(layer.pooled for layer in stats.layers) and POOLING_NOTE not in model_info["assumptions"]:
         model_info["assumptions"].append(POOLING_NOTE)
 
-    # each distinct input's statistics once, before the threads: layers sharing an input share one accumulator
-    finals = [acc.finalize() if layer.shares_input_with is None else None for layer, acc in zip(stats.layers, stats.joint)]
+    finals = [acc.finalize() if layer.shares_input_with is None else None  # each distinct input once, before
+              for layer, acc in zip(stats.layers, stats.joint)]  # the threads (sharing layers share an accumulator)
 
     def analyse(i: int) -> LayerMetrics:
         layer = stats.layers[i]
         st = finals[i if layer.shares_input_with is None else layer.shares_input_with]
         m = layer_metrics(st, layer.weight.numpy(), k, model_mse, analysis.pinv_rtol, analysis.thresholds, context.device)
-        return with_identity(m, layer.index, layer.name, layer.kind, layer.in_dim, layer.out_dim, layer.pooled,
-                             layer.shares_input_with)
+        return with_identity(m, *(getattr(layer, f) for f in IDENTITY_FIELDS))
 
     rows = threads.parallel_map(analyse, range(len(stats.layers)))  # O(h³) per layer: layers in parallel
     collapsed = [r.collapsed for r in rows]
