@@ -94,6 +94,21 @@ class Packed(nn.Module):
         return self.head(self.rnn(packed)[1][-1])
 
 
+class Unrolled(nn.Module):
+    """An LSTMCell stepped over the 8 tokens: one module, 8 calls per forward."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.cell = nn.LSTMCell(3, 6)
+        self.head = nn.Linear(6, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = c = x.new_zeros(len(x), 6)
+        for step in x.reshape(len(x), T_TOK, 3).unbind(dim=1):
+            h, c = self.cell(step, (h, c))
+        return self.head(h)
+
+
 class FunctionalProj(nn.Module):
     """Uses its ``proj`` Linear's weight through F.linear, as torchvision's Swin does: no hook on proj fires."""
 

@@ -47,6 +47,8 @@ def reference(model: nn.Module, x: torch.Tensor, read: dict | None = None, kwarg
     def weight(mod: nn.Module) -> np.ndarray:
         if isinstance(mod, nn.MultiheadAttention):
             return mod.in_proj_weight.detach().double().numpy()
+        if isinstance(mod, nn.LSTMCell):
+            return mod.weight_ih.detach().double().numpy()
         if isinstance(mod, (nn.LSTM, nn.GRU)):
             ws = [mod.weight_ih_l0] + ([mod.weight_ih_l0_reverse] if mod.bidirectional else [])
             return np.concatenate([w.detach().double().numpy() for w in ws])
@@ -70,7 +72,7 @@ def reference(model: nn.Module, x: torch.Tensor, read: dict | None = None, kwarg
             h = h.mean(axis=tuple(range(1, h.ndim - 1)))
         calls.append((name, h, weight(module)))
 
-    kinds = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.MultiheadAttention, nn.LSTM, nn.GRU) + (
+    kinds = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.MultiheadAttention, nn.LSTM, nn.GRU, nn.LSTMCell) + (
         (conv1d,) if conv1d else ())  # fmt: skip
     skip = {f"{n}.out_proj" for n, m in model.named_modules() if isinstance(m, nn.MultiheadAttention)}
     handles = [m.register_forward_pre_hook(lambda mod, a, k, n=n: hook(mod, a, k, n), with_kwargs=True)
@@ -83,7 +85,8 @@ def reference(model: nn.Module, x: torch.Tensor, read: dict | None = None, kwarg
             h.remove()
     out = out if isinstance(out, torch.Tensor) else out["logits"]
     suffix = {n: ".in_proj" if isinstance(m, nn.MultiheadAttention) else ".weight_ih_l0"
-              if isinstance(m, (nn.LSTM, nn.GRU)) else "" for n, m in model.named_modules()}  # fmt: skip
+              if isinstance(m, (nn.LSTM, nn.GRU)) else ".weight_ih" if isinstance(m, nn.LSTMCell) else ""
+              for n, m in model.named_modules()}  # fmt: skip
     count = {n: sum(1 for c in calls if c[0] == n) for n, _, _ in calls}
     seen: dict[str, int] = {}
     names, feats, weights = [], {}, {}
@@ -233,6 +236,16 @@ def test_packed_sequence_pooled_over_its_valid_steps() -> None:
     model = build("Packed", 10)
     x, y = data(10)
     assert check(in_memory(model, x, y), model, torch.from_numpy(x), y) == ["rnn.weight_ih_l0", "head"]
+
+
+def test_recurrent_cell_audited_once_per_step() -> None:
+    model = build("Unrolled", 11)
+    x, y = data(11)
+    report = in_memory(model, x, y)
+    names = check(report, model, torch.from_numpy(x), y)
+    assert names == [f"cell.weight_ih#{k}" for k in range(1, 9)] + ["head"]
+    assert any(n.startswith("layer 'cell.weight_ih': LSTMCell audited on weight_ih") and "weight_hh" in n
+               for n in report.model["assumptions"])  # fmt: skip
 
 
 def test_albert_shared_layers_audited_per_call() -> None:

@@ -19,10 +19,10 @@ WITHIN = {
     "core": ["layer", "kernels", "facts", "stats", "verdicts", "spectra", "conditions", "diagnostics"],
     "io": ["lifecycle", "files", "validate", "plan", "settings_file", "fingerprint", "pickle_scan", "checkpoint", "hf_layout", "training_position", "pandas_hdf", "dataset", "store_check", "store_lock", "store"],
     "models": ["base", "mlp", "resnet", "hf", "architecture"],
-    "outputs": ["records", "render", "markdown", "front_matter", "model_card", "plot", "report", "history", "baseline", "ci", "trend", "emit"],
+    "outputs": ["charset", "records", "render", "markdown", "front_matter", "model_card", "plot", "report", "history", "baseline", "ci", "trend", "emit"],
     "engine": ["threads", "overlap", "model_io", "layer_kinds", "extract", "context", "distributed", "pipeline", "api", "monitor"],
     "integrations": ["probe", "common", "lightning", "transformers"],
-    "cli": ["common", "commands", "app", "reference"],
+    "cli": ["streams", "common", "commands", "app", "reference"],
 }
 TOP = {"__init__", "__main__"}
 

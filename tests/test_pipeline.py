@@ -24,7 +24,7 @@ SPEC_FIELDS = {
                  "thresholds"},
     "settings.thresholds": {"nrc1_max", "nrc2_min", "nrc3_min", "nrc4_ratio_max"},
     "target": {"dim", "rank_estimate", "eigenvalues", "stable_rank_cov"},
-    "layer": {"index", "name", "kind", "in_dim", "out_dim", "pooled", "nrc1", "nrc2", "nrc3", "nrc4", "nrc4_ratio",
+    "layer": {"index", "name", "kind", "in_dim", "out_dim", "pooled", "shares_input_with", "nrc1", "nrc2", "nrc3", "nrc4", "nrc4_ratio",
               "cka_signal", "noise_alignment", "stable_rank", "stable_rank_cov", "stable_rank_w", "bound", "passed",
               "collapsed", "warnings"},
     "layer.bound": {"lhs", "rhs", "holds"},
@@ -32,6 +32,7 @@ SPEC_FIELDS = {
     "summary": {"num_layers", "collapsed_layers", "not_collapsed_layers", "collapse_onset", "gate"},
     "summary.gate": {"require_collapsed", "passed", "failing_layers"},
 }  # fmt: skip
+# layer.shares_input_with: an nrc-audit extension of SPEC §5, in the JSON schema and docs/performance.md
 
 
 def audit(case: dict, **overrides) -> Report:

@@ -15,6 +15,7 @@ from nrc_audit.cli.common import (
     VersionOpt, analysis_options, err_console, flag, guarded, json_object, make_app, model_def_file, opt, outputs,
     require_inputs, settings, settings_source, takes, with_progress,
 )  # fmt: skip
+from nrc_audit.cli import streams
 from nrc_audit.cli.commands import SUBCOMMANDS
 from nrc_audit.errors import ExitCode, OptionsError
 from nrc_audit.io import lifecycle
@@ -105,6 +106,7 @@ def _note_store(path: Path) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     """Console entry point: ``nrc-audit MODEL DATA [options]`` or ``nrc-audit SUBCOMMAND …``."""
+    streams.guard()  # closed descriptors, readers that leave early, ASCII-only encodings (cli/streams.py)
     args = list(sys.argv[1:] if argv is None else argv)
     if "--debug" in args:  # every command: unexpected errors print their traceback (same as NRC_AUDIT_DEBUG=1)
         args.remove("--debug")
@@ -126,4 +128,6 @@ def main(argv: list[str] | None = None) -> None:
                     pass
             lifecycle.remove_tracked()
             os._exit(128 + lifecycle.received[0] if lifecycle.received else int(exc.code or 0))
+        if exc.code is None or isinstance(exc.code, int):
+            raise SystemExit(streams.final_code(exc.code or 0)) from None
         raise

@@ -145,9 +145,8 @@ def _ordered(checkpoints: list[Path], as_given: bool, quiet: bool) -> list[Path]
 def _show_trend(labels: list[str], reports: list, n: int) -> ExitCode:
     """Print the trend tables (gate column: the last ``n`` layers of each checkpoint) and return the exit code
     of the last checkpoint's gate."""
-    from rich.console import Console
-
     from nrc_audit.core.verdicts import exit_code
+    from nrc_audit.outputs import charset
     from nrc_audit.outputs.trend import gate_of, trend_tables
 
     layers = reports[-1].summary.num_layers
@@ -156,7 +155,7 @@ def _show_trend(labels: list[str], reports: list, n: int) -> ExitCode:
     if n > layers:
         raise OptionsError(f"--require-collapsed {n} exceeds the {layers} audited layers; pass a number between 0 "
                            f"and {layers}.")  # fmt: skip
-    console = Console()
+    console = charset.console()
     for table in trend_tables(labels, reports, n):
         console.print(table)
     passed = gate_of(reports[-1], n)

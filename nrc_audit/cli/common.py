@@ -23,7 +23,6 @@ from pathlib import Path
 from typing import Annotated, Any, Callable, Optional, TypeVar
 
 import typer
-from rich.console import Console
 from rich.text import Text
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
@@ -32,8 +31,9 @@ from nrc_audit.errors import ExitCode, Interrupted, NrcAuditError, OptionsError
 from nrc_audit.io import lifecycle
 from nrc_audit.io.lifecycle import Watchdog
 from nrc_audit.io.settings_file import DEFAULTS, find_pyproject, load_settings, resolve
+from nrc_audit.outputs import charset
 
-err_console = Console(stderr=True)
+err_console = charset.console(stderr=True)
 
 
 class OutputFormat(str, enum.Enum):
@@ -257,6 +257,18 @@ def _report_internal_error(exc: BaseException) -> None:
         f"internal error: {type(exc).__name__}{': ' + first if first else ''}. This is a bug in nrc-audit or an input "
         f"it does not recognise; no report was written. Re-run with --debug (or {DEBUG_ENV}=1) for the traceback "
         "and report it with the command line.")), highlight=False, soft_wrap=True)  # fmt: skip
+    _traceback_if_debug(exc)
+
+
+def _report_exit_call(exc: SystemExit) -> None:
+    """sys.exit() in code the command ran (a --model-def factory, a library): a stop, not a bug of nrc-audit."""
+    err_console.print(Text.assemble(("error: ", "bold red"), (
+        f"the audit stopped: code it ran called sys.exit({exc.code!r}) (a --model-def factory or a library it "
+        "uses). Re-run with --debug for the traceback.")), highlight=False, soft_wrap=True)  # fmt: skip
+    _traceback_if_debug(exc)
+
+
+def _traceback_if_debug(exc: BaseException) -> None:
     if debug_enabled():
         err_console.print("".join(traceback.format_exception(type(exc), exc, exc.__traceback__)), markup=False,
                           highlight=False, soft_wrap=True)  # fmt: skip
@@ -283,8 +295,8 @@ def _run_body(body: Callable[[], ExitCode | int]) -> int:
         return int(exc.exit_code)
     except (typer.Exit, typer.Abort, typer.TyperException):  # Typer's own (usage errors too): Typer answers them
         raise
-    except SystemExit as exc:  # sys.exit() in code we called (a --model-def factory): never its own code
-        _report_internal_error(exc)
+    except SystemExit as exc:  # the audit could not run to its end: exit 2, never the caller's own code
+        _report_exit_call(exc)
         return int(ExitCode.USAGE)
     except Exception as exc:  # anything else is a bug or an unforeseen input: exit 2 (ruff's convention), never 1
         _report_internal_error(exc)

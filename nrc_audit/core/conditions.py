@@ -41,6 +41,7 @@ class LayerMetrics:
     in_dim: int = 0  # h
     out_dim: int = 0
     pooled: bool = False
+    shares_input_with: int | None = None  # the first layer reading the same input tensor (its statistics serve)
     nrc1: float | None = None
     nrc2: float | None = None
     nrc3: float | None = None
@@ -69,15 +70,16 @@ class LayerMetrics:
         return self.bound.get("holds")
 
 
-IDENTITY_FIELDS = ("index", "name", "kind", "in_dim", "out_dim", "pooled")
+IDENTITY_FIELDS = ("index", "name", "kind", "in_dim", "out_dim", "pooled", "shares_input_with")
 # the float metrics of a layer, in report order: every field between the identity and the bound
 METRIC_FIELDS = tuple(f.name for f in fields(LayerMetrics))[len(IDENTITY_FIELDS) : -4]
 
 
 def with_identity(m: LayerMetrics, index: int, name: str, kind: str, in_dim: int, out_dim: int,
-                  pooled: bool) -> LayerMetrics:  # fmt: skip
+                  pooled: bool, shares_input_with: int | None = None) -> LayerMetrics:  # fmt: skip
     """The same record with the layer's identity filled in."""
-    return replace(m, index=index, name=name, kind=kind, in_dim=in_dim, out_dim=out_dim, pooled=pooled)
+    return replace(m, index=index, name=name, kind=kind, in_dim=in_dim, out_dim=out_dim, pooled=pooled,
+                   shares_input_with=shares_input_with)
 
 
 @dataclass(frozen=True)

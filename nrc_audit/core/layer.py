@@ -28,6 +28,9 @@ class LayerInfo:
     out_dim: int
     pooled: bool
     weight: torch.Tensor  # Linear (out, h); Conv2d (c_out, c_in, kh, kw); on the CPU, detached
+    # the index of the first layer that reads the very same input tensor (q/k/v, gate/up): its statistics
+    # and stored features serve this layer too; None when the input is this layer's own
+    shares_input_with: int | None = None
 
 
 @dataclass(frozen=True)

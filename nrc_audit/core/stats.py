@@ -302,8 +302,7 @@ class PassStatistics:
         folded into :attr:`sse` by :meth:`flush` (``extraction_pass`` calls it after the last batch).
         """
         if not self.joint:
-            self.layers = layers
-            self.joint = [JointAccumulator(layer.in_dim) for layer in layers]
+            self.layers, self.joint = layers, shared_accumulators(layers)
         y64 = y.to(device=outputs.device, dtype=torch.float64)
         wrong = [(layer.name, int(f.shape[0])) for layer, f in zip(self.layers, feats) if f.shape[0] != y.shape[0]]
         if wrong or outputs.shape[0] != y.shape[0]:  # rows are paired by position: never fold a misaligned batch
@@ -311,7 +310,7 @@ class PassStatistics:
                 f"a batch of {int(y.shape[0])} target rows came with {int(outputs.shape[0])} output rows and "
                 f"feature rows {wrong or 'as many'}; every layer's features need one row per sample."
             )
-        for acc, f in zip(self.joint, feats):
+        for acc, f in distinct(self.layers, self.joint, feats):  # a shared input is folded once
             acc.update_pair(f, y64)
         self.targets.update(y64)
         self.facts.observe_targets(y64)
@@ -333,13 +332,27 @@ class PassStatistics:
         self.flush()
         other.flush()
         if not self.joint:
-            self.layers, self.joint = other.layers, [JointAccumulator(a.h) for a in other.joint]
+            self.layers, self.joint = other.layers, shared_accumulators(other.layers)
         for name in self.__dataclass_fields__:
             rule, mine, theirs = merge_rule(self, name), getattr(self, name), getattr(other, name)
             if rule == SUM:
                 setattr(self, name, mine + theirs)
             elif rule == CHAN:
-                for a, b in zip(mine, theirs) if isinstance(mine, list) else [(mine, theirs)]:
+                for a, b in distinct(self.layers, mine, theirs) if isinstance(mine, list) else [(mine, theirs)]:
                     a.merge_from(b)
             elif rule == SAME and [x.name for x in mine] != [x.name for x in theirs]:
                 raise ValueError(f"cannot merge passes over different layers ({len(mine)} vs {len(theirs)})")
+
+
+def shared_accumulators(layers: list[LayerInfo]) -> list[JointAccumulator]:
+    """One accumulator per layer; a layer that shares its input holds its first layer's (the same object)."""
+    accs: list[JointAccumulator] = []
+    for layer in layers:
+        src = layer.shares_input_with
+        accs.append(JointAccumulator(layer.in_dim) if src is None else accs[src])
+    return accs
+
+
+def distinct(layers: list[LayerInfo], *per_layer: list) -> list[tuple]:
+    """The entries of per-layer lists for the layers with an input of their own (each shared state once)."""
+    return [tuple(items) for layer, *items in zip(layers, *per_layer) if layer.shares_input_with is None]

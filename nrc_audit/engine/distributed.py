@@ -18,7 +18,7 @@ import h5py
 import torch
 
 from nrc_audit.errors import NrcAuditError, OptionsError
-from nrc_audit.core.stats import Accumulator, JointAccumulator, Moments, PassStatistics
+from nrc_audit.core.stats import Accumulator, Moments, PassStatistics, distinct, shared_accumulators
 from nrc_audit.io.files import write_with
 from nrc_audit.io.validate import env_int
 
@@ -156,7 +156,7 @@ def merge_pass(ctx: DistContext, stats: PassStatistics, device: torch.device) ->
 
 
 def _accumulators(stats: PassStatistics) -> list[Accumulator]:
-    return [*stats.joint, stats.targets]
+    return [*(acc for (acc,) in distinct(stats.layers, stats.joint)), stats.targets]  # a shared state once
 
 
 def _pack(stats: PassStatistics) -> torch.Tensor:
@@ -171,7 +171,7 @@ def _pack(stats: PassStatistics) -> torch.Tensor:
 
 def _unpack(packed: torch.Tensor, like: PassStatistics) -> PassStatistics:
     """One rank's :class:`PassStatistics` from its :func:`_pack` vector (shapes from this rank's ``like``)."""
-    out = PassStatistics(layers=like.layers, joint=[JointAccumulator(a.h) for a in like.joint],
+    out = PassStatistics(layers=like.layers, joint=shared_accumulators(like.layers),
                          sse=float(packed[0]), n=int(packed[1]))  # fmt: skip
     at = 2
     for acc, mine in zip(_accumulators(out), _accumulators(like)):

@@ -18,6 +18,7 @@ A module applied several times per forward (shared layers) is audited once per c
 from __future__ import annotations
 
 import contextlib
+import weakref
 from collections import Counter
 from dataclasses import replace
 
@@ -131,7 +132,9 @@ class FeatureExtractor:
         self.output_key = output_key
         self.output_note: str | None = None  # how the output container was read (for the report)
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
-        self._calls: list[tuple[str, int, torch.Tensor, bool]] = []  # (layer, call number, (B, h), pooled)
+        # (layer, call number, (B, h), pooled, index of the earlier call that read the same input or None)
+        self._calls: list[tuple[str, int, torch.Tensor, bool, int | None]] = []
+        self._inputs: list[tuple[tuple | None, weakref.ref]] = []  # this forward's raw inputs, per call
         self._mask: torch.Tensor | None = None
         self._batch = 0
         self._probe: list[tuple[str, tuple[int, ...], dict[int, torch.Tensor]]] | None = None  # per call of the probe
@@ -175,14 +178,37 @@ class FeatureExtractor:
                 self._probe.append((name, tuple(h.shape), signatures))
                 return
             rows = self._rows(len(self._calls), name, kind, h.detach())
-            h = rows_first(h.detach(), rows, self._batch)
-            if kind in CONV_NDIM and rows.per_row > 1:
-                h = h.movedim(1, 2).flatten(2, 3)  # (B, c, C, L, …) → (B, C, c·L, …): c joins the averaged dims
-            feats, pooled = pool(h, kind, self.token_pooling, mask if mask is not None else self._mask)
+            i = len(self._calls)
+            key = (kind, h.data_ptr(), tuple(h.shape), tuple(h.stride()), h.dtype, h.device) if mask is None else None
+            source = self._shared_source(key)
+            self._inputs.append((key, weakref.ref(h)))
+            known = self.layers is not None and i < len(self.layers)
+            expected = self.layers[i].shares_input_with if known else source
+            if source is not None and source == expected and known:
+                feats, pooled = self._calls[source][2], self._calls[source][3]  # checked equal on the first batch
+            else:
+                h = rows_first(h.detach(), rows, self._batch)
+                if kind in CONV_NDIM and rows.per_row > 1:
+                    h = h.movedim(1, 2).flatten(2, 3)  # (B, c, C, L, …) → (B, C, c·L, …): c joins the averaged dims
+                feats, pooled = pool(h, kind, self.token_pooling, mask if mask is not None else self._mask)
+                # equal values or no sharing: memory changed in place between two reads is not the same input
+                same = expected is not None and torch.equal(feats, self._calls[expected][2])
+                source = expected if same else None
             number = 1 + sum(1 for c in self._calls if c[0] == name)
-            self._calls.append((name, number, feats, pooled))
+            self._calls.append((name, number, feats, pooled, source))
 
         return hook
+
+    def _shared_source(self, key: tuple | None) -> int | None:
+        """The first call of this forward that read the very same tensor: same memory, shape, strides, dtype and
+        layer kind, and that tensor still alive (a freed one's memory may hold a new tensor), else None."""
+        if key is None:  # an input with its own token mask (a PackedSequence): pooled its own way
+            return None
+        for j, (other, ref) in enumerate(self._inputs):
+            if other == key and ref() is not None:
+                src = self._calls[j][4]
+                return j if src is None else src
+        return None
 
     def _rows(self, i: int, name: str, kind: str, h: torch.Tensor) -> RowLayout:
         """Where call ``i`` (layer ``name``) keeps the batch rows: learnt on the first batch, checked after."""
@@ -247,6 +273,7 @@ class FeatureExtractor:
                 raw = self.model(x, **extra)
         finally:
             self._mask = None
+            self._inputs.clear()
         out, self.output_note = select_output(raw, self.output_key)
         calls, self._calls = self._calls, []
         if self.layers is None:
@@ -257,6 +284,12 @@ class FeatureExtractor:
             raise ModelDataMismatchError(
                 f"the model ran layers {names} on this batch but {expected} on the first one; nrc-audit needs the "
                 "same layers in the same order on every batch (no data-dependent control flow)."
+            )
+        shares = [c[4] for c in calls]
+        if shares != [layer.shares_input_with for layer in self.layers]:
+            raise ModelDataMismatchError(
+                f"the layers that read one input tensor changed from the first batch ({_share_text(self.layers)}) "
+                "to this one; nrc-audit needs the same data flow on every batch (no data-dependent control flow)."
             )
         return out, [c[2] for c in calls]
 
@@ -297,14 +330,20 @@ class FeatureExtractor:
                              "such as F.linear, which no hook sees)")  # fmt: skip
         return notes
 
-    def _fix_layers(self, calls: list[tuple[str, int, torch.Tensor, bool]]) -> list[LayerInfo]:
+    def _fix_layers(self, calls: list[tuple[str, int, torch.Tensor, bool, int | None]]) -> list[LayerInfo]:
         if not calls:
             raise ModelDataMismatchError("none of the selected layers ran during the forward pass.")
         weights = {name: dense_weight(self.modules[name]) for name in dict.fromkeys(c[0] for c in calls)}
         names = _call_names([(c[0], c[1]) for c in calls])
         return [LayerInfo(i, shown, kind_of(self.modules[name]) or "linear", int(feats.shape[1]),
-                          int(weights[name].shape[0]), pooled, weights[name])
-                for i, (shown, (name, _, feats, pooled)) in enumerate(zip(names, calls))]  # fmt: skip
+                          int(weights[name].shape[0]), pooled, weights[name], source)
+                for i, (shown, (name, _, feats, pooled, source)) in enumerate(zip(names, calls))]  # fmt: skip
+
+
+def _share_text(layers: list[LayerInfo]) -> str:
+    pairs = [f"{layer.name!r} reads the input of {layers[layer.shares_input_with].name!r}"
+             for layer in layers if layer.shares_input_with is not None]  # fmt: skip
+    return "; ".join(pairs) or "none shared"
 
 
 def _call_names(calls: list[tuple[str, int]]) -> list[str]:

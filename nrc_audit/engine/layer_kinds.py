@@ -9,6 +9,7 @@ HF ``transformers.pytorch_utils.Conv1D``   ``NAME``   ``weight.T``: Conv1D store
 ``nn.MultiheadAttention`` (self-attn.)     ``NAME.in_proj``   the packed ``in_proj_weight`` (3E, E)
 ``nn.LSTM`` / ``nn.GRU`` / ``nn.RNN``      ``NAME.weight_ih_l0``  ``weight_ih_l0`` (gates·H, in), both
                                                       directions stacked; input pooled over time
+``nn.LSTMCell`` / ``GRUCell`` / ``RNNCell``  ``NAME.weight_ih``  ``weight_ih`` (gates·H, in), once per call (step)
 =========================================  =========  ===========================================================
 
 Left out, and said so in the report's ``model.assumptions`` (:func:`skipped_layers`): the attention's
@@ -29,10 +30,12 @@ from nrc_audit.errors import OptionsError
 
 KINDS: dict[type[nn.Module], str] = {nn.Linear: "linear", nn.Conv1d: "conv1d", nn.Conv2d: "conv2d",
                                      nn.Conv3d: "conv3d", nn.MultiheadAttention: "linear",
-                                     nn.RNNBase: "linear"}  # fmt: skip
+                                     nn.RNNBase: "linear", nn.RNNCellBase: "linear"}  # fmt: skip
+RECURRENT = (nn.RNNBase, nn.RNNCellBase)
 LOOKUPS = (nn.Embedding, nn.EmbeddingBag)  # tables indexed by ids: no input features to audit
 IN_PROJ = ".in_proj"  # suffix of the layer audited through a MultiheadAttention pre-hook
 IH_L0 = ".weight_ih_l0"  # suffix of the layer audited on a recurrent module's first input-side weight
+IH = ".weight_ih"  # suffix of the layer audited on a recurrent cell's input-side weight
 
 
 def hf_conv1d() -> type | None:
@@ -52,7 +55,8 @@ def kind_of(mod: nn.Module) -> str | None:
 
 def layer_name(name: str, mod: nn.Module) -> str:
     """The audited layer's name: the module path, with a suffix where one weight of several is audited."""
-    suffix = IN_PROJ if isinstance(mod, nn.MultiheadAttention) else IH_L0 if isinstance(mod, nn.RNNBase) else ""
+    suffixes = {nn.MultiheadAttention: IN_PROJ, nn.RNNBase: IH_L0, nn.RNNCellBase: IH}
+    suffix = next((s for cls, s in suffixes.items() if isinstance(mod, cls)), "")
     return f"{name}{suffix}" if name else suffix.lstrip(".")
 
 
@@ -79,6 +83,8 @@ def dense_weight(mod: nn.Module) -> torch.Tensor:
     if isinstance(mod, nn.RNNBase):
         parts = [mod.weight_ih_l0] + ([mod.weight_ih_l0_reverse] if mod.bidirectional else [])
         return torch.cat([cpu(p) for p in parts], dim=0)  # (directions·gates·H, in)
+    if isinstance(mod, nn.RNNCellBase):
+        return cpu(mod.weight_ih).clone()  # (gates·H, in)
     conv1d = hf_conv1d()
     if conv1d is not None and isinstance(mod, conv1d):
         return cpu(mod.weight).T.clone()  # (nf, nx): out × in, as a Linear's
@@ -126,11 +132,14 @@ def candidate_layers(model: nn.Module, include: tuple[str, ...], exclude: tuple[
     return found
 
 
-def _rnn_note(name: str, mod: nn.RNNBase) -> str:
-    left = [p for p, _ in mod.named_parameters() if p.startswith("weight_") and not p.startswith("weight_ih_l0")]
-    return (f"layer {layer_name(name, mod)!r}: {type(mod).__name__} audited on weight_ih_l0 (input pooled over "
-            f"time{', both directions stacked' if mod.bidirectional else ''}); not audited: {left} (their inputs "
-            "are hidden states, which no hook sees)")  # fmt: skip
+def _rnn_note(name: str, mod: nn.RNNBase | nn.RNNCellBase) -> str:
+    if isinstance(mod, nn.RNNCellBase):
+        audited, how, left = "weight_ih", "its input at each call", ["weight_hh"]
+    else:
+        audited, how = "weight_ih_l0", f"input pooled over time{', both directions stacked' if mod.bidirectional else ''}"
+        left = [p for p, _ in mod.named_parameters() if p.startswith("weight_") and not p.startswith("weight_ih_l0")]
+    return (f"layer {layer_name(name, mod)!r}: {type(mod).__name__} audited on {audited} ({how}); not audited: "
+            f"{left} (their inputs are hidden states, which no hook sees)")  # fmt: skip
 
 
 def _foreign_note(name: str, mod: nn.Module) -> str | None:
@@ -156,7 +165,7 @@ def skipped_layers(model: nn.Module, include: tuple[str, ...], exclude: tuple[st
             if not mod._qkv_same_embed_dim and selected(layer_name(name, mod), include, exclude):
                 notes.append(f"layer {layer_name(name, mod)} skipped: separate q/k/v projection weights "
                              "(kdim/vdim ≠ embed_dim)")  # fmt: skip
-        elif isinstance(mod, nn.RNNBase) and kind_of(mod) and selected(layer_name(name, mod), include, exclude):
+        elif isinstance(mod, RECURRENT) and kind_of(mod) and selected(layer_name(name, mod), include, exclude):
             notes.append(_rnn_note(name, mod))
         elif selected(name, include, exclude):
             notes.extend(n for n in [_foreign_note(name, mod)] if n)

@@ -115,7 +115,9 @@ class FeatureStoreWriter:
         self._layers = layers
         wgroup = self._fh.create_group("weights")
         for layer in layers:
-            wgroup.create_dataset(f"{layer.index:02d}", data=layer.weight.numpy())
+            wds = wgroup.create_dataset(f"{layer.index:02d}", data=layer.weight.numpy())
+            if layer.shares_input_with is not None:  # no /layers/NN of its own: its identity lives here
+                wds.attrs.update(_identity(layer), shares_input_with=layer.shares_input_with)
         self._datasets: list[h5py.Dataset] = []  # outputs, targets, layers/NN… once the first batch arrives
         self._sinks: list = []  # one _RawRows (or the h5py Dataset itself) per dataset
         self._fd: int | None = None
@@ -137,7 +139,8 @@ class FeatureStoreWriter:
     def write(self, start: int, outputs: torch.Tensor, targets: torch.Tensor, feats: list[torch.Tensor]) -> None:
         """Queue rows [start, start+B) of outputs (B, t), targets (B, t) and features [(B, h_ℓ)]."""
         self._raise_if_failed()
-        arrays = [outputs.reshape(len(outputs), -1), targets.reshape(len(targets), -1).to(torch.float64), *feats]
+        own = [f for layer, f in zip(self._layers, feats) if layer.shares_input_with is None]  # one per distinct input
+        arrays = [outputs.reshape(len(outputs), -1), targets.reshape(len(targets), -1).to(torch.float64), *own]
         arrays = [a.detach() for a in arrays]
         event, pinned = None, []
         if any(a.device.type == "cuda" for a in arrays):
@@ -182,10 +185,9 @@ class FeatureStoreWriter:
             self._datasets.append(self._create("outputs", outputs.shape[1], outputs.dtype))
             self._datasets.append(self._create("targets", targets.shape[1], np.dtype(np.float64)))
             self._fh.create_group("layers")
-            for layer, f in zip(self._layers, feats):
+            for layer, f in zip([x for x in self._layers if x.shares_input_with is None], feats):
                 ds = self._create(f"layers/{layer.index:02d}", f.shape[1], f.dtype)
-                ds.attrs.update(index=layer.index, name=layer.name, kind=layer.kind, pooled=layer.pooled,
-                                in_dim=layer.in_dim, out_dim=layer.out_dim)  # fmt: skip
+                ds.attrs.update(_identity(layer))
                 self._datasets.append(ds)
             self._sinks = self._raw_sinks() or self._datasets
         stop = start + len(arrays[0])
@@ -264,6 +266,11 @@ class FeatureStoreWriter:
             self._lock = None
 
 
+def _identity(layer: LayerInfo) -> dict[str, Any]:
+    return {"index": layer.index, "name": layer.name, "kind": layer.kind, "pooled": layer.pooled,
+            "in_dim": layer.in_dim, "out_dim": layer.out_dim}
+
+
 def _store_target(path: Path) -> tuple[Path, int | None]:
     try:
         return replace_target(path)
@@ -338,10 +345,13 @@ class FeatureStore:
 
     def batches(self, batch_size: int) -> Iterator[tuple[int, torch.Tensor, torch.Tensor, list[torch.Tensor]]]:
         """Yield (start, outputs (B, t), targets (B, t), [features (B, h_ℓ)]) in row order."""
-        keys = [f"layers/{layer.index:02d}" for layer in self.layers]
+        keys = [f"layers/{layer.index:02d}" for layer in self.layers if layer.shares_input_with is None]
         for a in range(0, self.n, batch_size):
             b = min(a + batch_size, self.n)
-            feats = [torch.from_numpy(self._fh[k][a:b]) for k in keys]
+            own = iter([torch.from_numpy(self._fh[k][a:b]) for k in keys])
+            feats: list[torch.Tensor] = []
+            for layer in self.layers:  # a layer sharing an input gets its first layer's rows (the same tensor)
+                feats.append(next(own) if layer.shares_input_with is None else feats[layer.shares_input_with])
             yield a, torch.from_numpy(self._fh["outputs"][a:b]), torch.from_numpy(self._fh["targets"][a:b]), feats
 
     def close(self) -> None:

@@ -2,7 +2,8 @@
 is refused with the group, dataset or attribute that is wrong, never analysed misaligned.
 
 Checked: ``/outputs`` and ``/targets`` of shape (N, t); one ``/layers/NN`` of shape (N, h) per
-``/weights/NN``; the layer attributes (index, name, kind, pooled, in_dim, out_dim) present and typed, with
+``/weights/NN``, except for a layer that reads an earlier layer's input (q/k/v): its ``/weights/NN`` carries
+its attributes and ``shares_input_with`` (the earlier layer's index, whose ``/layers`` dataset it reads); the layer attributes (index, name, kind, pooled, in_dim, out_dim) present and typed, with
 h = in_dim and the weight of shape (out_dim, …); float features; the ``context`` attribute a JSON
 object.
 """
@@ -46,6 +47,8 @@ def _group(fh: h5py.File, key: str, path: Path) -> h5py.Group:
 
 
 def _layer(fh: h5py.File, key: str, n: int, path: Path) -> LayerInfo:
+    if f"layers/{key}" not in fh:
+        return _sharing_layer(fh, key, n, path)
     ds = _dataset(fh, f"layers/{key}", path)
     a = ds.attrs
     missing = [k for k in _ATTRS if k not in a]
@@ -71,6 +74,27 @@ def _layer(fh: h5py.File, key: str, n: int, path: Path) -> LayerInfo:
                      torch.from_numpy(wlink[...]))  # fmt: skip
 
 
+def _sharing_layer(fh: h5py.File, key: str, n: int, path: Path) -> LayerInfo:
+    """A layer that reads another layer's input: its attributes on /weights/NN, its rows in the other's dataset."""
+    a = fh[f"weights/{key}"].attrs
+    src = a.get("shares_input_with")
+    if not key.isdigit() or src is None or isinstance(src, (bool, np.bool_)) or not isinstance(src, (int, np.integer)) \
+            or not 0 <= int(src) < int(key) or f"layers/{int(src):02d}" not in fh:
+        raise FeatureStoreError(f"{path}: /layers/{key} is missing and /weights/{key} names no earlier layer whose "
+                                f"input it shares (attribute shares_input_with = {src!r}). {_FIX}")  # fmt: skip
+    own = _layer(fh, f"{int(src):02d}", n, path)
+    missing = [k for k in _ATTRS if k not in a]
+    if missing or int(a.get("in_dim", -1)) != own.in_dim:
+        raise FeatureStoreError(f"{path}: /weights/{key} (a layer sharing the input of layer {int(src)}) lacks the "
+                                f"attribute(s) {missing} or its in_dim differs from that layer's {own.in_dim}. {_FIX}")
+    w = fh[f"weights/{key}"]
+    if w.shape is None or len(w.shape) < 2 or w.shape[0] != int(a["out_dim"]) or w.dtype.kind != "f":
+        raise FeatureStoreError(f"{path}: /weights/{key} is not a float array of shape ({int(a['out_dim'])}, …). {_FIX}")
+    name, kind = (v.decode() if isinstance(v, bytes) else str(v) for v in (a["name"], a["kind"]))
+    return LayerInfo(int(a["index"]), name, kind, int(a["in_dim"]), int(a["out_dim"]), bool(a["pooled"]),
+                     torch.from_numpy(w[...]), int(src))  # fmt: skip
+
+
 def check_store(fh: h5py.File, path: Path) -> tuple[dict[str, Any], dict[str, Any], list[LayerInfo], tuple[int, int]]:
     """Validate an open, complete store; returns (root attrs, context, layers, (N, t))."""
     attrs = {k: fh.attrs[k] for k in fh.attrs}
@@ -87,9 +111,9 @@ def check_store(fh: h5py.File, path: Path) -> tuple[dict[str, Any], dict[str, An
                                 f"expected both (N, t). {_FIX}")  # fmt: skip
     keys = sorted(_group(fh, "layers", path))
     weights = sorted(_group(fh, "weights", path))
-    if keys != weights or not keys:
-        raise FeatureStoreError(f"{path}: /layers holds {keys} but /weights holds {weights}; expected the same, "
-                                f"non-empty set of layers. {_FIX}")  # fmt: skip
+    if not set(keys) <= set(weights) or not keys:  # a weight without features shares an earlier layer's input
+        raise FeatureStoreError(f"{path}: /layers holds {keys} but /weights holds {weights}; expected a non-empty "
+                                f"set of layers, each with its weight. {_FIX}")  # fmt: skip
     if n < t + 1:
         raise FeatureStoreError(f"{path}: the store holds {n} rows for {t} targets; at least t+1 are needed. {_FIX}")
-    return attrs, context, [_layer(fh, key, n, path) for key in keys], (int(n), int(t))
+    return attrs, context, [_layer(fh, key, n, path) for key in weights], (int(n), int(t))

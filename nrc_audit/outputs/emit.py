@@ -8,11 +8,11 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Iterator, Mapping
 
-from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
 from nrc_audit.core.verdicts import exit_code
+from nrc_audit.outputs import charset
 from nrc_audit.outputs.baseline import Regression, compare, load_baseline
 from nrc_audit.config import BaselineOptions
 from nrc_audit.errors import ExitCode, NrcAuditError, OptionsError
@@ -163,7 +163,7 @@ def _print_product(report: Report, out: Outputs, text: str, regressions: list[Re
     elif out.fmt == "table":
         from nrc_audit.outputs.render import print_report
 
-        console = Console(width=None if sys.stdout.isatty() else 120)  # logs and pipes: no 80-column squeeze
+        console = charset.console(width=None if sys.stdout.isatty() else 120)  # logs and pipes: no 80-column squeeze
         print_report(report, console)
         if baseline is not None:
             console.print(baseline_table(regressions, report, baseline))
@@ -177,7 +177,7 @@ def _print_product(report: Report, out: Outputs, text: str, regressions: list[Re
 
 def print_warnings(report: Report) -> None:
     """The report-level warnings on stderr (they never change the exit code)."""
-    console = Console(stderr=True, width=None if sys.stderr.isatty() else 120)
+    console = charset.console(stderr=True, width=None if sys.stderr.isatty() else 120)
     for w in report.warnings:
         console.print(Text(f"warning: {w}", style="bold yellow"), soft_wrap=True)
 
