@@ -77,6 +77,22 @@ def test_wrapper_prefixes_are_removed_in_safetensors_too(tmp_path: Path, prefix:
     assert any(f"removed the {prefix.split('.')[-2] + '.'!r} key prefix" in a for a in report.model["assumptions"])
 
 
+def test_ddp_prefix_in_a_sharded_folder(tmp_path: Path) -> None:
+    import json
+
+    model, data, x, y = _mlp_case(tmp_path, seed=2)
+    sd = {"module." + k: v.contiguous() for k, v in model.state_dict().items()}
+    (tmp_path / "sharded").mkdir()
+    names = sorted(sd)
+    for part, keys in (("a.safetensors", names[:3]), ("b.safetensors", names[3:])):
+        save_file({k: sd[k] for k in keys}, str(tmp_path / "sharded" / part))
+    weight_map = {k: "a.safetensors" if k in names[:3] else "b.safetensors" for k in names}
+    (tmp_path / "sharded" / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    report = audit(tmp_path / "sharded", data)
+    check(report, model, torch.from_numpy(x), y)
+    assert any("removed the 'module.' key prefix" in a for a in report.model["assumptions"])
+
+
 def test_tied_weights_dropped_by_save_model_are_restored(tmp_path: Path) -> None:
     torch.manual_seed(3)
     model = nets.Tied().double().eval()

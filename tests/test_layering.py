@@ -22,7 +22,7 @@ WITHIN = {
     "outputs": ["charset", "records", "render", "markdown", "front_matter", "model_card", "plot", "report", "history", "baseline", "ci", "trend", "emit"],
     "engine": ["threads", "overlap", "model_io", "layer_kinds", "extract", "context", "distributed", "pipeline", "api", "monitor"],
     "integrations": ["probe", "common", "lightning", "transformers"],
-    "cli": ["common", "commands", "app", "reference"],
+    "cli": ["streams", "common", "commands", "app", "reference"],
 }
 TOP = {"__init__", "__main__"}
 

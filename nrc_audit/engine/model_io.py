@@ -23,6 +23,7 @@ from torch import nn
 from nrc_audit.config import DataOptions
 from nrc_audit.errors import ModelDataMismatchError, OptionsError
 from nrc_audit.io.dataset import HDF5Dataset
+from nrc_audit.models.architecture import inferred_architecture_warning
 
 DEFAULT_OUTPUT_KEY = "logits"
 UNUSED_MASK_NOTE = "padding mask not used"  # starts the assumption that :func:`unused_mask_warning` reads
@@ -177,6 +178,11 @@ def prepare_inputs(model: nn.Module, ds: HDF5Dataset, device: torch.device, dtyp
                          "attention_mask, so padded positions were fed and pooled as real tokens")  # fmt: skip
     check_first_layer(model, *probe_batch(ds, device, dtype), ds.info.input_shape)
     return ds.notes + notes
+
+
+def assumption_warnings(assumptions: list[str]) -> list[str]:
+    """The report warnings that ``model.assumptions`` imply (so a re-analysed report has them too)."""
+    return [w for w in (inferred_architecture_warning(assumptions), unused_mask_warning(assumptions)) if w]
 
 
 def unused_mask_warning(assumptions: list[str]) -> str | None:

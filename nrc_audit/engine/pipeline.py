@@ -18,7 +18,7 @@ import torch
 from nrc_audit.version import __version__
 from nrc_audit.engine import distributed, overlap, threads
 from nrc_audit.engine.context import DataContext, ModelContext, RunContext
-from nrc_audit.core.conditions import LayerMetrics, layer_metrics, target_summary, with_identity
+from nrc_audit.core.conditions import IDENTITY_FIELDS, LayerMetrics, layer_metrics, target_summary, with_identity
 from nrc_audit.core.diagnostics import report_warnings
 from nrc_audit.core.verdicts import choose_rank, collapse_onset, gate
 from nrc_audit.config import AnalysisOptions, AuditConfig
@@ -27,8 +27,8 @@ from nrc_audit.io.plan import plan_audit, plan_statistics
 from nrc_audit.core.layer import LayerInfo
 from nrc_audit.engine.extract import FeatureExtractor
 from nrc_audit.engine.layer_kinds import candidate_layers, skipped_layers
-from nrc_audit.engine.model_io import lazy_dry_run, prepare_inputs, unused_mask_warning
-from nrc_audit.models.architecture import inferred_architecture_warning, resolve_model, user_forward_error
+from nrc_audit.engine.model_io import assumption_warnings, lazy_dry_run, prepare_inputs
+from nrc_audit.models.architecture import resolve_model, user_forward_error
 from nrc_audit.io.hf_layout import load_model_files, sha256_path
 from nrc_audit.io.dataset import HDF5Dataset
 from nrc_audit.outputs.report import Gate, Report, Summary
@@ -108,7 +108,6 @@ def _opened(config: AuditConfig, device: torch.device) -> Iterator[_Inputs]:
         plan_audit(modules, info.num_samples, info.input_shape, config.batch_size, config.features_path,
                    8 if ds.compute_dtype == torch.float64 else 4, info.target_dim)  # before any batch is read  # fmt: skip
         data_notes = prepare_inputs(model, ds, device, ds.compute_dtype)  # may pass a mask, keep uint8 ids
-        info = ds.info
         context = RunContext(
             ModelContext(str(config.model_path), sha256_path(config.model_path), ckpt.format, resolved.architecture,
                          resolved.num_parameters, tuple(resolved.assumptions) + tuple(data_notes)
@@ -116,7 +115,7 @@ def _opened(config: AuditConfig, device: torch.device) -> Iterator[_Inputs]:
             DataContext(str(config.data_path), sha256_path(config.data_path), info.x_key, info.y_key,
                         info.num_samples, tuple(info.input_shape), info.target_dim),
             str(device), config.batch_size,
-            uint8_unscaled=info.x_kind == "uint8" and not config.data.scale_uint8,
+            uint8_unscaled=ds.info.x_kind == "uint8" and not config.data.scale_uint8,  # not if kept as ids
         )  # fmt: skip
         yield _Inputs(model, modules, ds, context)
 
@@ -364,15 +363,14 @@ def build_report(stats: PassStatistics, analysis: AnalysisOptions, context: RunC
     if any(layer.pooled for layer in stats.layers) and POOLING_NOTE not in model_info["assumptions"]:
         model_info["assumptions"].append(POOLING_NOTE)
 
-    # each distinct input's statistics once, before the threads: layers sharing an input share one accumulator
-    finals = [acc.finalize() if layer.shares_input_with is None else None for layer, acc in zip(stats.layers, stats.joint)]
+    finals = [acc.finalize() if layer.shares_input_with is None else None  # each distinct input once, before
+              for layer, acc in zip(stats.layers, stats.joint)]  # the threads (sharing layers share an accumulator)
 
     def analyse(i: int) -> LayerMetrics:
         layer = stats.layers[i]
         st = finals[i if layer.shares_input_with is None else layer.shares_input_with]
         m = layer_metrics(st, layer.weight.numpy(), k, model_mse, analysis.pinv_rtol, analysis.thresholds, context.device)
-        return with_identity(m, layer.index, layer.name, layer.kind, layer.in_dim, layer.out_dim, layer.pooled,
-                             layer.shares_input_with)
+        return with_identity(m, *(getattr(layer, f) for f in IDENTITY_FIELDS))
 
     rows = threads.parallel_map(analyse, range(len(stats.layers)))  # O(h³) per layer: layers in parallel
     collapsed = [r.collapsed for r in rows]
@@ -396,6 +394,5 @@ def build_report(stats: PassStatistics, analysis: AnalysisOptions, context: RunC
         model=model_info, data=context.data.to_dict(), settings=settings, target=target,
         model_mse=model_mse, layers=rows, summary=summary,
         warnings=report_warnings(stats.facts, target, model_mse, k, source, context.uint8_unscaled)
-        + [w for w in [inferred_architecture_warning(model_info["assumptions"]),
-                       unused_mask_warning(model_info["assumptions"])] if w],
+        + assumption_warnings(model_info["assumptions"]),
     )  # fmt: skip

@@ -93,7 +93,7 @@ def load_checkpoint(path: Path) -> Checkpoint:
     try:  # plan before allocating: header dtypes/indices, zip inflation; then every loaded tensor (io/plan.py)
         (plan.check_safetensors_header if fmt == "safetensors" else plan.check_pt_archive)(path)
         ckpt = _load_safetensors(path) if fmt == "safetensors" else _load_pt(path)
-        ckpt.state_dict = _strip_wrappers(ckpt.state_dict, ckpt.notes)
+        ckpt.state_dict = strip_wrappers(ckpt.state_dict, ckpt.notes)
         if not ckpt.state_dict:
             raise CheckpointError(f"{path}: the checkpoint holds no tensors.")
         plan.check_state_dict(ckpt.state_dict, path)
@@ -179,7 +179,7 @@ def _strip_lightning_prefix(sd: dict[str, torch.Tensor], notes: list[str]) -> tu
     return {k[len(prefix):]: v for k, v in sd.items()}, prefix
 
 
-def _strip_wrappers(sd: dict[str, torch.Tensor], notes: list[str]) -> dict[str, torch.Tensor]:
+def strip_wrappers(sd: dict[str, Any], notes: list[str]) -> dict[str, Any]:
     """Drop the ``module.`` (DDP) and ``_orig_mod.`` (torch.compile) prefixes when every key has them."""
     changed = True
     while changed:

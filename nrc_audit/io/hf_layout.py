@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from nrc_audit.errors import CheckpointError
-from nrc_audit.io.checkpoint import Checkpoint, load_checkpoint, sha256_file
+from nrc_audit.io.checkpoint import Checkpoint, load_checkpoint, sha256_file, strip_wrappers
 
 HF_CONFIG_KEY = "nrc_audit.hf_config"  # metadata entry holding config.json's text
 CONFIG_NAME = "config.json"
@@ -80,6 +80,7 @@ def _load_index(index: Path) -> Checkpoint:
         raise CheckpointError(f"{index}: shards {bad} are missing or not plain file names in {folder}.")
     merged: dict[str, torch.Tensor] = {}
     metadata: dict[str, str] = {}
+    notes: list[str] = []
     fmt = "safetensors"
     for shard in shards:
         part = load_checkpoint(folder / shard)
@@ -88,11 +89,13 @@ def _load_index(index: Path) -> Checkpoint:
             raise CheckpointError(f"{index}: keys {twice} appear in more than one shard.")
         merged.update(part.state_dict)
         metadata.update(part.metadata)
+        notes.extend(n for n in part.notes if n not in notes)  # e.g. a prefix removed in every shard
         fmt = part.format
-    missing = sorted(set(weight_map) - set(merged))
+    listed = set(strip_wrappers(dict.fromkeys(weight_map), []))  # named as the shards were read
+    missing = sorted(listed - set(merged))
     if missing:
         raise CheckpointError(f"{index}: the index lists keys {missing} that no shard holds.")
-    return Checkpoint(index, fmt, merged, metadata, [f"weights merged from {len(shards)} shards of {index.name}"])
+    return Checkpoint(index, fmt, merged, metadata, [f"weights merged from {len(shards)} shards of {index.name}", *notes])
 
 
 def sha256_path(path: Path) -> str:

@@ -64,7 +64,7 @@ def resolve_model(ckpt: Checkpoint, opts: ModelOptions, dry_run: DryRun | None =
     """
     if opts.model_def:
         resolved = _from_model_def(ckpt, opts, dry_run)
-    elif (from_hf := hf.resolve(ckpt)) is not None:
+    elif (from_hf := hf.resolve(ckpt)) is not None:  # built from config.json: nothing inferred from keys
         resolved = from_hf
     else:
         arch = ckpt.arch or {}
@@ -89,7 +89,7 @@ def resolve_model(ckpt: Checkpoint, opts: ModelOptions, dry_run: DryRun | None =
             raise CheckpointError(
                 f"{ckpt.path}: the state dict ({len(keys)} tensors: {shown}) {what}. "
                 "Pass --model-def path/to/file.py:build_model (or package.module:callable) returning the "
-                "nn.Module; its state dict is then loaded strictly."
+                "nn.Module; its state dict is then loaded strictly." + hf.unbuilt_hint(ckpt)
             )
     resolved.assumptions[:0] = ckpt.notes
     resolved.module.eval()
@@ -98,11 +98,11 @@ def resolve_model(ckpt: Checkpoint, opts: ModelOptions, dry_run: DryRun | None =
     if upcast:  # CPU kernels and exact statistics want float32 at least
         resolved.module.float()
         resolved.assumptions.append(f"{'/'.join(upcast)} weights run upcast: compute dtype float32")
-    _verify(ckpt, resolved, from_user_code=bool(opts.model_def))
+    _verify(ckpt, resolved, from_user_code=bool(opts.model_def), described=resolved.architecture.startswith("transformers:"))
     return resolved
 
 
-def _verify(ckpt: Checkpoint, resolved: ResolvedModel, from_user_code: bool) -> None:
+def _verify(ckpt: Checkpoint, resolved: ResolvedModel, from_user_code: bool, described: bool = False) -> None:
     """Check the rebuilt model against the stored fingerprint; note an unverifiable inferred architecture.
 
     Raises:
@@ -110,7 +110,7 @@ def _verify(ckpt: Checkpoint, resolved: ResolvedModel, from_user_code: bool) -> 
     """
     raw = ckpt.metadata.get(FINGERPRINT_KEY)
     if raw is None:
-        if not from_user_code:
+        if not (from_user_code or described):  # ``described``: a config names the architecture
             resolved.assumptions.append(INFERRED_NOTE)
         return
     try:

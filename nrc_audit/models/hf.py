@@ -36,26 +36,40 @@ def _is_pretrained(module: nn.Module) -> bool:
     return _is_pretrained_class(type(module))
 
 
+def _architecture(ckpt: Checkpoint) -> str | None:
+    """The one class name config.json gives under ``architectures`` for a folder, else None."""
+    if not Path(ckpt.path).is_dir() or HF_CONFIG_KEY not in ckpt.metadata:
+        return None
+    names = json.loads(ckpt.metadata[HF_CONFIG_KEY]).get("architectures")
+    ok = isinstance(names, list) and len(names) == 1 and isinstance(names[0], str)
+    return names[0] if ok else None
+
+
+def unbuilt_hint(ckpt: Checkpoint) -> str:
+    """For the "matches no known architecture" error: a folder naming a transformers class without transformers."""
+    name = _architecture(ckpt)
+    if name is None or _transformers() is not None:
+        return ""
+    return f" Its config.json names transformers.{name}: install transformers and nrc-audit builds it from the folder."
+
+
 def resolve(ckpt: Checkpoint) -> ResolvedModel | None:
     """The model a ``save_pretrained`` folder's ``config.json`` names (``architectures``), loaded by
     ``from_pretrained``; None when this is no such folder, the class is unknown or transformers is absent."""
-    folder = Path(ckpt.path)
-    transformers = _transformers()
-    if not folder.is_dir() or HF_CONFIG_KEY not in ckpt.metadata or transformers is None:
-        return None
-    names = json.loads(ckpt.metadata[HF_CONFIG_KEY]).get("architectures")
-    if not isinstance(names, list) or len(names) != 1 or not isinstance(names[0], str):
+    folder, name = Path(ckpt.path), _architecture(ckpt)
+    transformers = _transformers() if name is not None else None
+    if name is None or transformers is None:
         return None
     try:
-        cls = getattr(transformers, names[0], None)
+        cls = getattr(transformers, name, None)
     except Exception as exc:  # noqa: BLE001 - transformers imports model classes lazily; their imports may fail
-        raise CheckpointError(f"{folder}: config.json names transformers.{names[0]}, which the installed "
+        raise CheckpointError(f"{folder}: config.json names transformers.{name}, which the installed "
                               f"transformers cannot import ({type(exc).__name__}: {str(exc)[:200]}).") from None
     if not (isinstance(cls, type) and _is_pretrained_class(cls)):
         return None
     module = _from_pretrained(cls, folder)
-    return ResolvedModel(module, f"transformers:{names[0]}", [
-        f"built by transformers.{names[0]}.from_pretrained from the folder's config.json and weights "
+    return ResolvedModel(module, f"transformers:{name}", [
+        f"built by transformers.{name}.from_pretrained from the folder's config.json and weights "
         "(transformers' own key mapping applied)"])  # fmt: skip
 
 
