@@ -9,17 +9,29 @@ from pathlib import Path
 from nrc_audit.errors import OptionsError
 
 
+# A passing or failing value this close to its threshold is reported as near it (a layer warning, a table mark):
+# absolute for NRC1–3 and the noise alignment, relative for the NRC4 ratio (docs/validation.md, "Calibration").
+NEAR_MARGIN = 0.05
+
+
 @dataclass(frozen=True)
 class Thresholds:
-    """Per-condition thresholds (SPEC §4). A layer is collapsed when all four hold."""
+    """Per-condition thresholds (SPEC §4, extended). A layer is collapsed when all five conditions hold.
+
+    The fifth, noise alignment (the mean singular value of U_⊥ᵀV_k: W's top-k input subspace against the
+    feature noise subspace), is the paper's own figure for collapsed layers (≲ 0.2, §4.3). Without weight
+    decay the weights keep reading directions outside the signal subspace; NRC3 alone, a mean of cosines, is
+    too lenient for that at k < t (docs/validation.md, "Calibration").
+    """
 
     nrc1_max: float = 0.25  # noise fraction Σ_{j>k}λ_j/Σλ_j ≤ nrc1_max
     nrc2_min: float = 0.6  # linear CKA(H, Y) ≥ nrc2_min
     nrc3_min: float = 0.7  # mean cosine of principal angles ≥ nrc3_min
     nrc4_ratio_max: float = 2.0  # layer probe MSE / model MSE ≤ nrc4_ratio_max
+    noise_alignment_max: float = 0.45  # mean singular value of U_⊥ᵀV_k ≤ noise_alignment_max
 
     def validate(self) -> "Thresholds":
-        for name in ("nrc1_max", "nrc2_min", "nrc3_min"):
+        for name in ("nrc1_max", "nrc2_min", "nrc3_min", "noise_alignment_max"):
             value = getattr(self, name)
             if not 0.0 <= value <= 1.0:
                 raise OptionsError(
@@ -34,6 +46,11 @@ class Thresholds:
 
     def to_dict(self) -> dict[str, float]:
         return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, float]) -> "Thresholds":
+        """A report's ``settings.thresholds``; a key it lacks (a report of an earlier version) keeps its default."""
+        return cls(**{f.name: float(values[f.name]) for f in dataclasses.fields(cls) if f.name in values})
 
 
 @dataclass(frozen=True)

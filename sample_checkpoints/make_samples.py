@@ -58,7 +58,7 @@ GAMMA = 0.1
 BATCH = 256
 MODEL_SEED = 1  # same initialisation for both models
 SHUFFLE_SEED = 2  # same batch order for both models
-# Checkpoints of the weight-decay run while collapse sets in (0, then 1, then 4 collapsed layers under the
+# Checkpoints of the weight-decay run while collapse sets in (0, 0, then 1 collapsed layer under the
 # default thresholds); the run's last epoch is mlp_wd.safetensors itself.
 TREND_EPOCHS = (20, 60, 100)
 

@@ -16,7 +16,7 @@ from nrc_audit.cli.app import audit_app
 from nrc_audit.cli.commands import reanalyze_app
 
 runner = CliRunner()
-LOOSE = ["--nrc1-max", "1", "--nrc2-min", "0", "--nrc3-min", "0", "--nrc4-ratio-max", "1e9"]
+LOOSE = ["--nrc1-max", "1", "--nrc2-min", "0", "--nrc3-min", "0", "--nrc4-ratio-max", "1e9", "--noise-alignment-max", "1"]
 
 
 def run(*args, app=audit_app):

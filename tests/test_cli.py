@@ -56,7 +56,7 @@ def test_gate_exit_codes(mlp_case):
     assert run(*base, "--exit-zero").exit_code == 0
     assert run(*base, "--require-collapsed", "0").exit_code == 0
     # a threshold loose enough to pass every condition turns the verdict around
-    loose = ["--nrc1-max", "1", "--nrc2-min", "0", "--nrc3-min", "0", "--nrc4-ratio-max", "1e9"]
+    loose = ["--nrc1-max", "1", "--nrc2-min", "0", "--nrc3-min", "0", "--nrc4-ratio-max", "1e9", "--noise-alignment-max", "1"]
     passed = run(*base, *loose, "--require-collapsed", "4")
     assert passed.exit_code == 0, passed.stdout
     assert json.loads(passed.stdout)["summary"]["collapse_onset"] == 0

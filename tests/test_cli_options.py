@@ -19,7 +19,7 @@ from nrc_audit.cli.reference import command_params
 # Which command takes which options: written out here on purpose, independently of the groups and decorators in cli/.
 USERS = {
     "analysis": (AnalysisArgs, ("audit", "reanalyze", "trend"),
-                 "--rank --pinv-rtol --rank-energy --batch-size --nrc1-max --nrc2-min --nrc3-min --nrc4-ratio-max "
+                 "--rank --pinv-rtol --rank-energy --batch-size --nrc1-max --nrc2-min --nrc3-min --nrc4-ratio-max --noise-alignment-max "
                  "--require-collapsed"),
     "data": (DataArgs, ("audit", "trend"), "--x-key --y-key --channels-last --scale-uint8 --limit --input-key"),
     "model": (ModelArgs, ("audit", "trend"), "--model-def --model-kwargs --activation --output-key --token-pooling"),

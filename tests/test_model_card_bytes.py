@@ -10,7 +10,7 @@ from typer.testing import CliRunner
 
 from nrc_audit.cli.app import audit_app
 
-LOOSE = ["--nrc1-max", "1", "--nrc2-min", "0", "--nrc3-min", "0", "--nrc4-ratio-max", "1e9"]
+LOOSE = ["--nrc1-max", "1", "--nrc2-min", "0", "--nrc3-min", "0", "--nrc4-ratio-max", "1e9", "--noise-alignment-max", "1"]
 TASK = "Deep Neural Regression Collapse audit"
 
 # Everything a re-dump would damage: a BOM, CRLF, YAML 1.1 scalars, comments, a duplicate key, flow lists,

@@ -15,7 +15,7 @@ from nrc_audit.cli.app import audit_app
 from nrc_audit.cli.commands import trend_app, validate_app
 
 runner = CliRunner()
-LOOSE = ["--nrc1-max", "1", "--nrc2-min", "0", "--nrc3-min", "0", "--nrc4-ratio-max", "1e9"]
+LOOSE = ["--nrc1-max", "1", "--nrc2-min", "0", "--nrc3-min", "0", "--nrc4-ratio-max", "1e9", "--noise-alignment-max", "1"]
 
 
 def run(*args):
@@ -68,12 +68,12 @@ def test_plot_without_matplotlib_exits_2_with_hint(mlp_case, tmp_path, monkeypat
 def test_settings_file_changes_a_verdict_and_the_command_line_wins(mlp_case, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "pyproject.toml").write_text(
-        "[tool.nrc-audit]\nnrc1_max = 1.0\nnrc2_min = 0.0\nnrc3_min = 0.0\nnrc4_ratio_max = 1e9\nrequire_collapsed = 4\n"
+        "[tool.nrc-audit]\nnrc1_max = 1.0\nnrc2_min = 0.0\nnrc3_min = 0.0\nnrc4_ratio_max = 1e9\nnoise_alignment_max = 1.0\nrequire_collapsed = 4\n"
     )
     result = run(*base(mlp_case), "--format", "json")
     assert result.exit_code == 0, result.stderr
     doc = json.loads(result.stdout)
-    assert doc["settings"]["thresholds"]["nrc1_max"] == 1.0 and doc["settings"]["require_collapsed"] == 4
+    assert doc["settings"]["thresholds"]["nrc1_max"] == 1.0 and doc["settings"]["thresholds"]["noise_alignment_max"] == 1.0 and doc["settings"]["require_collapsed"] == 4
     strict = run(*base(mlp_case), "--format", "json", "--nrc3-min", "0.99")
     assert strict.exit_code == 1
     assert json.loads(strict.stdout)["settings"]["thresholds"]["nrc3_min"] == 0.99

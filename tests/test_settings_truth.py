@@ -15,6 +15,7 @@ from nrc_audit.io.settings_file import DEFAULTS, TYPES
 HOMES = {
     "rank": (AnalysisOptions, "rank"), "nrc1_max": (Thresholds, "nrc1_max"), "nrc2_min": (Thresholds, "nrc2_min"),
     "nrc3_min": (Thresholds, "nrc3_min"), "nrc4_ratio_max": (Thresholds, "nrc4_ratio_max"),
+    "noise_alignment_max": (Thresholds, "noise_alignment_max"),
     "pinv_rtol": (AnalysisOptions, "pinv_rtol"), "rank_energy": (AnalysisOptions, "rank_energy"),
     "require_collapsed": (AnalysisOptions, "require_collapsed"), "x_key": (DataOptions, "x_key"),
     "y_key": (DataOptions, "y_key"), "batch_size": (AuditConfig, "batch_size"), "device": (AuditConfig, "device"),
@@ -73,7 +74,7 @@ def test_docs_settings_reference_is_current():
 
 def test_readme_threshold_table_shows_the_defaults():
     text = (REPO / "README.md").read_text(encoding="utf-8")
-    for key in ("nrc1_max", "nrc2_min", "nrc3_min", "nrc4_ratio_max"):
+    for key in ("nrc1_max", "nrc2_min", "nrc3_min", "nrc4_ratio_max", "noise_alignment_max"):
         option = "--" + key.replace("_", "-")
         found = re.search(rf"(\d[\d.]*) \(`{option}`\)", text)
         assert found and float(found.group(1)) == DEFAULTS[key], (key, found and found.group(0))

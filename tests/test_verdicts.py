@@ -21,7 +21,7 @@ from nrc_audit.cli.commands import trend_app
 from nrc_audit.config import Thresholds
 from nrc_audit.core.conditions import METRIC_FIELDS, LayerMetrics
 from nrc_audit.core.diagnostics import DataFacts
-from nrc_audit.core.verdicts import choose_rank, collapse_onset, condition_passed, exit_code, gate, is_collapsed
+from nrc_audit.core.verdicts import choose_rank, collapse_onset, condition_passed, exit_code, gate, is_collapsed, near_threshold
 from nrc_audit.outputs.records import LayerReport
 from nrc_audit.outputs.trend import natural_order
 
@@ -40,11 +40,34 @@ def test_choose_rank_defaults_to_the_intrinsic_rank_and_keeps_the_papers_k_equal
 
 
 def test_condition_passed_thresholds_and_nulls():
-    th = Thresholds(nrc1_max=0.25, nrc2_min=0.6, nrc3_min=0.7, nrc4_ratio_max=2.0)
-    ok = condition_passed({"nrc1": 0.25, "nrc2": 0.6, "nrc3": 0.7, "nrc4_ratio": 2.0}, th)  # boundaries pass
-    assert ok == {"nrc1": True, "nrc2": True, "nrc3": True, "nrc4": True} and is_collapsed(ok)
-    bad = condition_passed({"nrc1": 0.26, "nrc2": 0.59, "nrc3": None, "nrc4_ratio": 2.01}, th)
-    assert bad == {"nrc1": False, "nrc2": False, "nrc3": False, "nrc4": False} and not is_collapsed(bad)
+    th = Thresholds(nrc1_max=0.25, nrc2_min=0.6, nrc3_min=0.7, nrc4_ratio_max=2.0, noise_alignment_max=0.45)
+    values = {"nrc1": 0.25, "nrc2": 0.6, "nrc3": 0.7, "nrc4_ratio": 2.0, "noise_alignment": 0.45}
+    ok = condition_passed(values, th)  # boundaries pass
+    assert ok == {"nrc1": True, "nrc2": True, "nrc3": True, "nrc4": True, "noise_alignment": True} and is_collapsed(ok)
+    bad = condition_passed({"nrc1": 0.26, "nrc2": 0.59, "nrc3": None, "nrc4_ratio": 2.01, "noise_alignment": None}, th)
+    assert bad == dict.fromkeys(ok, False) and not is_collapsed(bad)
+    # the fifth alone decides a layer that passes the other four
+    assert not is_collapsed(condition_passed({**values, "noise_alignment": 0.46}, th))
+    # null noise alignment beside a defined NRC3: features of rank < k, no noise subspace to read
+    assert condition_passed({**values, "noise_alignment": None}, th)["noise_alignment"] is True
+    # a report of an earlier version has no fifth key and is judged on its four
+    assert is_collapsed({"nrc1": True, "nrc2": True, "nrc3": True, "nrc4": True})
+
+
+def test_near_threshold_on_either_side_absolute_and_relative_for_the_ratio():
+    th = Thresholds()
+    far = {"nrc1": 0.0, "nrc2": 1.0, "nrc3": 1.0, "nrc4_ratio": 1.0, "noise_alignment": 0.0}
+    assert near_threshold(far, th) == []
+    assert near_threshold({**far, "nrc3": th.nrc3_min - 0.049}, th) == ["nrc3"]
+    assert near_threshold({**far, "nrc3": th.nrc3_min + 0.049}, th) == ["nrc3"]
+    assert near_threshold({**far, "nrc3": th.nrc3_min + 0.051}, th) == []
+    assert near_threshold({**far, "noise_alignment": th.noise_alignment_max + 0.03}, th) == ["noise_alignment"]
+    assert near_threshold({**far, "nrc4_ratio": th.nrc4_ratio_max * 1.049}, th) == ["nrc4"]
+    assert near_threshold({**far, "nrc4_ratio": th.nrc4_ratio_max + 0.11}, th) == []
+    # only a near value that decides the verdict counts: not when another condition fails anyway
+    assert near_threshold({**far, "nrc3": th.nrc3_min + 0.01, "nrc1": 0.9}, th) == []
+    assert near_threshold({**far, "nrc3": th.nrc3_min - 0.01, "nrc1": 0.9}, th) == []
+    assert near_threshold({**far, "nrc3": th.nrc3_min - 0.01, "nrc1": th.nrc1_max - 0.01}, th) == ["nrc3"]
 
 
 def test_onset_gate_and_exit_code_on_lists():

@@ -17,7 +17,7 @@ from typing import Annotated, Any, Optional
 from nrc_audit.cli.common import (
     ANALYSIS, CI, MODEL, OUTPUTS, ActivationOpt, BaselineOpt, BatchOpt, ChannelsLastOpt, ConfigOpt,
     DatasetIdOpt, DatasetNameOpt, DeviceOpt, EnergyOpt, ExitZeroOpt, FormatOpt, HubTaskOpt, JsonOpt, JunitOpt,
-    LimitOpt, MarkdownOpt, ModelCardOpt, ModelIndexOpt, Nrc1Opt, Nrc2Opt, Nrc3Opt, Nrc4Opt, OutputFormat, PlotOpt,
+    LimitOpt, MarkdownOpt, ModelCardOpt, ModelIndexOpt, Nrc1Opt, Nrc2Opt, Nrc3Opt, Nrc4Opt, NoiseOpt, OutputFormat, PlotOpt,
     QuietFlag, QuietOpt, RankOpt, RequireOpt, RtolOpt, ScaleUint8Opt, ToleranceOpt, XKeyOpt, YKeyOpt, analysis_options,
     is_main, json_object, opt,
 )  # fmt: skip
@@ -97,6 +97,7 @@ class AnalysisArgs:
     nrc2_min: Nrc2Opt = setting("nrc2_min")
     nrc3_min: Nrc3Opt = setting("nrc3_min")
     nrc4_ratio_max: Nrc4Opt = setting("nrc4_ratio_max")
+    noise_alignment_max: NoiseOpt = setting("noise_alignment_max")
     require_collapsed: RequireOpt = setting("require_collapsed")
 
 

@@ -15,7 +15,7 @@ import operator
 from dataclasses import dataclass
 from typing import Mapping
 
-from nrc_audit.config import Thresholds
+from nrc_audit.config import NEAR_MARGIN, Thresholds
 from nrc_audit.errors import ExitCode
 
 RANK_T = "t"  # --rank t: the paper's k = t view
@@ -50,7 +50,7 @@ class Condition:
         return value is not None and bool(compare(value, getattr(thresholds, self.threshold)))
 
 
-# The four conditions (SPEC §4). A fifth is one more row here, a Thresholds field and its metric.
+# The conditions (SPEC §4 and the noise condition). Another is one more row here, a Thresholds field and its metric.
 TABLE: tuple[Condition, ...] = (
     Condition("nrc1", "nrc1", "≤", "nrc1_max", "--nrc1-max", "NRC1 noise", "NRC1", "NRC1 passes when noise ≤ this."),
     Condition("nrc2", "nrc2", "≥", "nrc2_min", "--nrc2-min", "NRC2 CKA", "NRC2", "NRC2 passes when CKA(H, Y) ≥ this."),
@@ -58,9 +58,14 @@ TABLE: tuple[Condition, ...] = (
               "NRC3 passes when the mean principal cosine ≥ this."),
     Condition("nrc4", "nrc4_ratio", "≤", "nrc4_ratio_max", "--nrc4-ratio-max", "NRC4 probe MSE / model MSE", "NRC4 ratio",
               "NRC4 passes when probe MSE / model MSE ≤ this.", relative=True),
+    Condition("noise_alignment", "noise_alignment", "≤", "noise_alignment_max", "--noise-alignment-max",
+              "noise alignment", "noise align.", "The noise condition passes when the mean singular value of U_⊥ᵀV_k "
+              "(W reading the feature noise subspace) ≤ this; 1 disables it."),
 )  # fmt: skip
 CONDITIONS = tuple(c.name for c in TABLE)
 BY_NAME = {c.name: c for c in TABLE}
+# passed key → (value field, threshold field, "max" | "min"): how each condition compares its value
+RULES = {c.name: (c.field, c.threshold, "max" if c.op == "≤" else "min") for c in TABLE}
 
 
 def choose_rank(rank: int | str | None, target_dim: int, rank_estimate: int) -> tuple[int, str]:
@@ -83,16 +88,50 @@ def choose_rank(rank: int | str | None, target_dim: int, rank_estimate: int) -> 
 def condition_passed(values: Mapping[str, float | None], th: Thresholds) -> dict[str, bool]:
     """Per-condition verdicts of one layer (:data:`TABLE`); a null (undefined) metric fails its condition.
 
+    One exception: a null ``noise_alignment`` next to a defined ``nrc3`` means the features have rank below k
+    (λ_k ≈ 0, see core/conditions.py): there is no noise subspace for W to read, so that condition holds.
+
     Args:
-        values: every condition's metric field (``nrc1``, ``nrc2``, ``nrc3``, ``nrc4_ratio``; floats or None).
-        th: the thresholds (NRC1 ≤ nrc1_max, NRC2 ≥ nrc2_min, NRC3 ≥ nrc3_min, NRC4 ratio ≤ nrc4_ratio_max).
+        values: at least ``nrc1``, ``nrc2``, ``nrc3``, ``nrc4_ratio``, ``noise_alignment`` (floats or None).
+        th: the thresholds (NRC1 ≤ nrc1_max, NRC2 ≥ nrc2_min, NRC3 ≥ nrc3_min, NRC4 ratio ≤ nrc4_ratio_max,
+            noise alignment ≤ noise_alignment_max).
     """
-    return {c.name: c.holds(values.get(c.field), th) for c in TABLE}
+
+    def ok(key: str) -> bool:
+        field, limit, kind = RULES[key]
+        v, bound = values.get(field), getattr(th, limit)
+        if v is None:
+            return key == "noise_alignment" and values.get("nrc3") is not None
+        return bool(v <= bound) if kind == "max" else bool(v >= bound)
+
+    return {key: ok(key) for key in CONDITIONS}
+
+
+def near_threshold(values: Mapping[str, float | None], th: Thresholds, margin: float = NEAR_MARGIN) -> list[str]:
+    """The conditions whose value lies within ``margin`` of its threshold, on either side, and decides the verdict.
+
+    Absolute for the fractions and cosines; relative (a factor 1 ± margin) for the NRC4 ratio, which is not
+    bounded by 1. Only a condition whose flip would flip the layer's verdict counts: any near condition of a
+    collapsed layer, the one failing condition of a layer that fails only one. A verdict decided this close
+    could flip with another seed or a few more epochs.
+    """
+    passed = condition_passed(values, th)
+    failing = [c for c in CONDITIONS if not passed[c]]
+    out = []
+    for key in CONDITIONS:
+        field, limit, _ = RULES[key]
+        v, bound = values.get(field), getattr(th, limit)
+        if v is None or (failing and failing != [key]):
+            continue
+        if abs(v - bound) <= (margin * bound if key == "nrc4" else margin):
+            out.append(key)
+    return out
 
 
 def is_collapsed(passed: Mapping[str, bool]) -> bool:
-    """A layer is collapsed when every condition holds."""
-    return all(passed.get(c, False) for c in CONDITIONS)
+    """A layer is collapsed when all five conditions hold (a report without the fifth, from an earlier
+    version, is judged on the four it has)."""
+    return all(passed.get(c, c == "noise_alignment") for c in CONDITIONS)
 
 
 def collapse_onset(collapsed: list[bool]) -> int | None:

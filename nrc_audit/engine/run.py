@@ -11,7 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from nrc_audit.config import AnalysisOptions, AuditConfig
-from nrc_audit.core.conditions import LayerMetrics, layer_metrics, target_summary, with_identity
+from nrc_audit.core.conditions import IDENTITY_FIELDS, LayerMetrics, layer_metrics, target_summary, with_identity
 from nrc_audit.core.stats import PassStatistics
 from nrc_audit.core.verdicts import choose_rank
 from nrc_audit.errors import NrcAuditError, OptionsError
@@ -115,8 +115,7 @@ def analyse(stats: PassStatistics, analysis: AnalysisOptions, device: str = "cpu
         st = finals[i if layer.shares_input_with is None else layer.shares_input_with]
         assert st is not None  # a sharing layer names an earlier layer that holds the statistics
         m = layer_metrics(st, layer.weight.numpy(), k, model_mse, analysis.pinv_rtol, analysis.thresholds, device)
-        return with_identity(m, layer.index, layer.name, layer.kind, layer.in_dim, layer.out_dim, layer.pooled,
-                             layer.shares_input_with)
+        return with_identity(m, *(getattr(layer, f) for f in IDENTITY_FIELDS))
 
     rows = threads.parallel_map(one, range(len(stats.layers)))
     return Findings(rows, target, k, source, model_mse, stats.facts)

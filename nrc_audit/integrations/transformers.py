@@ -29,7 +29,7 @@ class NRCTrainerCallback(TrainerCallback):
     at ``output_key`` (default ``logits``) and an ``attention_mask`` in the probe batches masks token pooling,
     as on the command line. The scalars (``nrc/<layer>/<metric>``, ``nrc/collapsed_layers``, ``nrc/onset``,
     ``nrc/model_mse``) are logged with ``trainer.log``: they land in ``trainer.state.log_history`` and reach
-    every ``report_to`` tracker. A ``TrainerCallback`` is not handed the trainer, so pass ``trainer=``
+    every ``report_to`` tracker (whose TensorBoard writer files them under ``train/nrc/…``). A ``TrainerCallback`` is not handed the trainer, so pass ``trainer=``
     (``trainer.add_callback(NRCTrainerCallback(probe, trainer=trainer))``); without it the scalars are put in
     ``state.log_history`` only, and a warning says the trackers miss them.
 
@@ -80,7 +80,9 @@ class NRCTrainerCallback(TrainerCallback):
         report = self.auditor.run(model, epoch=state.epoch, step=state.global_step, is_main=state.is_world_process_zero)
         values = scalars(report)
         if self.trainer is not None:
+            pending = control.should_log
             self.trainer.log(values)  # log_history and every report_to tracker (through on_log)
+            control.should_log = pending  # on_log clears the flag; the epoch's own loss log must still happen
         else:
             warnings.warn("NRCTrainerCallback has no trainer=: the NRC scalars go to state.log_history only, not "
                           "to the report_to trackers.", stacklevel=2)  # fmt: skip

@@ -26,7 +26,7 @@ def _defaults() -> dict[str, Any]:
     run = AuditConfig(Path("model"), Path("data"))
     return {
         "rank": analysis.rank,
-        **analysis.thresholds.to_dict(),  # nrc1_max, nrc2_min, nrc3_min, nrc4_ratio_max
+        **analysis.thresholds.to_dict(),  # nrc1_max, nrc2_min, nrc3_min, nrc4_ratio_max, noise_alignment_max
         "pinv_rtol": analysis.pinv_rtol,
         "rank_energy": analysis.rank_energy,
         "require_collapsed": analysis.require_collapsed,
@@ -44,7 +44,7 @@ def _defaults() -> dict[str, Any]:
 DEFAULTS: dict[str, Any] = _defaults()
 TYPES: dict[str, tuple[type, ...]] = {
     "rank": (int, str), "nrc1_max": (int, float), "nrc2_min": (int, float), "nrc3_min": (int, float),
-    "nrc4_ratio_max": (int, float), "pinv_rtol": (int, float), "rank_energy": (int, float),
+    "nrc4_ratio_max": (int, float), "noise_alignment_max": (int, float), "pinv_rtol": (int, float), "rank_energy": (int, float),
     "require_collapsed": (int,), "x_key": (str,), "y_key": (str,), "batch_size": (int,), "device": (str,),
     "layers": (list,), "exclude": (list,), "activation": (str,), "baseline_tolerance": (int, float),
 }  # fmt: skip

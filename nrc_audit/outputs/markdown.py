@@ -8,7 +8,9 @@ from __future__ import annotations
 from pathlib import Path
 
 from nrc_audit.core.verdicts import TABLE
+from nrc_audit.config import NEAR_MARGIN
 from nrc_audit.outputs.records import LayerReport, ReportData as Report
+from nrc_audit.outputs.render import near_conditions
 
 HOW_TO_READ = (
     "How to read this: each row is a Linear/Conv2d layer and its *input* features H on the audited data. "
@@ -16,7 +18,8 @@ HOW_TO_READ = (
     "linear CKA between H and the targets (large is collapsed); NRC3 is the mean cosine of the principal angles "
     "between that subspace and the layer weight's top-k input subspace (near 1 is collapsed); NRC4 is the MSE "
     "of the best linear probe from H to the targets, shown as a multiple of the model's own MSE (near 1× is "
-    "collapsed). A layer is collapsed when all four pass; the collapse onset is the first layer of the run of "
+    "collapsed); noise align is the mean singular value of U_⊥ᵀV_k, how much the weight's top-k input subspace "
+    "reads the features' noise subspace (small is collapsed). A layer is collapsed when all five pass; the collapse onset is the first layer of the run of "
     "collapsed layers that ends at the output (Rangamani & Unal, *Deep Neural Regression Collapse*, 2026). "
     "The bound column checks the paper's Proposition 1 (‖(I−P_Y)H‖/‖H‖ ≤ √NRC1 + √(1−NRC2)); a failure there is "
     "a finding about anisotropic spectra, not an error."
@@ -27,17 +30,20 @@ def _fmt(value: float | None, spec: str = ".3f") -> str:
     return "—" if value is None else format(value, spec)
 
 
-def _mark(text: str, ok: bool) -> str:
+def _mark(text: str, ok: bool, near: bool = False) -> str:
+    text = text + " ≈" if near else text
     return text if ok else f"**{text}**"
 
 
-def _row(layer: LayerReport) -> str:
-    p, b = layer.passed, layer.bound
+def _row(layer: LayerReport, thresholds: dict[str, float]) -> str:
+    p, b, near = layer.passed, layer.bound, near_conditions(layer, thresholds)
     bound = "—" if b.get("lhs") is None else f"{b['lhs']:.3f} {'≤' if b['holds'] else '>'} {b['rhs']:.3f}"
     nrc4 = f"{_fmt(layer.nrc4, '.3g')} ({_fmt(layer.nrc4_ratio, '.2f')}×)"
     cells = [str(layer.index), f"`{layer.name}`", layer.kind, str(layer.in_dim),
-             _mark(_fmt(layer.nrc1), p["nrc1"]), _mark(_fmt(layer.nrc2), p["nrc2"]), _mark(_fmt(layer.nrc3), p["nrc3"]),
-             _mark(nrc4, p["nrc4"]), bound, "✅" if layer.collapsed else "❌"]  # fmt: skip
+             *(_mark(_fmt(getattr(layer, c)), p.get(c, True), c in near) for c in ("nrc1", "nrc2", "nrc3")),
+             _mark(nrc4, p["nrc4"], "nrc4" in near),
+             _mark(_fmt(layer.noise_alignment), p.get("noise_alignment", True), "noise_alignment" in near),
+             bound, "✅" if layer.collapsed else "❌"]  # fmt: skip
     return "| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |"
 
 
@@ -83,12 +89,16 @@ def to_markdown(report: Report) -> str:
         _verdict(report),
         "",
         *_warnings(report),
-        "| # | layer | kind | h | NRC1 noise | NRC2 CKA | NRC3 align | NRC4 MSE (×model) | bound lhs vs rhs | collapsed |",
-        "|---:|---|---|---:|---:|---:|---:|---:|---|:---:|",
-        *(_row(layer) for layer in report.layers),
+        "| # | layer | kind | h | NRC1 noise | NRC2 CKA | NRC3 align | NRC4 MSE (×model) | noise align | "
+        "bound lhs vs rhs | collapsed |",
+        "|---:|---|---|---:|---:|---:|---:|---:|---:|---|:---:|",
+        *(_row(layer, th) for layer in report.layers),
         "",
         f"Thresholds: NRC1 ≤ {th['nrc1_max']}, NRC2 ≥ {th['nrc2_min']}, NRC3 ≥ {th['nrc3_min']}, "
-        f"NRC4 ≤ {th['nrc4_ratio_max']}× model MSE; failing values in **bold**.",
+        f"NRC4 ≤ {th['nrc4_ratio_max']}× model MSE"
+        + (f", noise alignment ≤ {th['noise_alignment_max']}" if "noise_alignment_max" in th else "")
+        + f"; failing values in **bold**; ≈: within {NEAR_MARGIN:g} of the threshold (NRC4: within "
+        f"{NEAR_MARGIN:.0%}), a verdict that could flip.",
     ]
     notes = list(m.get("assumptions", [])) + [f"layer {layer.index} (`{layer.name}`): {w}"
                                               for layer in report.layers for w in layer.warnings]  # fmt: skip
@@ -109,7 +119,7 @@ def headline_metrics(report: Report) -> list[dict]:
         # the count travels in the card's metadata; the warnings themselves are in the body (to_markdown)
         {"type": "nrc_report_warnings", "name": "nrc-audit report-level warnings", "value": len(report.warnings)},
     ]  # fmt: skip
-    for c in TABLE:
+    for c in TABLE[:4]:  # the four Deep NRC conditions are the card's headline; the noise condition is in the table
         metrics.append({"type": f"{c.field}_last_layer", "name": f"{c.label} (last layer)", "value": getattr(last, c.field)})
     return metrics
 

@@ -8,6 +8,8 @@ from rich.panel import Panel
 from rich.table import Table
 from rich.text import Text
 
+from nrc_audit.config import NEAR_MARGIN, Thresholds
+from nrc_audit.core.verdicts import RULES, near_threshold
 from nrc_audit.outputs.records import LayerReport, ReportData as Report
 
 FAIL, PASS, WARN = "bold red", "green", "yellow"
@@ -23,8 +25,17 @@ def _times(ratio: float | None) -> str:
     return f"{ratio:.2g}×" if ratio < 10 else f"{ratio:,.0f}×"
 
 
-def _cell(value: float | None, ok: bool, spec: str = ".3f") -> Text:
-    return Text(_num(value, spec), style=PASS if ok else FAIL)
+def _cell(value: float | None, ok: bool, spec: str = ".3f", near: bool = False) -> Text:
+    """A value in green (passes) or red (fails), with ≈ when it lies within NEAR_MARGIN of its threshold."""
+    text = Text(_num(value, spec), style=PASS if ok else FAIL)
+    if near:
+        text.append("≈", style=WARN)
+    return text
+
+
+def near_conditions(layer: LayerReport, thresholds: dict[str, float]) -> set[str]:
+    """The layer's conditions whose values lie within NEAR_MARGIN of their thresholds (the table's ≈)."""
+    return set(near_threshold({f: getattr(layer, f) for f, _, _ in RULES.values()}, Thresholds.from_dict(thresholds)))
 
 
 def _bound(layer: LayerReport) -> Text:
@@ -52,7 +63,9 @@ def layer_table(report: Report, summary: bool = False) -> Table:
     table = Table(
         title=f"Deep NRC audit · {report.model['architecture']}",
         caption=(summary_line(report) + "\n" if summary else "") + f"collapsed when NRC1 noise ≤ {th['nrc1_max']} · NRC2 CKA ≥ {th['nrc2_min']} · NRC3 alignment ≥ "
-        f"{th['nrc3_min']} · NRC4 probe MSE ≤ {th['nrc4_ratio_max']}× model MSE · bound: lhs ≤ √NRC1+√(1−NRC2)"
+        f"{th['nrc3_min']} · NRC4 probe MSE ≤ {th['nrc4_ratio_max']}× model MSE"
+        + (f" · noise alignment ≤ {th['noise_alignment_max']}" if "noise_alignment_max" in th else "")
+        + f" · ≈: within {NEAR_MARGIN:g} of the threshold · bound: lhs ≤ √NRC1+√(1−NRC2)"
         + (" · h*: input averaged over spatial/extra dims" if any(layer.pooled for layer in report.layers) else ""),
         box=box.MINIMAL,
         show_edge=False,
@@ -62,18 +75,21 @@ def layer_table(report: Report, summary: bool = False) -> Table:
     onset = report.summary.collapse_onset
     rows = []
     for layer in report.layers:
-        p = layer.passed
+        p, near = layer.passed, near_conditions(layer, th)
         nrc4 = Text(f"{_num(layer.nrc4, '.2g')} ({_times(layer.nrc4_ratio)})", style=PASS if p["nrc4"] else FAIL)
+        if "nrc4" in near:
+            nrc4.append("≈", style=WARN)
         verdict = Text("✓", style=PASS) if layer.collapsed else Text("✗", style=FAIL)
         if onset is not None and layer.index == onset:
             verdict.append(" onset", style="bold green")
         if layer.warnings:
             verdict.append(" ⚠", style=WARN)
         rows.append([Text(str(layer.index)), Text(layer.name), Text(f"{layer.in_dim}{'*' if layer.pooled else ''}"),
-                     _cell(layer.nrc1, p["nrc1"]), _cell(layer.nrc2, p["nrc2"]), _cell(layer.nrc3, p["nrc3"]),
-                     nrc4, _bound(layer), verdict])  # fmt: skip
-    headers = [("#", "right"), ("layer", "left"), ("h", "right"), ("NRC1", "right"),
-               ("NRC2", "right"), ("NRC3", "right"), ("NRC4 (×MSE)", "right"), ("bound", "right"), ("verdict", "left")]
+                     *(_cell(getattr(layer, c), p.get(c, True), near=c in near) for c in ("nrc1", "nrc2", "nrc3")),
+                     nrc4, _cell(layer.noise_alignment, p.get("noise_alignment", True), ".2f", "noise_alignment" in near),
+                     _bound(layer), verdict])  # fmt: skip
+    headers = [("#", "right"), ("layer", "left"), ("h", "right"), ("NRC1", "right"), ("NRC2", "right"),
+               ("NRC3", "right"), ("NRC4 (×MSE)", "right"), ("noise", "right"), ("bound", "right"), ("verdict", "left")]
     for i, (header, justify) in enumerate(headers):
         # every column but the layer name keeps its full width; long names wrap instead of numbers being cut
         width = max([len(header)] + [r[i].cell_len for r in rows]) if header != "layer" else None
