@@ -35,6 +35,7 @@ class Condition:
     column: str  # the metric's short name in table headers
     help: str  # the option's help
     relative: bool = False  # --baseline-tolerance is relative for this metric (a ratio), else absolute
+    baseline: bool = True  # --baseline compares this metric (and the delta table shows it)
 
     @property
     def default(self) -> float:
@@ -60,7 +61,7 @@ TABLE: tuple[Condition, ...] = (
               "NRC4 passes when probe MSE / model MSE ≤ this.", relative=True),
     Condition("noise_alignment", "noise_alignment", "≤", "noise_alignment_max", "--noise-alignment-max",
               "noise alignment", "noise align.", "The noise condition passes when the mean singular value of U_⊥ᵀV_k "
-              "(W reading the feature noise subspace) ≤ this; 1 disables it."),
+              "(W reading the feature noise subspace) ≤ this; 1 disables it.", baseline=False),
 )  # fmt: skip
 CONDITIONS = tuple(c.name for c in TABLE)
 BY_NAME = {c.name: c for c in TABLE}

@@ -92,12 +92,13 @@ def _write_plot(report: Report, path: Path) -> None:
 def baseline_table(regressions: list[Regression], report: Report, baseline: Report) -> Table:
     """Per-layer deltas against the baseline, regressions in red."""
     table = Table(title=f"against baseline (onset {baseline.summary.collapse_onset} → {report.summary.collapse_onset})")
-    for col in ("#", "layer", *(f"Δ {c.column}" for c in TABLE), "collapsed"):
+    compared = [c for c in TABLE if c.baseline]
+    for col in ("#", "layer", *(f"Δ {c.column}" for c in compared), "collapsed"):
         table.add_column(col, justify="right" if col.startswith(("#", "Δ")) else "left")
     bad = {(r.layer, r.metric) for r in regressions if r.metric is not None}
     for old, new in zip(baseline.layers, report.layers):
         cells = []
-        for key in (c.field for c in TABLE):
+        for key in (c.field for c in compared):
             a, b = getattr(old, key), getattr(new, key)
             text = "—" if a is None or b is None else f"{b - a:+.3f}"
             cells.append(Text(text, style="bold red" if (new.index, key) in bad else ""))
