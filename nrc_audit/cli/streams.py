@@ -110,7 +110,7 @@ def guard() -> None:
             continue
         if stream is None or fd in closed:
             stream = open(fd, "w", encoding="utf-8", closefd=False)
-        elif not stream.encoding.lower().replace("-", "").startswith("utf") and isinstance(stream, io.TextIOWrapper):
+        elif not (stream.encoding or "utf-8").lower().replace("-", "").startswith("utf") and isinstance(stream, io.TextIOWrapper):
             stream.reconfigure(errors="replace")
         setattr(sys, name, GuardedStream(stream, fd, closed=fd in closed))
 
