@@ -18,7 +18,7 @@ import torch
 import nrc_audit
 from conftest import write_h5
 from nrc_audit.config import AnalysisOptions, AuditConfig, ModelOptions
-from nrc_audit.engine.pipeline import reanalyze, run_audit
+from nrc_audit.engine.run import reanalyze, run_audit
 from nrc_audit.outputs.report import METRIC_FIELDS
 
 NETS = textwrap.dedent(
