@@ -7,6 +7,7 @@ report's ``settings`` block records.
 from __future__ import annotations
 
 import math
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -14,10 +15,10 @@ from nrc_audit.config import AnalysisOptions, AuditConfig, BaselineOptions, Data
 from nrc_audit.errors import OptionsError
 from nrc_audit.io.validate import check_tolerance
 
-try:  # Python ≥ 3.11
+if sys.version_info >= (3, 11):
     import tomllib
-except ImportError:  # pragma: no cover - Python 3.10
-    tomllib = None  # type: ignore[assignment]
+else:  # pragma: no cover - Python 3.10: the backport, a dependency there (pyproject.toml)
+    import tomli as tomllib
 
 def _defaults() -> dict[str, Any]:
     """Every settings key with its built-in default, read from the config dataclasses (their one home); the
@@ -60,8 +61,6 @@ def find_pyproject(start: Path) -> Path | None:
 
 
 def _read(path: Path) -> dict[str, Any]:
-    if tomllib is None:  # pragma: no cover
-        raise OptionsError("reading settings files needs Python ≥ 3.11 (tomllib).")
     try:
         return tomllib.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError) as exc:
