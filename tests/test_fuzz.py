@@ -291,7 +291,7 @@ def test_statistics_never_raise_and_stay_in_range(case):
         value = getattr(got, name)
         assert value is None or (math.isfinite(value) and value >= 0), (name, value)
     assert got.bound_holds in (None, True, False)
-    assert set(got.passed) == {"nrc1", "nrc2", "nrc3", "nrc4"} and got.collapsed == all(got.passed.values())
+    assert set(got.passed) == {"nrc1", "nrc2", "nrc3", "nrc4", "noise_alignment"} and got.collapsed == all(got.passed.values())
     assert all(isinstance(w, str) and w for w in got.warnings)
     defined = {name: getattr(got, name) is not None for name in ("nrc1", "nrc2", "nrc3", "nrc4", "nrc4_ratio")}
     if not all(defined.values()) and np.trace(stats.s_yy) > 0:  # constant targets are refused before this

