@@ -162,3 +162,11 @@ def test_escape_codes_markup_and_huge_names_are_neutralised(tmp_path):
     assert len(text) < 100_000
     names = [layer["name"] for layer in json.loads((tmp_path / "r.json").read_text())["layers"]]
     assert names[0] == "\x1b[2J\x1b[31mred" and len(names[1]) == 1_000_030  # the JSON keeps the exact names
+
+
+def test_non_utf8_file_names_get_a_message(mlp_case, tmp_path):
+    odd = Path(os.fsdecode(bytes(tmp_path) + b"/m\xff.safetensors"))
+    odd.write_bytes(mlp_case["ckpt"].read_bytes())
+    result = run(odd, mlp_case["data"], "--no-features")
+    assert result.exit_code == 2 and "internal error" not in result.stderr
+    assert "not valid UTF-8" in flat(result.stderr) and "m\\xff.safetensors" in flat(result.stderr)
