@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -38,9 +39,11 @@ class Thresholds:
                     f"Threshold {name}={value} is outside [0, 1]; it compares a fraction or a cosine. "
                     f"Pass a value between 0 and 1 (default {getattr(Thresholds, name)})."
                 )
-        if not self.nrc4_ratio_max > 0:
+        if not (self.nrc4_ratio_max > 0 and math.isfinite(self.nrc4_ratio_max)):
             raise OptionsError(
-                f"Threshold nrc4_ratio_max={self.nrc4_ratio_max} must be positive (default {Thresholds.nrc4_ratio_max})."
+                f"Threshold nrc4_ratio_max={self.nrc4_ratio_max} must be a finite positive number (default "
+                f"{Thresholds.nrc4_ratio_max}); inf would disable NRC4 and no JSON report can hold it. Pass a large "
+                "value such as 1e9 to pass NRC4 always."
             )
         return self
 

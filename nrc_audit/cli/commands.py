@@ -20,7 +20,7 @@ from nrc_audit.cli.options import (
 )  # fmt: skip
 from nrc_audit.errors import ExitCode, OptionsError
 from nrc_audit.io.files import write_atomic, write_with
-from nrc_audit.io.validate import parse_json
+from nrc_audit.io.validate import parse_json, read_document
 
 reanalyze_app = make_app("Recompute the audit report from a saved feature store, without the model or the data.")
 trend_app = make_app("Collapse over training: audit several checkpoints of one run (or a monitor history).")
@@ -204,10 +204,7 @@ def validate(reports: Annotated[list[Path], typer.Argument(metavar="REPORTS...",
         validator = jsonschema.Draft202012Validator(load_schema())
         code = ExitCode.OK
         for path in reports:
-            try:
-                text = path.read_text(encoding="utf-8")
-            except (OSError, UnicodeDecodeError) as exc:
-                raise OptionsError(f"{path} is not a readable JSON file ({exc}).") from None
+            text = read_document(path, str(path))  # size-capped: /dev/zero is refused, not read forever
             doc = parse_json(text, str(path))  # refuses 10⁵-deep nesting before jsonschema recurses
             errors = sorted(validator.iter_errors(doc), key=lambda e: list(e.absolute_path))
             for error in errors:

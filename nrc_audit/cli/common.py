@@ -338,10 +338,9 @@ def settings_source(config: Path | None) -> Path | None:
 def json_object(text: str | None) -> dict | None:
     if text is None:
         return None
-    try:
-        value = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise OptionsError(f"--model-kwargs is not valid JSON ({exc}); pass e.g. '{{\"width\": 64}}'.") from None
+    from nrc_audit.io.validate import parse_json  # depth-limited: a 10⁵-deep value is a message, not a crash
+
+    value = parse_json(text, f"--model-kwargs {text[:40]!r}{'…' if len(text) > 40 else ''}")
     if not isinstance(value, dict):
         raise OptionsError("--model-kwargs must be a JSON object, e.g. '{\"width\": 64}'.")
     return value

@@ -23,6 +23,7 @@ from safetensors import safe_open
 from nrc_audit.errors import CheckpointError
 from nrc_audit.io.fingerprint import fingerprint_metadata
 from nrc_audit.io import plan
+from nrc_audit.io.pickle_scan import check_pt_pickle
 from nrc_audit.io.validate import parse_json
 
 _SafetensorError = getattr(safetensors, "SafetensorError", OSError)
@@ -92,6 +93,8 @@ def load_checkpoint(path: Path) -> Checkpoint:
         )
     try:  # plan before allocating: header dtypes/indices, zip inflation; then every loaded tensor (io/plan.py)
         (plan.check_safetensors_header if fmt == "safetensors" else plan.check_pt_archive)(path)
+        if fmt == "pt":  # weights_only still allocates what the pickle asks for (bytearray(2e9)): read it first
+            check_pt_pickle(path)
         ckpt = _load_safetensors(path) if fmt == "safetensors" else _load_pt(path)
         ckpt.state_dict = strip_wrappers(ckpt.state_dict, ckpt.notes)
         if not ckpt.state_dict:

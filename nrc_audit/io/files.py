@@ -126,6 +126,9 @@ def check_output_paths(outputs: Mapping[str, Path | None], inputs: Mapping[str, 
         outputs: option name → output path (None: not requested), e.g. {"--json": Path("r.json")}.
         inputs: description → input path, e.g. {"the checkpoint": Path("m.safetensors")}.
     """
+    for label, p in [*inputs.items(), *outputs.items()]:
+        if p is not None:
+            _require_utf8(label, p)
     ins = {label: _identity(p) for label, p in inputs.items() if p is not None}
     seen: dict[str, tuple] = {}
     for option, path in outputs.items():
@@ -150,6 +153,16 @@ def check_output_paths(outputs: Mapping[str, Path | None], inputs: Mapping[str, 
                     "would overwrite the other. Give each output its own path."
                 )
         seen[option] = ident
+
+
+def _require_utf8(label: str, path: Path) -> None:
+    """Paths go into the UTF-8 JSON report and the store: one whose bytes are not UTF-8 is refused by name."""
+    try:
+        os.fspath(path).encode("utf-8")
+    except UnicodeEncodeError:
+        shown = os.fsencode(path).decode("utf-8", "backslashreplace")
+        raise OptionsError(f"{label} {shown}: the path is not valid UTF-8, and the report records paths as UTF-8 "
+                           "text. Rename the file (or its folder) to a UTF-8 name.") from None
 
 
 def replace_target(path: Path) -> tuple[Path, int | None]:

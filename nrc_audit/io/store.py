@@ -328,7 +328,8 @@ class FeatureStore:
         if attrs.get("schema") != SCHEMA:
             self._fh.close()
             raise FeatureStoreError(f"{self.path}: schema {attrs.get('schema')!r}, expected {SCHEMA!r}.")
-        if not bool(attrs.get("complete", False)):
+        complete = attrs.get("complete", False)
+        if not (isinstance(complete, (bool, np.bool_)) and bool(complete)):  # the string "false" is truthy
             self._fh.close()
             raise FeatureStoreError(
                 f"{self.path} is incomplete (the run that wrote it was interrupted or failed); re-run the audit."

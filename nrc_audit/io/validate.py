@@ -161,3 +161,26 @@ def env_int(name: str, default: int) -> int:
         raise OptionsError(f"{name}={shown!r} is not a non-negative integer; torchrun sets it for each rank. Unset "
                            "it to run one process, or launch with `torchrun --nproc-per-node N -m nrc_audit …`.")
     return value
+
+
+MAX_DOCUMENT_BYTES = 64 << 20  # a report is a few KB; a history of thousands of them still fits
+
+
+def read_document(path: Any, source: str, error: type[NrcAuditError] = OptionsError,
+                  cap: int = MAX_DOCUMENT_BYTES) -> str:  # fmt: skip
+    """The UTF-8 text of a JSON document, read with a size cap (``/dev/zero`` or a huge file is refused after
+    ``cap`` bytes instead of growing memory without bound)."""
+    try:
+        with open(path, "rb") as fh:
+            data = fh.read(cap + 1)
+    except FileNotFoundError:
+        raise error(f"{source}: file not found.") from None
+    except OSError as exc:
+        raise error(f"{source} cannot be read ({exc.strerror or exc}).") from None
+    if len(data) > cap:
+        raise error(f"{source} is larger than {cap >> 20} MiB; expected a JSON report written by nrc-audit "
+                    "(a few KB). Pass the file --json wrote.")  # fmt: skip
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise error(f"{source} is not UTF-8 text ({exc}); expected a JSON report written by nrc-audit.") from None

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from nrc_audit.core.verdicts import TABLE
 from nrc_audit.errors import OptionsError
-from nrc_audit.io.validate import check_report, check_tolerance, parse_json
+from nrc_audit.io.validate import check_report, check_tolerance, parse_json, read_document
 from nrc_audit.outputs.report import Report
 
 
@@ -35,12 +35,7 @@ class Regression:
 
 def load_baseline(path: Path) -> Report:
     """Read a baseline report (a JSON file written by ``--json``)."""
-    try:
-        text = Path(path).read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise OptionsError(f"--baseline {path}: file not found.") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise OptionsError(f"--baseline {path} is not a JSON report ({exc}).") from None
+    text = read_document(path, f"--baseline {path}")
     doc = parse_json(text, f"--baseline {path}")
     if not isinstance(doc, dict) or doc.get("schema") != "nrc-audit-report/1":
         raise OptionsError(f"--baseline {path} is not an nrc-audit-report/1 document (its 'schema' field differs).")

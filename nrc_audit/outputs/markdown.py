@@ -9,7 +9,7 @@ from pathlib import Path
 
 from nrc_audit.core.verdicts import TABLE
 from nrc_audit.config import NEAR_MARGIN
-from nrc_audit.outputs.records import LayerReport, ReportData as Report
+from nrc_audit.outputs.records import LayerReport, ReportData as Report, md_code, shown
 from nrc_audit.outputs.render import near_conditions
 
 HOW_TO_READ = (
@@ -39,7 +39,7 @@ def _row(layer: LayerReport, thresholds: dict[str, float]) -> str:
     p, b, near = layer.passed, layer.bound, near_conditions(layer, thresholds)
     bound = "—" if b.get("lhs") is None else f"{b['lhs']:.3f} {'≤' if b['holds'] else '>'} {b['rhs']:.3f}"
     nrc4 = f"{_fmt(layer.nrc4, '.3g')} ({_fmt(layer.nrc4_ratio, '.2f')}×)"
-    cells = [str(layer.index), f"`{layer.name}`", layer.kind, str(layer.in_dim),
+    cells = [str(layer.index), md_code(layer.name), layer.kind, str(layer.in_dim),
              *(_mark(_fmt(getattr(layer, c)), p.get(c, True), c in near) for c in ("nrc1", "nrc2", "nrc3")),
              _mark(nrc4, p["nrc4"], "nrc4" in near),
              _mark(_fmt(layer.noise_alignment), p.get("noise_alignment", True), "noise_alignment" in near),
@@ -53,14 +53,14 @@ def _verdict(report: Report) -> str:
     if s.collapse_onset is None:
         onset = "no collapse onset (the last layer is not collapsed)"
     else:
-        onset = (f"collapse onset at layer {s.collapse_onset} (`{names[s.collapse_onset]}`): the top "
+        onset = (f"collapse onset at layer {s.collapse_onset} ({md_code(names[s.collapse_onset])}): the top "
                  f"{s.num_layers - s.collapse_onset} of {s.num_layers} layers are collapsed")  # fmt: skip
     g = s.gate
     if g.require_collapsed == 0:
         return f"**Gate disabled.** {onset[0].upper() + onset[1:]}."
     if g.passed:
         return f"**Gate passed**: the last {g.require_collapsed} layer(s) are collapsed; {onset}."
-    failing = ", ".join(f"{i} (`{names[i]}`)" for i in g.failing_layers)
+    failing = ", ".join(f"{i} ({md_code(names[i])})" for i in g.failing_layers)
     return f"**Gate FAILED**: failing layer(s) {failing} among the last {g.require_collapsed}; {onset}."
 
 
@@ -81,9 +81,9 @@ def to_markdown(report: Report) -> str:
     lines = [
         "## Deep Neural Regression Collapse audit",
         "",
-        f"Audited with nrc-audit {report.tool['version']}: model `{Path(m['path']).name}` ({m['architecture']}, "
+        f"Audited with nrc-audit {report.tool['version']}: model {md_code(Path(m['path']).name)} ({shown(m['architecture'])}, "
         f"{m['num_parameters']:,} parameters, sha256 `{m['sha256'][:12]}…`) on {d['num_samples']:,} samples of "
-        f"`{Path(d['path']).name}` (sha256 `{d['sha256'][:12]}…`), target dim t = {report.target.dim}, "
+        f"{md_code(Path(d['path']).name)} (sha256 `{d['sha256'][:12]}…`), target dim t = {report.target.dim}, "
         f"rank k = {st['rank']} ({st['rank_source']}), model MSE {_fmt(report.model_mse, '.4g')}.",
         "",
         _verdict(report),
@@ -100,7 +100,7 @@ def to_markdown(report: Report) -> str:
         + f"; failing values in **bold**; ≈: within {NEAR_MARGIN:g} of the threshold (NRC4: within "
         f"{NEAR_MARGIN:.0%}), a verdict that could flip.",
     ]
-    notes = list(m.get("assumptions", [])) + [f"layer {layer.index} (`{layer.name}`): {w}"
+    notes = list(m.get("assumptions", [])) + [f"layer {layer.index} ({md_code(layer.name)}): {w}"
                                               for layer in report.layers for w in layer.warnings]  # fmt: skip
     if notes:
         lines += ["", "Notes:", *(f"- {n}" for n in notes)]

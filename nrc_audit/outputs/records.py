@@ -100,3 +100,21 @@ def load_schema() -> dict[str, Any]:
     """The JSON Schema of ``nrc-audit-report/1`` shipped inside the package."""
     text = resources.files("nrc_audit").joinpath("schema/nrc-audit-report-1.json").read_text("utf-8")
     return json.loads(text)
+
+
+SHOWN_MAX = 200  # characters of a name shown in a table or card; the JSON report keeps the whole name
+
+
+def shown(text: object, limit: int = SHOWN_MAX) -> str:
+    """A user-supplied name (layer, file, architecture) made safe to print: control characters (terminal
+    escape codes, newlines) written as ``\\x1b``-style escapes, and a longer name cut to ``limit`` characters
+    with its length noted. The JSON report keeps the exact name."""
+    s = "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in str(text))
+    s = s.encode("utf-8", "backslashreplace").decode("utf-8")  # undecodable file-name bytes (surrogates)
+    return s if len(s) <= limit else f"{s[:limit]}… ({len(s)} characters)"
+
+
+def md_code(text: object, limit: int = SHOWN_MAX) -> str:
+    """``text`` as an inline markdown code span that cannot end early: printable only, backticks turned into
+    quotes (table rows escape their pipes themselves); HTML inside a code span is shown, never rendered."""
+    return "`" + shown(text, limit).replace("`", "'") + "`"

@@ -10,7 +10,7 @@ from rich.text import Text
 
 from nrc_audit.config import NEAR_MARGIN, Thresholds
 from nrc_audit.core.verdicts import RULES, near_threshold
-from nrc_audit.outputs.records import LayerReport, ReportData as Report
+from nrc_audit.outputs.records import LayerReport, ReportData as Report, shown
 
 FAIL, PASS, WARN = "bold red", "green", "yellow"
 
@@ -61,7 +61,7 @@ def layer_table(report: Report, summary: bool = False) -> Table:
     ``summary``: the caption starts with k, the onset and the gate (for a table shown on its own)."""
     th = report.settings["thresholds"]
     table = Table(
-        title=f"Deep NRC audit · {report.model['architecture']}",
+        title=f"Deep NRC audit · {shown(report.model['architecture'])}",
         caption=(summary_line(report) + "\n" if summary else "") + f"collapsed when NRC1 noise ≤ {th['nrc1_max']} · NRC2 CKA ≥ {th['nrc2_min']} · NRC3 alignment ≥ "
         f"{th['nrc3_min']} · NRC4 probe MSE ≤ {th['nrc4_ratio_max']}× model MSE"
         + (f" · noise alignment ≤ {th['noise_alignment_max']}" if "noise_alignment_max" in th else "")
@@ -84,7 +84,7 @@ def layer_table(report: Report, summary: bool = False) -> Table:
             verdict.append(" onset", style="bold green")
         if layer.warnings:
             verdict.append(" ⚠", style=WARN)
-        rows.append([Text(str(layer.index)), Text(layer.name), Text(f"{layer.in_dim}{'*' if layer.pooled else ''}"),
+        rows.append([Text(str(layer.index)), Text(shown(layer.name)), Text(f"{layer.in_dim}{'*' if layer.pooled else ''}"),
                      *(_cell(getattr(layer, c), p.get(c, True), near=c in near) for c in ("nrc1", "nrc2", "nrc3")),
                      nrc4, _cell(layer.noise_alignment, p.get("noise_alignment", True), ".2f", "noise_alignment" in near),
                      _bound(layer), verdict])  # fmt: skip
@@ -103,7 +103,7 @@ def summary_panel(report: Report) -> Panel:
     s, st, d = report.summary, report.settings, report.data
     onset = s.collapse_onset
     onset_text = "none (the last layer is not collapsed)" if onset is None else \
-        f"layer {onset} ({report.layers[onset].name}): the top {s.num_layers - onset} of {s.num_layers} layers collapsed"
+        f"layer {onset} ({shown(report.layers[onset].name)}): the top {s.num_layers - onset} of {s.num_layers} layers collapsed"
     g = s.gate
     if g.require_collapsed == 0:
         gate_text = Text("disabled (--require-collapsed 0)", style="dim")
@@ -120,12 +120,12 @@ def summary_panel(report: Report) -> Panel:
         Text.assemble("gate: ", gate_text),
     ]
     for assumption in report.model.get("assumptions", []):
-        lines.append(Text(f"note: {assumption}", style="dim"))
+        lines.append(Text(f"note: {shown(assumption, 2000)}", style="dim"))
     for w in report.warnings:
         lines.append(Text(f"warning: {w}", style="bold yellow"))
     for layer in report.layers:
         for w in layer.warnings:
-            lines.append(Text(f"warning: layer {layer.index} ({layer.name}): {w}", style=WARN))
+            lines.append(Text(f"warning: layer {layer.index} ({shown(layer.name)}): {shown(w, 2000)}", style=WARN))
     return Panel(Group(*lines), title="summary", expand=False)
 
 
