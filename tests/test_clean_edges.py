@@ -156,7 +156,7 @@ def test_escape_codes_markup_and_huge_names_are_neutralised(tmp_path):
                  tmp_path / "r.json", "--require-collapsed", "0")  # fmt: skip
     assert result.exit_code == 0, result.stderr
     assert "\x1b" not in result.stdout and "\\x1b[2J" in result.stdout  # shown, not executed
-    assert "(1000030 characters)" in result.stdout and len(result.stdout) < 100_000
+    assert "… (1000030" in result.stdout and len(result.stdout) < 100_000  # the note may wrap in the name column
     text = md.read_text()
     assert "\x1b" not in text and "`<img src=x onerror=alert(1)>'\\|" in text  # inside a code span, row intact
     assert len(text) < 100_000
