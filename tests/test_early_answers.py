@@ -64,7 +64,7 @@ def test_audit_option_errors_come_before_torch(tmp_path, no_torch, args, message
         ("'{exe}' reanalyze missing.features.h5 --batch-size 0", "--batch-size 0 must be ≥ 1"),
         ("'{exe}' trend '{ckpt}' missing.safetensors --data '{data}'", "checkpoint not found: missing.safetensors"),
         ("'{exe}' trend '{ckpt}' --data missing.h5", "data file not found: missing.h5"),
-        ("'{exe}' validate missing.json", "missing.json is not a readable JSON file"),
+        ("'{exe}' validate missing.json", "missing.json: file not found"),
     ],
 )
 def test_missing_files_come_before_torch(tmp_path, no_torch, command, message):
