@@ -52,7 +52,7 @@ def _scan(stream: IO[bytes], path: Path, budget: int) -> int:
     for op, arg, _ in pickletools.genops(stream):
         name = op.name
         if name in ("GLOBAL", "STACK_GLOBAL", "INST"):
-            module, _, attr = (arg.partition(" ") if name != "STACK_GLOBAL" else
+            module, _, attr = (str(arg).partition(" ") if name != "STACK_GLOBAL" else
                                (strings[-2] if len(strings) > 1 else "?", " ", strings[-1] if strings else "?"))  # fmt: skip
             if not _allowed(module, attr):
                 shown = "builtins" if module == "__builtin__" else module  # protocol 2 writes Python 2's name
