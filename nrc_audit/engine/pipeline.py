@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import sys
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
@@ -22,17 +23,17 @@ from nrc_audit.core.conditions import IDENTITY_FIELDS, LayerMetrics, layer_metri
 from nrc_audit.core.diagnostics import report_warnings
 from nrc_audit.core.verdicts import choose_rank, collapse_onset, gate
 from nrc_audit.config import AnalysisOptions, AuditConfig
-from nrc_audit.errors import Interrupted, ModelDataMismatchError, NrcAuditError, OptionsError
+from nrc_audit.errors import Interrupted, ModelDataMismatchError, NrcAuditError, OptionsError, PlanError
 from nrc_audit.io.plan import plan_audit, plan_statistics
 from nrc_audit.core.layer import LayerInfo
 from nrc_audit.engine.extract import FeatureExtractor
 from nrc_audit.engine.layer_kinds import candidate_layers, skipped_layers
-from nrc_audit.engine.model_io import assumption_warnings, lazy_dry_run, prepare_inputs
+from nrc_audit.engine.model_io import assumption_warnings, check_output, lazy_dry_run, model_dtype, prepare_inputs
 from nrc_audit.models.architecture import resolve_model, user_forward_error
 from nrc_audit.io.hf_layout import load_model_files, sha256_path
 from nrc_audit.io.dataset import HDF5Dataset
 from nrc_audit.outputs.report import Gate, Report, Summary
-from nrc_audit.core.stats import PassStatistics
+from nrc_audit.core.stats import PassStatistics, combine_groups
 from nrc_audit.io.store import FeatureStore, FeatureStoreWriter
 
 ProgressHook = Callable[[int, int], None]  # (rows done, rows total)
@@ -55,18 +56,6 @@ def resolve_device(name: str) -> torch.device:
     elif device.type != "cpu":
         raise OptionsError(f"--device {name!r} is not supported; use auto, cpu, cuda or cuda:INDEX.")
     return device
-
-
-def _check_output(out: torch.Tensor, t: int) -> torch.Tensor:
-    """Model output must be (B, t), or (B,) when t = 1; returns (B, t)."""
-    if out.ndim == 1 and t == 1:
-        return out.unsqueeze(1)
-    if out.ndim != 2 or out.shape[1] != t:
-        raise ModelDataMismatchError(
-            f"the model's output has shape {tuple(out.shape)} per batch, but the targets have {t} columns; "
-            f"expected (B, {t}). Is this a regression model for these targets (check --y-key)?"
-        )
-    return out
 
 
 def run_audit(config: AuditConfig, progress: ProgressHook | None = None) -> Report:
@@ -94,6 +83,7 @@ class _Inputs:
     modules: dict[str, torch.nn.Module]
     ds: HDF5Dataset
     context: RunContext
+    groups: tuple[tuple[str, ...], ...] = ((),)  # the memory plan's layer groups, one pass over the data each
 
 
 @contextlib.contextmanager
@@ -103,10 +93,12 @@ def _opened(config: AuditConfig, device: torch.device) -> Iterator[_Inputs]:
     model = resolved.module.to(device)
     with HDF5Dataset(config.data_path, config.data) as ds:
         info = ds.info
-        ds.compute_dtype = _model_dtype(model)  # X beyond float32 is refused for a float32 model (io/dataset.py)
+        ds.compute_dtype = model_dtype(model)  # X beyond float32 is refused for a float32 model (io/dataset.py)
         modules = candidate_layers(model, config.layers, config.exclude)
-        plan_audit(modules, info.num_samples, info.input_shape, config.batch_size, config.features_path,
-                   8 if ds.compute_dtype == torch.float64 else 4, info.target_dim)  # before any batch is read  # fmt: skip
+        plan = plan_audit(modules, info.num_samples, info.input_shape, config.batch_size, config.features_path,
+                          8 if ds.compute_dtype == torch.float64 else 4, info.target_dim)  # before any batch is read
+        for line in plan.notices() if config.progress or len(plan.groups) > 1 else []:
+            print(f"nrc-audit: {line}", file=sys.stderr, flush=True)  # fmt: skip
         data_notes = prepare_inputs(model, ds, device, ds.compute_dtype)  # may pass a mask, keep uint8 ids
         context = RunContext(
             ModelContext(str(config.model_path), sha256_path(config.model_path), ckpt.format, resolved.architecture,
@@ -117,12 +109,12 @@ def _opened(config: AuditConfig, device: torch.device) -> Iterator[_Inputs]:
             str(device), config.batch_size,
             uint8_unscaled=ds.info.x_kind == "uint8" and not config.data.scale_uint8,  # not if kept as ids
         )  # fmt: skip
-        yield _Inputs(model, modules, ds, context)
+        yield _Inputs(model, modules, ds, context, plan.groups)
 
 
 def _pass_rows(config: AuditConfig, inputs: _Inputs, device: torch.device, rows: tuple[int, int],
-               store_path: Path | None,
-               progress: ProgressHook | None) -> tuple[PassStatistics, RunContext, FeatureStoreWriter | None]:  # fmt: skip
+               store_path: Path | None, progress: ProgressHook | None, group: int = 0
+               ) -> tuple[PassStatistics, RunContext, FeatureStoreWriter | None]:  # fmt: skip
     """The one pass over rows [start, stop) of the data, writing them (renumbered from 0) to ``store_path``.
 
     Returns the statistics, the context with what the first batch taught (output container, token
@@ -150,7 +142,8 @@ def _pass_rows(config: AuditConfig, inputs: _Inputs, device: torch.device, rows:
                             input_shape=info.input_shape, num_rows=stop - start,
                             writer_factory=writer_factory if store_path is not None else None, progress=progress,
                             extras=extras, token_pooling=config.model.token_pooling,
-                            output_key=config.model.output_key, notes=notes)  # fmt: skip
+                            output_key=config.model.output_key, notes=notes,
+                            active=frozenset(inputs.groups[group]) if len(inputs.groups) > 1 else None)  # fmt: skip
     return stats, noted(), (made[0] if made else None)
 
 
@@ -163,8 +156,10 @@ def _audit(config: AuditConfig, device: torch.device, progress: ProgressHook | N
     writer = None
     try:
         with _opened(config, device) as inputs:
-            stats, context, writer = _pass_rows(config, inputs, device, (0, inputs.ds.info.num_samples),
-                                                config.features_path, progress)  # fmt: skip
+            rows = (0, inputs.ds.info.num_samples)
+            stats, context, writer = _pass_rows(config, inputs, device, rows, config.features_path, progress)
+            later = [_pass_rows(config, inputs, device, rows, None, progress, g)[0] for g in range(1, len(inputs.groups))]
+            stats = combine_groups([stats, *later])  # the first pass wrote the store; each pass folded its group
     except BaseException:  # closing the inputs failed or was interrupted: the open store goes too
         if writer is not None:
             writer.discard()
@@ -181,6 +176,9 @@ def _audit_sharded(config: AuditConfig, device: torch.device, ctx: distributed.D
         distributed.agree(ctx, "checkpoints (sha256)", inputs.context.model.sha256)
         distributed.agree(ctx, "data files (sha256)", inputs.context.data.sha256)
         context = replace(inputs.context, world_size=ctx.world_size)
+        if len(inputs.groups) > 1:
+            raise PlanError("the memory plan needs several passes, which the sharded (torchrun) audit does not run; "
+                            "raise NRC_AUDIT_MAX_MEMORY, audit fewer layers, or audit in one process.")
         start, stop = distributed.shard(num_samples, config.batch_size, ctx)
         if start >= stop:  # reported to every rank by sync_errors, so that none waits for this one
             distributed.sync_errors(ctx, OptionsError(
@@ -233,10 +231,6 @@ def _report(stats: PassStatistics, config: AuditConfig, context: RunContext,
     return report
 
 
-def _model_dtype(model: torch.nn.Module) -> torch.dtype:
-    return next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
-
-
 def extraction_pass(
     model: torch.nn.Module,
     modules: dict[str, torch.nn.Module],
@@ -252,6 +246,7 @@ def extraction_pass(
     token_pooling: str = "mean",
     output_key: str | None = None,
     notes: list[str] | None = None,
+    active: frozenset[str] | None = None,
 ) -> PassStatistics:
     """The one pass: forward each ``(first_row, x (B, …), y (B, t))`` batch with hooks, accumulate the
     float64 statistics of every layer, and hand the features to the store writer (if any). On success the
@@ -260,8 +255,8 @@ def extraction_pass(
 
     ``extras(first_row, B)`` gives the batch's extra keyword inputs (``--input-key``); how the output
     container was read and how tokens were pooled are appended to ``notes`` (the report's assumptions)."""
-    stats, writer = PassStatistics(), None
-    dtype = _model_dtype(model)
+    stats, writer = PassStatistics(active=active), None  # active: the modules this pass folds (None: all)
+    dtype = model_dtype(model)
     plan = threads.plan() if device.type == "cpu" else threads.ThreadPlan(None, None, False)
     first = True
     reader = overlap.Prefetcher(batches, pin=device.type == "cuda")  # reads batch k+1 while batch k is computed
@@ -274,7 +269,7 @@ def extraction_pass(
                 y = y.to(device, dtype=torch.float64, non_blocking=True).reshape(len(y), -1)  # (B, t)
                 extra = {k: v.to(device) for k, v in extras(start, len(y)).items()} if extras else {}
                 out, feats = _forward(extractor, x, start, input_shape, extra)
-                out = _check_output(out, target_dim)
+                out = check_output(out, target_dim)
                 if first and plan.adaptive:  # light folds (conv nets): the forward gets every core
                     widths = [layer.in_dim + target_dim for layer in extractor.layers or []]  # fold columns
                     plan = threads.rebalanced(plan, extractor.flops_per_row(x, extra), widths)
@@ -328,15 +323,17 @@ def reanalyze(store_path: Path, analysis: AnalysisOptions, batch_size: int = 409
               progress: ProgressHook | None = None) -> Report:  # fmt: skip
     """Recompute the report from a complete feature store alone, without the model or the data file."""
     analysis.validate()
-    stats = PassStatistics()
+    parts = []
     with FeatureStore(store_path) as store:
-        plan_statistics({layer.name: layer.in_dim for layer in store.layers}, store.n, None, 4, store.t)
+        groups = plan_statistics({layer.name: layer.in_dim for layer in store.layers}, store.n, None, 4, store.t).groups
         context = RunContext.from_dict(store.context)
-        for start, out, y, feats in store.batches(batch_size):
-            stats.update(store.layers, out, y, feats)
-            if progress is not None:
-                progress(start + len(y), store.n)
-    return build_report(stats, analysis, context)
+        for group in groups:  # one read of the store per group of the memory plan
+            parts.append(PassStatistics(active=frozenset(group) if len(groups) > 1 else None))
+            for start, out, y, feats in store.batches(batch_size):
+                parts[-1].update(store.layers, out, y, feats)
+                if progress is not None:
+                    progress(start + len(y), store.n)
+    return build_report(combine_groups(parts), analysis, context)
 
 
 def build_report(stats: PassStatistics, analysis: AnalysisOptions, context: RunContext) -> Report:
