@@ -214,7 +214,7 @@ def _huge_images_h5(tmp_path: Path) -> Path:
 BOMBS = {
     "stride-0 .pt (10¹² elements)": lambda p, d: ([_stride0_pt(p), d], "stride 0"),
     "zip inflating to 300 MB": lambda p, d: ([_zip_bomb_pt(p), d], "would inflate by"),
-    "10⁵-wide layer (80 GB S_HH)": lambda p, d: ([_wide_layer_safetensors(p), d], "Σ 8·(h+t)² bytes"),
+    "10⁵-wide layer (80 GB S_HH)": lambda p, d: ([_wide_layer_safetensors(p), d], "8·(h+t)² bytes"),
     "2 KB HDF5 declaring 216 GB": lambda p, d: (
         [nrc_audit.save_checkpoint(make_mlp([4, 6, 1]), p / "m.safetensors", arch={"family": "mlp"}),
          _huge_images_h5(p)], "Lower --batch-size"),

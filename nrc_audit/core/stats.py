@@ -283,6 +283,13 @@ class PassStatistics:
     # rank-local (not merged over ranks): the label heuristics of the warnings read rank 0's rows under torchrun
     facts: DataFacts = field(default_factory=DataFacts, metadata={"merge": None})
     _sse_pending: torch.Tensor | None = field(default=None, repr=False, metadata={"merge": None})
+    # the modules whose layers this pass folds (a group of a memory plan); None: all. An accumulator left
+    # unfolded holds no memory.
+    active: frozenset[str] | None = field(default=None, metadata={"merge": None})
+
+    def folds(self, layer: LayerInfo) -> bool:
+        mine = self.active is None or layer.name in self.active or module_of(layer.name) in self.active
+        return layer.shares_input_with is None and mine
 
     def update(self, layers: list[LayerInfo], outputs: torch.Tensor, y: torch.Tensor, feats: list[torch.Tensor]) -> None:
         """Add one batch: outputs (B, t), y (B, t), feats [(B, h_ℓ)] — all on the same device.
@@ -299,8 +306,9 @@ class PassStatistics:
                 f"a batch of {int(y.shape[0])} target rows came with {int(outputs.shape[0])} output rows and "
                 f"feature rows {wrong or 'as many'}; every layer's features need one row per sample."
             )
-        for acc, f in distinct(self.layers, self.joint, feats):  # a shared input is folded once
-            acc.update_pair(f, y64)
+        for layer, acc, f in zip(self.layers, self.joint, feats):
+            if self.folds(layer):  # a shared input is folded once, into its first layer's accumulator
+                acc.update_pair(f, y64)
         self.targets.update(y64)
         self.facts.observe_targets(y64)
         sq = ((outputs.to(torch.float64) - y64) ** 2).sum()  # 0-d, on the batch's device
@@ -345,3 +353,21 @@ def shared_accumulators(layers: list[LayerInfo]) -> list[JointAccumulator]:
 def distinct(layers: list[LayerInfo], *per_layer: list) -> list[tuple]:
     """The entries of per-layer lists for the layers with an input of their own (each shared state once)."""
     return [tuple(items) for layer, *items in zip(layers, *per_layer) if layer.shares_input_with is None]
+
+
+def module_of(layer_name: str) -> str:
+    """The module a layer name refers to (``NAME#k``, the k-th call of a shared module, is ``NAME``)."""
+    return layer_name.split("#", 1)[0]
+
+
+def combine_groups(parts: list[PassStatistics]) -> PassStatistics:
+    """The statistics of passes over the same rows that each folded one group of layers, as one pass's."""
+    total = parts[0]
+    for part in parts[1:]:
+        for i, layer in enumerate(total.layers):
+            if part.folds(layer):
+                total.joint[i] = part.joint[i]
+    total.active = None
+    total.joint = [acc if layer.shares_input_with is None else total.joint[layer.shares_input_with]
+                   for layer, acc in zip(total.layers, total.joint)]  # fmt: skip
+    return total

@@ -19,7 +19,7 @@ import h5py
 import torch
 
 from nrc_audit.config import AuditConfig
-from nrc_audit.errors import NrcAuditError, OptionsError
+from nrc_audit.errors import NrcAuditError, OptionsError, PlanError
 from nrc_audit.core.stats import Accumulator, Moments, PassStatistics, distinct, shared_accumulators
 from nrc_audit.engine.pipeline import ProgressHook, opened, pass_rows
 from nrc_audit.io.files import write_with
@@ -57,6 +57,10 @@ def audit_sharded(config: AuditConfig, device: torch.device, ctx: DistContext,
         num_samples = inputs.ds.info.num_samples
         agree(ctx, "checkpoints (sha256)", inputs.context.model.sha256)
         agree(ctx, "data files (sha256)", inputs.context.data.sha256)
+        if len(inputs.groups) > 1:
+            raise PlanError("the memory plan needs several passes over the data, which the sharded (torchrun) audit "
+                            "does not run; raise NRC_AUDIT_MAX_MEMORY, audit fewer layers (--layers/--exclude), or "
+                            "audit in one process.")
         inputs = replace(inputs, context=replace(inputs.context, world_size=ctx.world_size))
         start, stop = shard(num_samples, config.batch_size, ctx)
         if start >= stop:  # reported to every rank by sync_errors, so that none waits for this one

@@ -188,3 +188,19 @@ def lazy_dry_run(path: Path, opts: DataOptions) -> Callable[[nn.Module], None]:
             module(x, **extra)
 
     return run
+
+
+def check_output(out: torch.Tensor, t: int) -> torch.Tensor:
+    """Model output must be (B, t), or (B,) when t = 1; returns (B, t)."""
+    if out.ndim == 1 and t == 1:
+        return out.unsqueeze(1)
+    if out.ndim != 2 or out.shape[1] != t:
+        raise ModelDataMismatchError(
+            f"the model's output has shape {tuple(out.shape)} per batch, but the targets have {t} columns; "
+            f"expected (B, {t}). Is this a regression model for these targets (check --y-key)?"
+        )
+    return out
+
+
+def model_dtype(model: torch.nn.Module) -> torch.dtype:
+    return next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)

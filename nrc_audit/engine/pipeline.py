@@ -11,6 +11,7 @@ store's writer, still open: the caller completes it once the report exists.
 from __future__ import annotations
 
 import contextlib
+import sys
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
@@ -24,11 +25,11 @@ from nrc_audit.io.plan import plan_audit
 from nrc_audit.core.layer import LayerInfo
 from nrc_audit.engine.extract import FeatureExtractor
 from nrc_audit.engine.layer_kinds import candidate_layers, skipped_layers
-from nrc_audit.engine.model_io import lazy_dry_run, prepare_inputs
+from nrc_audit.engine.model_io import check_output, lazy_dry_run, model_dtype, prepare_inputs
 from nrc_audit.models.architecture import resolve_model, user_forward_error
 from nrc_audit.io.hf_layout import load_model_files, sha256_path
 from nrc_audit.io.dataset import HDF5Dataset
-from nrc_audit.core.stats import PassStatistics
+from nrc_audit.core.stats import PassStatistics, combine_groups
 from nrc_audit.io.store import FeatureStoreWriter
 from nrc_audit.outputs.context import DataContext, ModelContext, RunContext
 
@@ -93,14 +94,21 @@ class Inputs:
     modules: dict[str, torch.nn.Module]
     ds: HDF5Dataset
     context: RunContext
+    groups: tuple[tuple[str, ...], ...] = ((),)  # the memory plan's layer groups, one pass over the data each
 
 
 def audit_rows(config: AuditConfig, device: torch.device, progress: ProgressHook | None = None) -> Pass:
-    """The single-process pass over every row of the data file, the store written to ``config.features_path``."""
+    """The single-process pass over every row of the data file, the store written to ``config.features_path``.
+    When the memory plan splits the layers into groups, one pass per group: the first writes the store, each
+    folds its group's statistics, and the parts are joined (exact: every layer is folded by exactly one pass)."""
     done = None
     try:
         with opened(config, device) as inputs:
-            done = pass_rows(config, inputs, device, (0, inputs.ds.info.num_samples), config.features_path, progress)
+            rows = (0, inputs.ds.info.num_samples)
+            done = pass_rows(config, inputs, device, rows, config.features_path, progress)
+            later = [pass_rows(config, inputs, device, rows, None, progress, g).stats for g in range(1, len(inputs.groups))]
+            if later:
+                done = Pass(combine_groups([done.stats, *later]), done.context, done.writer)
     except BaseException:  # closing the inputs failed or was interrupted: the open store goes too
         if done is not None and done.writer is not None:
             done.writer.discard()
@@ -116,10 +124,12 @@ def opened(config: AuditConfig, device: torch.device) -> Iterator[Inputs]:
     model = resolved.module.to(device)
     with HDF5Dataset(config.data_path, config.data) as ds:
         info = ds.info
-        ds.compute_dtype = _model_dtype(model)  # X beyond float32 is refused for a float32 model (io/dataset.py)
+        ds.compute_dtype = model_dtype(model)  # X beyond float32 is refused for a float32 model (io/dataset.py)
         modules = candidate_layers(model, config.layers, config.exclude)
-        plan_audit(modules, info.num_samples, info.input_shape, config.batch_size, config.features_path,
-                   8 if ds.compute_dtype == torch.float64 else 4, info.target_dim)  # before any batch is read  # fmt: skip
+        plan = plan_audit(modules, info.num_samples, info.input_shape, config.batch_size, config.features_path,
+                          8 if ds.compute_dtype == torch.float64 else 4, info.target_dim)  # before any batch is read
+        for line in plan.notices() if config.progress or len(plan.groups) > 1 else []:
+            print(f"nrc-audit: {line}", file=sys.stderr, flush=True)
         data_notes = prepare_inputs(model, ds, device, ds.compute_dtype)  # may pass a mask, keep uint8 ids
         context = RunContext(
             ModelContext(str(config.model_path), sha256_path(config.model_path), ckpt.format, resolved.architecture,
@@ -130,11 +140,11 @@ def opened(config: AuditConfig, device: torch.device) -> Iterator[Inputs]:
             str(device), config.batch_size,
             uint8_unscaled=ds.info.x_kind == "uint8" and not config.data.scale_uint8,  # not if kept as ids
         )  # fmt: skip
-        yield Inputs(model, modules, ds, context)
+        yield Inputs(model, modules, ds, context, plan.groups)
 
 
 def pass_rows(config: AuditConfig, inputs: Inputs, device: torch.device, rows: tuple[int, int],
-              store_path: Path | None, progress: ProgressHook | None) -> Pass:  # fmt: skip
+              store_path: Path | None, progress: ProgressHook | None, group: int = 0) -> Pass:  # fmt: skip
     """The one pass over rows [start, stop) of the data, writing them (renumbered from 0) to ``store_path``.
 
     The returned context adds what the first batch taught to the model's assumptions; the store records
@@ -147,24 +157,9 @@ def pass_rows(config: AuditConfig, inputs: Inputs, device: torch.device, rows: t
                                                          config.features_compression)  # fmt: skip
     found = extraction_pass(inputs.model, inputs.modules, batches, device=device, target_dim=info.target_dim,
                             input_shape=info.input_shape, num_rows=stop - start, store=store, progress=progress,
-                            token_pooling=config.model.token_pooling, output_key=config.model.output_key)  # fmt: skip
+                            token_pooling=config.model.token_pooling, output_key=config.model.output_key,
+                            active=frozenset(inputs.groups[group]) if len(inputs.groups) > 1 else None)  # fmt: skip
     return Pass(found.stats, inputs.context.with_assumptions(found.notes), found.writer)
-
-
-def _model_dtype(model: torch.nn.Module) -> torch.dtype:
-    return next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
-
-
-def _check_output(out: torch.Tensor, t: int) -> torch.Tensor:
-    """Model output must be (B, t), or (B,) when t = 1; returns (B, t)."""
-    if out.ndim == 1 and t == 1:
-        return out.unsqueeze(1)
-    if out.ndim != 2 or out.shape[1] != t:
-        raise ModelDataMismatchError(
-            f"the model's output has shape {tuple(out.shape)} per batch, but the targets have {t} columns; "
-            f"expected (B, {t}). Is this a regression model for these targets (check --y-key)?"
-        )
-    return out
 
 
 def _open_writer(store: StoreRequest, layers: list[LayerInfo], notes: tuple[str, ...]) -> FeatureStoreWriter:
@@ -186,13 +181,14 @@ def extraction_pass(
     progress: ProgressHook | None = None,
     token_pooling: str = "mean",
     output_key: str | None = None,
+    active: frozenset[str] | None = None,
 ) -> Extracted:
     """The one pass: forward each ``(first_row, x (B, …), y (B, t), extra)`` batch with hooks (``extra``:
     keyword inputs, ``model(x, **extra)``), accumulate the float64 statistics of every layer, and hand the
     features to the store's writer (opened on the first batch when ``store`` is given). On success the
     writer is returned open, still writing what is queued; on any error it is discarded here."""
-    stats, writer, notes = PassStatistics(), None, tuple[str, ...]()
-    dtype = _model_dtype(model)
+    stats, writer, notes = PassStatistics(active=active), None, tuple[str, ...]()  # active: the modules folded (None: all)
+    dtype = model_dtype(model)
     plan = threads.plan() if device.type == "cpu" else threads.ThreadPlan(None, None, False)
     first = True
     reader = overlap.Prefetcher(batches, pin=device.type == "cuda")  # reads batch k+1 while batch k is computed
@@ -205,7 +201,7 @@ def extraction_pass(
                 y = y.to(device, dtype=torch.float64, non_blocking=True).reshape(len(y), -1)  # (B, t)
                 extra = {k: v.to(device) for k, v in extra.items()}
                 out, feats = _forward(extractor, x, start, input_shape, extra)
-                out = _check_output(out, target_dim)
+                out = check_output(out, target_dim)
                 layers = extractor.layers or []
                 if first:
                     if plan.adaptive:  # light folds (conv nets): the forward gets every core

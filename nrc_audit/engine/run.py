@@ -12,7 +12,7 @@ from pathlib import Path
 
 from nrc_audit.config import AnalysisOptions, AuditConfig
 from nrc_audit.core.conditions import IDENTITY_FIELDS, LayerMetrics, layer_metrics, target_summary, with_identity
-from nrc_audit.core.stats import PassStatistics
+from nrc_audit.core.stats import PassStatistics, combine_groups
 from nrc_audit.core.verdicts import choose_rank
 from nrc_audit.errors import NrcAuditError, OptionsError
 from nrc_audit.engine import distributed, threads
@@ -68,15 +68,17 @@ def reanalyze(store_path: Path, analysis: AnalysisOptions, batch_size: int = 409
               progress: ProgressHook | None = None) -> Report:  # fmt: skip
     """Recompute the report from a complete feature store alone, without the model or the data file."""
     analysis.validate()
-    stats = PassStatistics()
+    parts = []
     with FeatureStore(store_path) as store:
-        plan_statistics({layer.name: layer.in_dim for layer in store.layers}, store.n, None, 4, store.t)
+        groups = plan_statistics({layer.name: layer.in_dim for layer in store.layers}, store.n, None, 4, store.t).groups
         context = RunContext.from_dict(store.context)
-        for start, out, y, feats in store.batches(batch_size):
-            stats.update(store.layers, out, y, feats)
-            if progress is not None:
-                progress(start + len(y), store.n)
-    return report_of(stats, analysis, context)
+        for group in groups:  # one read of the store per group of the memory plan
+            parts.append(PassStatistics(active=frozenset(group) if len(groups) > 1 else None))
+            for start, out, y, feats in store.batches(batch_size):
+                parts[-1].update(store.layers, out, y, feats)
+                if progress is not None:
+                    progress(start + len(y), store.n)
+    return report_of(combine_groups(parts), analysis, context)
 
 
 def report_of(stats: PassStatistics, analysis: AnalysisOptions, context: RunContext) -> Report:

@@ -19,6 +19,7 @@ import os
 import re
 import shutil
 import zipfile
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Iterable, Mapping
 
@@ -130,10 +131,56 @@ def store_bytes(num_rows: int, widths: Mapping[str, int], target_dim: int, items
     return int(raw * (1 + STORE_SLACK)) + STORE_FIXED
 
 
+@dataclass(frozen=True)
+class MemoryPlan:
+    """How the audit fits: the layers' groups, one pass over the data each (one group: the usual single pass),
+    and the figures the run announces before it starts."""
+
+    groups: tuple[tuple[str, ...], ...]
+    stats_bytes: int
+    budget: int
+    store_bytes: int | None = None
+    disk_free: int | None = None
+
+    def notices(self) -> list[str]:
+        lines = []
+        if len(self.groups) > 1:
+            lines.append(f"memory plan: the statistics of all layers need {_size(self.stats_bytes)}, over the "
+                         f"{_size(self.budget)} budget (NRC_AUDIT_MAX_MEMORY or MemAvailable); the layers are audited "
+                         f"in {len(self.groups)} groups, one pass over the data each (same report): "
+                         + "; ".join(f"{g[0]} … {g[-1]} ({len(g)})" if len(g) > 1 else g[0] for g in self.groups))
+        if self.store_bytes is not None:
+            free = f", {_size(self.disk_free)} free on its disk" if self.disk_free is not None else ""
+            lines.append(f"feature store: up to {_size(self.store_bytes)}{free}")
+        return lines
+
+
+def plan_groups(widths: Mapping[str, int], target_dim: int, budget: int) -> tuple[tuple[str, ...], ...]:
+    """Consecutive layers packed into groups whose statistics (with the targets') fit the budget; a layer
+    that alone does not fit is refused (PlanError)."""
+    t = target_dim
+    fixed = 8 * t * t * STATS_FACTOR
+    groups: list[list[str]] = [[]]
+    used = fixed
+    for name, h in widths.items():
+        cost = 8 * (h + t) ** 2 * STATS_FACTOR
+        if fixed + cost > budget:
+            raise PlanError(f"the statistics of layer {name!r} alone (h = {h}, {t} targets; 8·(h+t)² bytes "
+                            f"×{STATS_FACTOR}) need {_size(fixed + cost)} of memory; {_size(budget)} is available "
+                            "(NRC_AUDIT_MAX_MEMORY or MemAvailable). Exclude it with --exclude, or audit on a "
+                            "machine with more memory.")  # fmt: skip
+        if groups[-1] and used + cost > budget:
+            groups.append([])
+            used = fixed
+        groups[-1].append(name)
+        used += cost
+    return tuple(tuple(g) for g in groups)
+
+
 def plan_statistics(widths: Mapping[str, int], num_rows: int, store_path: Path | None, itemsize: int,
-                    target_dim: int = 0, weights: int = 0, pooled: Iterable[str] = ()) -> None:  # fmt: skip
-    """Refuse an audit whose float64 statistics exceed the memory budget, or whose feature store
-    (:func:`store_bytes`) exceeds the free disk of its folder.
+                    target_dim: int = 0, weights: int = 0, pooled: Iterable[str] = ()) -> MemoryPlan:  # fmt: skip
+    """Plan the statistics into the memory budget (:func:`plan_groups`: more than one pass when all layers'
+    do not fit at once) and refuse a feature store (:func:`store_bytes`) over the free disk of its folder.
 
     The statistics of a layer are the joint moments of [H | Y], (h + t)² float64 values, times the
     eigendecomposition's workspace; the targets' own t×t moments come once more. With many targets the t
@@ -144,37 +191,31 @@ def plan_statistics(widths: Mapping[str, int], num_rows: int, store_path: Path |
         target_dim: t. weights: bytes of the float64 weights the store keeps. pooled: the layers whose
         features are stored in float64 (pooled conv inputs).
     """
-    if not widths:
-        return
-    t = target_dim
+    t, budget = target_dim, memory_budget()
     stats = (sum(8 * (h + t) ** 2 for h in widths.values()) + 8 * t * t) * STATS_FACTOR
-    widest = max(widths, key=lambda name: widths[name])
-    refuse_over_memory(
-        f"the statistics of {len(widths)} layers and {t} targets (Σ 8·(h+t)² bytes ×{STATS_FACTOR}; the widest "
-        f"layer, {widest!r}, has h = {widths[widest]})", stats,
-        "Audit fewer layers with --layers/--exclude" + (" or fewer target columns." if t > max(widths.values())
-                                                        else "."))  # fmt: skip
-    if store_path is None:
-        return
+    plan = MemoryPlan(plan_groups(widths, t, budget) if widths else ((),), stats, budget)
+    if store_path is None or not widths:
+        return plan
     folder = Path(store_path).resolve().parent
+    need = store_bytes(num_rows, widths, t, itemsize, weights, pooled)
     try:
         free = shutil.disk_usage(folder).free
     except OSError:
-        return  # the folder's absence is reported by the store writer
-    need = store_bytes(num_rows, widths, t, itemsize, weights, pooled)
+        return replace(plan, store_bytes=need)  # the folder's absence is reported by the store writer
     if need > free:
         raise PlanError(f"--features {store_path}: the store needs up to {_size(need)} ({num_rows} rows × "
                         f"({sum(widths.values())} features + {t} outputs) × {itemsize} bytes, {t} float64 targets, "
                         f"the weights and HDF5's own; compressed stores are planned at this worst case) but {folder} "
                         f"has {_size(free)} free. Free space, choose another folder with --features PATH, pass "
                         "--no-features, or audit fewer layers.")
+    return replace(plan, store_bytes=need, disk_free=free)
 
 
 _WIDTH_ATTRS = ("in_features", "in_channels", "embed_dim", "input_size", "nx")  # Linear, Conv, MHA, RNN, HF Conv1D
 
 
 def plan_audit(modules: Mapping[str, torch.nn.Module], num_rows: int, input_shape: tuple[int, ...], batch_size: int,
-               store_path: Path | None, itemsize: int, target_dim: int = 0) -> None:
+               store_path: Path | None, itemsize: int, target_dim: int = 0) -> MemoryPlan:
     """Everything the pass will allocate, refused up front: the statistics and store (:func:`plan_statistics`)
     and one batch of data, read as stored (≤ 8 bytes a value) and prefetched once (×2), with its targets.
 
@@ -187,10 +228,11 @@ def plan_audit(modules: Mapping[str, torch.nn.Module], num_rows: int, input_shap
     weights = sum(8 * int(getattr(m, "weight").numel()) for m in modules.values()
                   if isinstance(getattr(m, "weight", None), torch.Tensor))  # fmt: skip
     convs = [name for name, m in modules.items() if isinstance(m, torch.nn.modules.conv._ConvNd)]  # pooled, float64
-    plan_statistics(widths, num_rows, store_path, itemsize, target_dim, weights, convs)
+    plan = plan_statistics(widths, num_rows, store_path, itemsize, target_dim, weights, convs)
     per_sample = 8 * (max(1, math.prod(input_shape)) + target_dim)
     refuse_over_memory(f"a batch of {batch_size} samples of shape {input_shape} (×2: read and prefetched)",
                        2 * batch_size * per_sample, "Lower --batch-size.")
+    return plan
 
 
 # Element types nrc-audit computes with; every other one is refused by name (never cast silently).
