@@ -41,12 +41,17 @@ def flat(text: str) -> str:
     return " ".join(text.split())
 
 
+def without_notices(stderr: str) -> str:
+    """stderr less the plan's notices printed before the pass (``nrc-audit: feature store: up to …``)."""
+    return "\n".join(line for line in stderr.splitlines() if not line.startswith("nrc-audit: "))
+
+
 def assert_usage_error(result, *fragments: str, absent: tuple[Path, ...] = ()) -> None:
     """Exit 2, no traceback, nothing on stdout, every fragment in the message, no output file left."""
     assert result.exit_code == 2, (result.exit_code, result.stdout, result.stderr)
     assert "Traceback" not in result.stdout + result.stderr
     assert result.stdout == ""
-    message = flat(result.stderr)
+    message = flat(without_notices(result.stderr))
     assert message.startswith("error: "), message
     for fragment in fragments:
         assert fragment in message, (fragment, message)
