@@ -53,13 +53,17 @@ class Auditor:
         if_exists: "refuse" | "overwrite" | "resume" when ``history`` already holds records.
         stop_on_collapse: stop training once the last N layers are collapsed (0: never).
         source: who writes the history ("lightning", "transformers").
-        probe_options: ``batch_size``, ``x_key``, ``y_key``, ``data_options`` for :class:`ProbeSet`.
+        when, whens: the callback's hook choice and the ones it offers (checked here, before training).
+        batch_size, x_key, y_key, data_options: how :class:`ProbeSet` batches and reads ``data``.
         audit_options: forwarded to :func:`nrc_audit.audit` (rank, thresholds, layers, exclude, …).
     """
 
     def __init__(self, data: Any, *, every_n_epochs: int, history: str | Path | None, if_exists: str,
-                 stop_on_collapse: int, source: str, probe_options: dict[str, Any],
+                 stop_on_collapse: int, source: str, when: str, whens: tuple[str, ...], batch_size: int | None,
+                 x_key: str | None, y_key: str | None, data_options: Any,
                  audit_options: dict[str, Any]) -> None:  # fmt: skip
+        if when not in whens:
+            raise OptionsError(f"when={when!r}: expected one of {list(whens)}.")
         unknown = sorted(set(audit_options) - set(AUDIT_OPTIONS))
         if unknown:
             raise OptionsError(f"unknown audit option(s) {unknown}; the callback takes {list(AUDIT_OPTIONS)}.")
@@ -70,7 +74,10 @@ class Auditor:
                         audit_options.get("rank_energy", AnalysisOptions.rank_energy),
                         audit_options.get("require_collapsed", AnalysisOptions.require_collapsed),
                         audit_options.get("thresholds") or Thresholds()).validate()  # fail before training
-        self.probe = ProbeSet(data, **probe_options)
+        probe: dict[str, Any] = {"x_key": x_key, "y_key": y_key, "data_options": data_options}
+        if batch_size is not None:  # else ProbeSet's own default
+            probe["batch_size"] = batch_size
+        self.probe = ProbeSet(data, **probe)
         self.every_n_epochs, self.stop_on_collapse, self.options = every_n_epochs, stop_on_collapse, audit_options
         self.writer = None if history is None else HistoryWriter(history, source, if_exists)
         self.last: Report | None = None

@@ -51,17 +51,11 @@ class NRCCallback(Callback):
                  if_exists: str = "refuse", stop_on_collapse: int = 0, batch_size: int | None = None,
                  x_key: str | None = None, y_key: str | None = None, data_options: Any = None,
                  **audit_options: Any) -> None:  # fmt: skip
-        if when not in WHEN:
-            from nrc_audit.errors import OptionsError
-
-            raise OptionsError(f"when={when!r}: expected one of {list(WHEN)}.")
-        probe = {"x_key": x_key, "y_key": y_key, "data_options": data_options}
-        if batch_size is not None:
-            probe["batch_size"] = batch_size
-        self.when = when
         self.auditor = Auditor(data, every_n_epochs=every_n_epochs, history=history, if_exists=if_exists,
-                               stop_on_collapse=stop_on_collapse, source="lightning", probe_options=probe,
+                               stop_on_collapse=stop_on_collapse, source="lightning", when=when, whens=WHEN,
+                               batch_size=batch_size, x_key=x_key, y_key=y_key, data_options=data_options,
                                audit_options=audit_options)  # fmt: skip
+        self.when = when
 
     @property
     def last_report(self) -> Report | None:

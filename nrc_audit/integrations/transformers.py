@@ -48,15 +48,11 @@ class NRCTrainerCallback(TrainerCallback):
                  if_exists: str = "refuse", stop_on_collapse: int = 0, batch_size: int | None = None,
                  x_key: str | None = None, y_key: str | None = None, data_options: Any = None, trainer: Any = None,
                  **audit_options: Any) -> None:  # fmt: skip
-        if when not in WHEN:
-            raise OptionsError(f"when={when!r}: expected one of {list(WHEN)}.")
-        probe = {"x_key": x_key, "y_key": y_key, "data_options": data_options}
-        if batch_size is not None:
-            probe["batch_size"] = batch_size
-        self.when, self.trainer, self._evaluations = when, trainer, 0
         self.auditor = Auditor(data, every_n_epochs=every_n_epochs, history=history, if_exists=if_exists,
-                               stop_on_collapse=stop_on_collapse, source="transformers", probe_options=probe,
+                               stop_on_collapse=stop_on_collapse, source="transformers", when=when, whens=WHEN,
+                               batch_size=batch_size, x_key=x_key, y_key=y_key, data_options=data_options,
                                audit_options=audit_options)  # fmt: skip
+        self.when, self.trainer, self._evaluations = when, trainer, 0
 
     @property
     def last_report(self) -> Report | None:
