@@ -14,7 +14,7 @@ map of token counts. All in this one process, interleaved (A B C D, A B C D, …
 * **bare forward**: read the ids in batches from HDF5, forward the model, nothing kept;
 * **bare forward + h5py**: the same with hooks that pool every Linear input as the audit does and write outputs,
   targets and features with plain h5py — the reference of the with-store figure;
-* **audit, no store** and **audit with store**: ``run_audit``; the share of the analysis (``build_report``:
+* **audit, no store** and **audit with store**: ``run_audit``; the share of the analysis (``report_of``:
   eigh of Σ_H, W's subspace and the conditions for every layer) is timed inside.
 
 Peak RSS: each audit once more in a fresh process (``ru_maxrss``). Updates the ``bert`` section of
@@ -44,7 +44,7 @@ from torch import nn  # noqa: E402
 
 from _common import Machine, drop_dirty_pages, load_average, markdown_table, peak_rss_mib, stamp, update_doc_section  # noqa: E402
 from nrc_audit.config import AuditConfig, DataOptions, ModelOptions  # noqa: E402
-from nrc_audit.engine import pipeline  # noqa: E402
+from nrc_audit.engine import run as engine_run  # noqa: E402
 
 BUILDER = '''def bert(config):
     from transformers import BertConfig, BertForSequenceClassification
@@ -113,11 +113,11 @@ def bare_pass(model: nn.Module, data: Path, n: int, batch: int, out_path: Path |
 
 
 class AnalysisClock:
-    """Times ``pipeline.build_report`` (the per-layer analysis) inside ``run_audit``."""
+    """Times ``engine.run.report_of`` (the per-layer analysis and the report built from it) inside ``run_audit``."""
 
     def __init__(self) -> None:
         self.seconds = 0.0
-        self._inner = pipeline.build_report
+        self._inner = engine_run.report_of
 
     def __enter__(self) -> "AnalysisClock":
         def timed(*args, **kwargs):
@@ -127,11 +127,11 @@ class AnalysisClock:
             finally:
                 self.seconds = time.perf_counter() - start
 
-        pipeline.build_report = timed
+        engine_run.report_of = timed
         return self
 
     def __exit__(self, *exc) -> None:
-        pipeline.build_report = self._inner
+        engine_run.report_of = self._inner
 
 
 def audit_pass(model_dir: Path, builder: Path, data: Path, n: int, batch: int, store: Path | None) -> tuple[float, float]:
@@ -139,7 +139,7 @@ def audit_pass(model_dir: Path, builder: Path, data: Path, n: int, batch: int, s
                          batch_size=batch, features_path=store, progress=False)  # fmt: skip
     with AnalysisClock() as clock:
         start = time.perf_counter()
-        pipeline.run_audit(config)
+        engine_run.run_audit(config)
         wall = time.perf_counter() - start
     return wall, clock.seconds
 
