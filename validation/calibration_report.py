@@ -14,7 +14,8 @@ from pathlib import Path
 from typing import Any, Callable, Iterable
 
 from nrc_audit.config import Thresholds
-from nrc_audit.core.verdicts import condition_passed, is_collapsed
+from nrc_audit.config import NO_WEIGHT_DECAY_REGION
+from nrc_audit.core.verdicts import condition_passed, in_no_weight_decay_region, is_collapsed
 
 REPO = Path(__file__).resolve().parents[1]
 DOC, IMG = REPO / "docs" / "validation.md", REPO / "docs" / "img" / "calibration.png"
@@ -30,6 +31,11 @@ def well_fitted(run: dict) -> bool:
 
 def collapsed(layer: dict, th: Thresholds) -> bool:
     return is_collapsed(condition_passed(layer, th))
+
+
+def warned(layer: dict, th: Thresholds) -> bool:
+    """Collapsed, but inside the no-weight-decay region: the report carries a layer warning saying so."""
+    return in_no_weight_decay_region(layer, collapsed(layer, th))
 
 
 def last(run: dict, key: str) -> dict:
@@ -84,7 +90,9 @@ def misclassified(runs: list[dict], th: Thresholds) -> list[str]:
     for (arch, target, wd), wrong in cells.items():
         ls = [last(r, "auto") for r in wrong]
         fails = sorted({c for l in ls for c, ok in condition_passed(l, th).items() if not ok})
-        out.append(f"{arch} {target} λ={wd:g}: {len(wrong)} seed(s) {'collapsed' if wd == 0 else 'not collapsed'}"
+        flagged = sum(warned(l, th) for l in ls)
+        note = f" ({flagged} with the no-weight-decay warning)" if flagged else ""
+        out.append(f"{arch} {target} λ={wd:g}: {len(wrong)} seed(s) {'collapsed' + note if wd == 0 else 'not collapsed'}"
                    f"{'' if wd == 0 else ' (fail ' + ', '.join(fails) + ')'}; NRC3 {span(l['nrc3'] for l in ls)}, "
                    f"noise alignment {span(l['noise_alignment'] for l in ls)}")  # fmt: skip
     return out
@@ -117,15 +125,18 @@ def condition_table(runs: list[dict], key: str, th: Thresholds) -> list[str]:
 
 
 def verdict_counts(runs: list[dict], th: Thresholds) -> list[str]:
-    rows = ["| k rule | targets | λ = 0: last layer fails | λ > 0, fitted: last layer collapsed | by λ |",
-            "|---|---|---:|---:|---|"]  # fmt: skip
+    rows = ["| k rule | targets | λ = 0: last layer fails | λ = 0: fails or warned | λ > 0, fitted: last layer "
+            "collapsed | … of which warned | by λ |", "|---|---|---:|---:|---:|---:|---|"]  # fmt: skip
     for key, label in KEYS.items():
         for kind, pick in KINDS.items():
             zero, pos, _ = groups([r for r in runs if pick(r)])
             by = ", ".join(f"{wd:g}: {sum(collapsed(last(r, key), th) for r in pos if r['wd'] == wd)}/"
                            f"{sum(r['wd'] == wd for r in pos)}" for wd in sorted({r['wd'] for r in pos}))  # fmt: skip
-            rows.append(f"| {label} | {kind} | {sum(not collapsed(last(r, key), th) for r in zero)}/{len(zero)} | "
-                        f"{sum(collapsed(last(r, key), th) for r in pos)}/{len(pos)} | {by} |")  # fmt: skip
+            fails = sum(not collapsed(last(r, key), th) for r in zero)
+            rows.append(f"| {label} | {kind} | {fails}/{len(zero)} | "
+                        f"{fails + sum(warned(last(r, key), th) for r in zero)}/{len(zero)} | "
+                        f"{sum(collapsed(last(r, key), th) for r in pos)}/{len(pos)} | "
+                        f"{sum(warned(last(r, key), th) for r in pos)} | {by} |")  # fmt: skip
     return rows
 
 
@@ -156,6 +167,15 @@ def write_block(res: dict, th: Thresholds, old: Thresholds) -> str:
               f"{s['pos_collapsed']}/{len(pos)} |" for s in nrc3]  # fmt: skip
     lines += [f"| noise_alignment_max (nrc3_min {th.nrc3_min}) | {s['value']:g} | {s['zero_collapsed']}/{len(zero)} | "
               f"{s['pos_collapsed']}/{len(pos)} |" for s in na]  # fmt: skip
+    region = " and ".join(f"{f} > {b:g}" for f, b in NO_WEIGHT_DECAY_REGION.items())
+    lines += ["", f"**No-weight-decay region** ({region}; a collapsed layer there gets a layer warning): "
+              f"λ = 0 last layers collapsed there {sum(warned(last(r, 'auto'), th) for r in zero)}/"
+              f"{sum(collapsed(last(r, 'auto'), th) for r in zero)} of those collapsed; fitted λ > 0 last layers "
+              f"warned, by λ: " + ", ".join(f"{wd:g}: {sum(warned(last(r, 'auto'), th) for r in pos if r['wd'] == wd)}/"
+                                          f"{sum(r['wd'] == wd for r in pos)}" for wd in sorted({r['wd'] for r in pos}))
+              + "; every layer (not only the last) of fitted λ > 0 models, collapsed and warned: "
+              f"{sum(warned(l, th) for r in pos for l in r['audits']['auto']['layers'])}/"
+              f"{sum(collapsed(l, th) for r in pos for l in r['audits']['auto']['layers'])}."]  # fmt: skip
     wrong = misclassified(runs, th)
     lines += ["", f"**Misclassified by the new defaults at k = auto** ({len(wrong)} cells of 3 seeds):", ""] + ([f"- {w}" for w in wrong] or ["- none"])
     for key, label in KEYS.items():

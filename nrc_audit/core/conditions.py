@@ -15,7 +15,7 @@ import numpy as np
 
 from nrc_audit.config import Thresholds
 from nrc_audit.core.spectra import FeatureSpectrum, feature_spectrum, fix_signs, weight_spectrum
-from nrc_audit.core.verdicts import RULES, condition_passed, is_collapsed, near_threshold
+from nrc_audit.core.verdicts import RULES, condition_passed, is_collapsed, verdict_warnings
 
 if TYPE_CHECKING:  # an annotation only: the report records (outputs) load without torch
     from nrc_audit.core.stats import LayerStatistics
@@ -323,14 +323,10 @@ def _bound_part(out: LayerMetrics, lam: np.ndarray, c: np.ndarray, sigma_y: np.n
 
 
 def _verdicts(out: LayerMetrics, th: Thresholds) -> LayerMetrics:
-    """Fill ``passed`` and ``collapsed`` (the policy: :mod:`nrc_audit.core.verdicts`); warn of near-threshold values."""
+    """Fill ``passed`` and ``collapsed`` (the policy: :mod:`nrc_audit.core.verdicts`) and the warnings that
+    qualify the verdict (near a threshold; inside the no-weight-decay region)."""
     values = {f: getattr(out, f) for f, _, _ in RULES.values()}
     out.passed = condition_passed(values, th)
     out.collapsed = is_collapsed(out.passed)
-    for key in near_threshold(values, th):
-        field, limit, _ = RULES[key]
-        out.warnings.append(
-            f"near threshold: {field} {values[field]:.4g} is close to {limit} {getattr(th, limit):g} "
-            f"({'passes' if out.passed[key] else 'fails'}); this verdict could flip with another seed or more training"
-        )
+    out.warnings.extend(verdict_warnings(values, th))
     return out

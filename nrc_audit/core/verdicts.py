@@ -15,7 +15,7 @@ import operator
 from dataclasses import dataclass
 from typing import Mapping
 
-from nrc_audit.config import NEAR_MARGIN, Thresholds
+from nrc_audit.config import NEAR_MARGIN, NO_WEIGHT_DECAY_REGION, Thresholds
 from nrc_audit.errors import ExitCode
 
 RANK_T = "t"  # --rank t: the paper's k = t view
@@ -126,6 +126,30 @@ def near_threshold(values: Mapping[str, float | None], th: Thresholds, margin: f
             continue
         if abs(v - bound) <= (margin * bound if key == "nrc4" else margin):
             out.append(key)
+    return out
+
+
+def in_no_weight_decay_region(values: Mapping[str, float | None], collapsed: bool) -> bool:
+    """A collapsed layer whose NRC1 and noise alignment both exceed :data:`NO_WEIGHT_DECAY_REGION`: where the
+    calibration study's networks trained without weight decay were called collapsed too."""
+    return collapsed and all((v := values.get(field)) is not None and v > bound
+                             for field, bound in NO_WEIGHT_DECAY_REGION.items())  # fmt: skip
+
+
+def verdict_warnings(values: Mapping[str, float | None], th: Thresholds) -> list[str]:
+    """The layer warnings that qualify its verdict: values near their thresholds (:func:`near_threshold`) and a
+    collapse inside the no-weight-decay region (:func:`in_no_weight_decay_region`)."""
+    passed = condition_passed(values, th)
+    out = []
+    for key in near_threshold(values, th):
+        field, limit, _ = RULES[key]
+        out.append(f"near threshold: {field} {values[field]:.4g} is close to {limit} {getattr(th, limit):g} "
+                   f"({'passes' if passed[key] else 'fails'}); this verdict could flip with another seed or more training")  # fmt: skip
+    if in_no_weight_decay_region(values, is_collapsed(passed)):
+        found = " and ".join(f"{f} {values[f]:.3g} > {b:g}" for f, b in NO_WEIGHT_DECAY_REGION.items())
+        out.append(f"collapsed, but {found}: networks trained without weight decay reached this region and were "
+                   "called collapsed too in the calibration study (docs/validation.md, \"Calibration\"); this verdict "
+                   "alone does not show that weight decay collapsed this layer")  # fmt: skip
     return out
 
 
