@@ -88,3 +88,30 @@ def test_validate_needs_no_torch(tmp_path, no_torch):
     (tmp_path / "bad.json").write_text(json.dumps(doc))
     result = bash(f"'{console_script()}' validate {shlex.quote('bad.json')}", tmp_path, no_torch)
     assert result.returncode == 1 and "INVALID" in result.stdout, result.stdout + result.stderr
+
+
+TORCH_MISSING = '''import sys
+class _TorchMissing:  # what an interpreter without torch raises: ModuleNotFoundError naming the module
+    def find_spec(self, name, path=None, target=None):
+        if name == "torch" or name.startswith("torch."):
+            raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+sys.meta_path.insert(0, _TorchMissing())
+'''
+
+
+def test_a_python_without_torch_gets_the_install_command_not_an_internal_error(tmp_path):
+    """A plain `pip install nrc-audit` into an environment whose torch install failed (or was skipped): the audit
+    names the missing package, the interpreter and the CPU-wheel command; exit 2, no traceback, no report."""
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(TORCH_MISSING)
+    env = {"PYTHONPATH": str(site)}
+    result = bash(sample_args("--no-features", "--json", "report.json"), tmp_path, env)
+    err = " ".join(result.stderr.split())
+    assert result.returncode == 2, result.stderr
+    assert "needs the Python package 'torch', which is not installed" in err, err
+    assert "pip install torch --index-url https://download.pytorch.org/whl/cpu" in err, err
+    assert "internal error" not in err and "Traceback" not in result.stderr
+    assert not (tmp_path / "report.json").exists()
+    version = bash(f"'{console_script()}' --version", tmp_path, env)  # needs no torch at all
+    assert version.returncode == 0 and version.stdout.startswith("nrc-audit "), version.stderr

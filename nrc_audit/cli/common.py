@@ -236,6 +236,26 @@ def _report_internal_error(exc: BaseException) -> None:
     _traceback_if_debug(exc)
 
 
+# How to install a run-time dependency that may be missing (any other: pip install NAME; the optional extras
+# raise their own messages). torch: the CPU build from
+# PyTorch's own index, because PyPI's default Linux wheel is a CUDA build of several GB (README, "Install").
+INSTALL_HINTS = {
+    "torch": "pip install torch --index-url https://download.pytorch.org/whl/cpu (the CPU build; for a GPU, the "
+             "command for your CUDA version from https://pytorch.org)",
+}  # fmt: skip
+
+
+def _report_missing_module(exc: ModuleNotFoundError) -> None:
+    """A package this Python lacks: which one, which interpreter, and the command that installs it."""
+    name = (exc.name or str(exc)).split(".")[0]
+    hint = INSTALL_HINTS.get(name, f"pip install {name}")
+    err_console.print(Text.assemble(("error: ", "bold red"), (
+        f"this command needs the Python package '{name}', which is not installed for {sys.executable} "
+        f"(Python {sys.version.split()[0]}); no report was written. Install it with: {hint}")),
+        highlight=False, soft_wrap=True)  # fmt: skip
+    _traceback_if_debug(exc)
+
+
 def _report_exit_call(exc: SystemExit) -> None:
     """sys.exit() in code the command ran (a --model-def factory, a library): a stop, not a bug of nrc-audit."""
     err_console.print(Text.assemble(("error: ", "bold red"), (
@@ -273,6 +293,9 @@ def _run_body(body: Callable[[], ExitCode | int]) -> int:
         raise
     except SystemExit as exc:  # the audit could not run to its end: exit 2, never the caller's own code
         _report_exit_call(exc)
+        return int(ExitCode.USAGE)
+    except ModuleNotFoundError as exc:  # a dependency missing from this Python: how to install it, not a bug
+        _report_missing_module(exc)
         return int(ExitCode.USAGE)
     except Exception as exc:  # anything else is a bug or an unforeseen input: exit 2 (ruff's convention), never 1
         _report_internal_error(exc)
