@@ -218,12 +218,14 @@ def render(args, machine: Machine, seen: dict, store_mib: float, rss: dict) -> s
         f"{stamp(machine)} BERT-width regressor: {args.blocks} blocks, hidden 768, intermediate 3072, T = {args.seq}, "
         f"N = {args.n:,}, batch {args.batch_size}, {6 * args.blocks + 2} Linear layers audited; {args.reps} interleaved "
         f"repetitions (minimum shown); the feature store is {store_mib:,.0f} MiB. Load during the runs: "
-        f"{min(loads):.1f}–{max(loads):.1f} (a shared machine: other jobs ran).",
+        f"{min(loads):.1f}–{max(loads):.1f} (the benchmark's own 2 threads count up to 2).",
         "",
         table,
         "",
         f"**audit without store ÷ bare forward = {best['audit'][0] / best['fwd'][0]:.2f}×**; "
         f"**audit with store ÷ (bare forward + h5py) = {best['audit+store'][0] / best['fwd+h5'][0]:.2f}×**.{rss_line}",
+        "",
+        f"Command: `python benchmarks/bert.py {' '.join(sys.argv[1:])}`",
     ])
 
 
