@@ -83,6 +83,31 @@ def test_endless_documents_are_read_with_a_cap(mlp_case, which):
     assert "larger than 64 MiB" in flat(result.stderr)
 
 
+def _address_space_cap() -> None:
+    import resource
+
+    resource.setrlimit(resource.RLIMIT_AS, (1536 << 20, 1536 << 20))  # 1.5 GB: an uncapped read dies of MemoryError
+
+
+@pytest.mark.parametrize("which", ["dev-zero", "sparse-8G"])
+def test_trend_history_is_read_with_a_cap_in_bounded_memory(tmp_path, which):
+    """``trend --history`` reads like validate and --baseline: the 64 MiB cap, not the whole file, under 1.5 GB."""
+    if which == "dev-zero":
+        if not Path("/dev/zero").exists():
+            pytest.skip("no /dev/zero")
+        history = Path("/dev/zero")
+    else:
+        history = tmp_path / "history.jsonl"
+        with open(history, "wb") as fh:
+            fh.truncate(8 << 30)  # sparse: 8 GB of zeros that take no disk space
+    done = subprocess.run([sys.executable, "-m", "nrc_audit", "trend", "--history", str(history)], capture_output=True,
+                          text=True, timeout=300, preexec_fn=_address_space_cap)  # fmt: skip
+    assert done.returncode == 2, done.stderr
+    assert f"the history file {history} is larger than 64 MiB" in flat(done.stderr), done.stderr
+    assert "internal error" not in done.stderr and "Traceback" not in done.stderr
+    assert done.stdout == ""
+
+
 @pytest.mark.parametrize("value", ["inf", "1e400", "nan", "-inf"])
 def test_thresholds_no_report_can_hold_are_refused(mlp_case, value):
     result = run(mlp_case["ckpt"], mlp_case["data"], "--no-features", "--nrc4-ratio-max", value)

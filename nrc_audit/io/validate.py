@@ -164,12 +164,21 @@ def env_int(name: str, default: int) -> int:
 
 
 MAX_DOCUMENT_BYTES = 64 << 20  # a report is a few KB; a history of thousands of them still fits
+REPORT_DOCUMENT = "a JSON report written by nrc-audit (a few KB): pass the file --json wrote"
 
 
 def read_document(path: Any, source: str, error: type[NrcAuditError] = OptionsError,
-                  cap: int = MAX_DOCUMENT_BYTES) -> str:  # fmt: skip
+                  cap: int = MAX_DOCUMENT_BYTES, expected: str = REPORT_DOCUMENT) -> str:  # fmt: skip
     """The UTF-8 text of a JSON document, read with a size cap (``/dev/zero`` or a huge file is refused after
-    ``cap`` bytes instead of growing memory without bound)."""
+    ``cap`` bytes instead of growing memory without bound).
+
+    Args:
+        path: the file (``str`` or ``PathLike``); a FIFO or character device is read like a file, up to the cap.
+        source: how messages name the file, e.g. ``"--baseline r.json"``.
+        error: the exception raised for a missing, unreadable, oversized or non-UTF-8 file.
+        cap: the most bytes read; one more means the file is refused.
+        expected: what the file should be, ending the messages ("expected …").
+    """
     try:
         with open(path, "rb") as fh:
             data = fh.read(cap + 1)
@@ -178,9 +187,8 @@ def read_document(path: Any, source: str, error: type[NrcAuditError] = OptionsEr
     except OSError as exc:
         raise error(f"{source} cannot be read ({exc.strerror or exc}).") from None
     if len(data) > cap:
-        raise error(f"{source} is larger than {cap >> 20} MiB; expected a JSON report written by nrc-audit "
-                    "(a few KB). Pass the file --json wrote.")  # fmt: skip
+        raise error(f"{source} is larger than {cap >> 20} MiB; expected {expected}.")
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError as exc:
-        raise error(f"{source} is not UTF-8 text ({exc}); expected a JSON report written by nrc-audit.") from None
+        raise error(f"{source} is not UTF-8 text ({exc}); expected {expected}.") from None

@@ -23,11 +23,13 @@ from pathlib import Path
 from typing import Any
 
 from nrc_audit.errors import OptionsError
-from nrc_audit.io.validate import check_report, parse_json
+from nrc_audit.io.validate import check_report, parse_json, read_document
 from nrc_audit.outputs.report import Report
 
 SCHEMA = "nrc-audit-history/1"
 IF_EXISTS = ("refuse", "overwrite", "resume")
+HISTORY_DOCUMENT = ("a JSON-lines history written by CollapseMonitor or the Lightning / transformers callbacks "
+                    "(a few KB per audit)")
 
 
 @dataclass(frozen=True)
@@ -110,10 +112,8 @@ def _records_in(path: Path) -> list[HistoryRecord]:
 def read_records(path: str | Path) -> list[HistoryRecord]:
     """Every record of a history file, in file order (OptionsError naming the line of a bad one)."""
     path = Path(path)
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except (OSError, UnicodeDecodeError) as exc:
-        raise OptionsError(f"cannot read the history file {path}: {exc}") from None
+    # size-capped like --baseline and validate: /dev/zero or a huge sparse file is refused, not read into memory
+    lines = read_document(path, f"the history file {path}", expected=HISTORY_DOCUMENT).splitlines()
     records = []
     for number, line in enumerate(lines, 1):
         if line.strip():
