@@ -128,15 +128,30 @@ def test_ranks_with_different_checkpoints_fail_fast(tmp_path):
     assert not report.exists()
 
 
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
+LAUNCHER = [sys.executable, "-m", "nrc_audit.cli.torchrun", "--standalone", "--nproc-per-node", "2"]
+
+
 @pytest.mark.torchrun
 def test_torchrun_launcher(tmp_path):
+    """Through the launcher (torchrun's own main inside): the sharded report equals the single-process one."""
     reference = single(tmp_path)
     report = tmp_path / "torchrun.json"
-    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-                           "-m", "nrc_audit", str(MODEL), str(DATA), "--no-features", "--json", str(report), *COMMON],
-                          env=ENV, capture_output=True, text=True, timeout=300, cwd=tmp_path)  # fmt: skip
+    done = subprocess.run([*LAUNCHER, "-m", "nrc_audit", str(MODEL), str(DATA), "--no-features", "--json", str(report),
+                           *COMMON], env=ENV, capture_output=True, text=True, timeout=300, cwd=tmp_path)  # fmt: skip
     assert done.returncode == 0, done.stderr
     assert_same_audit(json.loads(report.read_text()), reference)
+
+
+@pytest.mark.torchrun
+def test_launcher_passes_the_ranks_exit_code_through_where_torchrun_says_1(tmp_path):
+    """Unusable input on every rank exits 2: torchrun itself ends with 1 (a failed gate's code), the launcher 2."""
+    args = ["-m", "nrc_audit", str(MODEL), str(DATA), "--no-features", "--limit", "100", *COMMON]
+    plain = subprocess.run([*TORCHRUN, *args], env=ENV, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    ours = subprocess.run([*LAUNCHER, *args], env=ENV, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert plain.returncode == 1 and "ChildFailedError" in plain.stderr  # torchrun's behaviour, the reason for ours
+    assert ours.returncode == 2, ours.stderr
+    assert "Traceback" not in ours.stderr and "rank 0 exited with 2" in " ".join(ours.stderr.split())
 
 
 @pytest.mark.torchrun
@@ -225,3 +240,42 @@ def test_rank_killed_mid_pass_ends_the_run_within_10_s(tmp_path):
     assert run.returncode != 0 and took < 45, took  # liveness: a hang runs into the 60 s timeout
     assert not (tmp_path / "f.h5").exists()
     assert not any(p.name.endswith(".h5") and "rank" in p.name and not p.name.startswith(".") for p in tmp_path.iterdir())
+
+
+@pytest.mark.torchrun
+def test_ctrl_c_under_the_launcher_exits_130_and_leaves_no_store(tmp_path):
+    """Ctrl-C reaches the whole foreground process group: the workers stop (130) and so does the launcher, with
+    130 — torchrun itself ends with 1 and a SignalException traceback."""
+    import torch
+
+    import nrc_audit
+    from conftest import make_xy, write_h5
+
+    src = tmp_path / "slow.py"
+    src.write_text(SLOW_DEF)
+    ns: dict = {}
+    exec(compile(SLOW_DEF, str(src), "exec"), ns)
+    torch.manual_seed(0)
+    ckpt = nrc_audit.save_checkpoint(ns["build"](), tmp_path / "slow.safetensors")
+    data = write_h5(tmp_path / "d.h5", **dict(zip("XY", make_xy(2000, 12, 3))))
+    pids = tmp_path / "pids"
+    pids.mkdir()
+    run = subprocess.Popen([*LAUNCHER, "-m", "nrc_audit", str(ckpt), str(data), "--model-def", f"{src}:build",
+                            "--features", str(tmp_path / "f.h5"), "--no-progress", "--batch-size", "10",
+                            "--require-collapsed", "0"], env={**ENV, "PID_DIR": str(pids)}, cwd=tmp_path,
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)  # fmt: skip
+    try:
+        deadline = time.monotonic() + 120
+        while not ((pids / "0").exists() and (pids / "1").exists()):
+            assert run.poll() is None and time.monotonic() < deadline, run.communicate()
+            time.sleep(0.05)
+        time.sleep(0.5)
+        os.killpg(run.pid, signal.SIGINT)  # what the terminal does on Ctrl-C
+        _, err = run.communicate(timeout=60)
+    finally:
+        if run.poll() is None:
+            os.killpg(run.pid, signal.SIGKILL)
+            run.wait()
+    assert run.returncode == 130, err
+    assert "Traceback" not in err and "interrupted (SIGINT)" in err
+    assert not (tmp_path / "f.h5").exists() and not list(tmp_path.glob("*rank*"))

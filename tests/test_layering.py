@@ -22,7 +22,7 @@ WITHIN = {
     "outputs": ["charset", "context", "records", "render", "markdown", "front_matter", "model_card", "plot", "report", "build", "history", "baseline", "ci", "trend", "emit"],
     "engine": ["threads", "overlap", "model_io", "layer_kinds", "extract", "pipeline", "distributed", "run", "api", "monitor"],
     "integrations": ["probe", "common", "lightning", "transformers"],
-    "cli": ["streams", "common", "options", "commands", "app", "reference"],
+    "cli": ["streams", "common", "options", "commands", "app", "reference", "torchrun"],
 }
 TOP = {"__init__", "__main__"}
 
