@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -195,3 +196,20 @@ def test_non_utf8_file_names_get_a_message(mlp_case, tmp_path):
     result = run(odd, mlp_case["data"], "--no-features")
     assert result.exit_code == 2 and "internal error" not in result.stderr
     assert "not valid UTF-8" in flat(result.stderr) and "m\\xff.safetensors" in flat(result.stderr)
+
+
+def test_error_messages_cut_a_1_mb_tensor_name_and_escape_control_characters(mlp_case, tmp_path):
+    """A state dict nothing recognises is named in the error key by key: a 1 MB key is cut (its length noted),
+    an escape code in a key is shown as text, the rest of the message stays whole."""
+    from safetensors.torch import save_file
+
+    huge, escape = "a" * (1 << 20), "\x1b[2J\x1b[31mred.weight"
+    ckpt = tmp_path / "odd.safetensors"
+    save_file({huge: torch.zeros(3, 4), escape: torch.zeros(2, 3)}, str(ckpt))
+    result = run(ckpt, mlp_case["data"], "--no-features")
+    assert result.exit_code == 2 and "internal error" not in result.stderr
+    assert len(result.stderr) < 5000, len(result.stderr)  # was 1,048,874 characters
+    message = flat(result.stderr)
+    cut = re.search(r"a… \((\d+) characters\)", message)  # the key and the ")" after it: one word
+    assert cut and int(cut.group(1)) >= 1 << 20 and "\\x1b[2J\\x1b[31mred.weight" in message
+    assert "\x1b" not in result.stderr and "matches no known architecture" in message and "--model-def" in message

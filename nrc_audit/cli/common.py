@@ -33,6 +33,7 @@ from nrc_audit.io import lifecycle
 from nrc_audit.io.lifecycle import Watchdog
 from nrc_audit.io.settings_file import DEFAULTS, find_pyproject
 from nrc_audit.outputs import charset
+from nrc_audit.outputs.records import shown
 
 err_console = charset.console(stderr=True)
 
@@ -226,9 +227,19 @@ def debug_enabled() -> bool:
     return os.environ.get(DEBUG_ENV, "") not in ("", "0")
 
 
+WORD_MAX = 300  # the longest unbroken run an error message prints: a long path fits, a 1 MB tensor name is cut
+
+
+def _printable(message: str) -> str:
+    """An error message safe for a terminal: the user strings it quotes (tensor, file and key names) with their
+    control characters (escape codes) written as ``\\x1b``-style escapes and any run of more than WORD_MAX
+    characters cut, its length noted. Line breaks of the message itself stay."""
+    return "\n".join(" ".join(shown(word, WORD_MAX) for word in line.split(" ")) for line in message.split("\n"))
+
+
 def _report_internal_error(exc: BaseException) -> None:
     """One paragraph for an exception that is not a known failure (a bug, or an input nobody foresaw)."""
-    first = str(exc).splitlines()[0] if str(exc) else ""
+    first = _printable(str(exc).splitlines()[0]) if str(exc) else ""
     err_console.print(Text.assemble(("error: ", "bold red"), (
         f"internal error: {type(exc).__name__}{': ' + first if first else ''}. This is a bug in nrc-audit or an input "
         f"it does not recognise; no report was written. Re-run with --debug (or {DEBUG_ENV}=1) for the traceback "
@@ -275,10 +286,11 @@ def _run_body(body: Callable[[], ExitCode | int]) -> int:
         return int(body())
     except NrcAuditError as exc:
         # Text, not markup: messages quote user strings and key lists whose brackets Rich would eat
-        err_console.print(Text.assemble(("error: ", "bold red"), str(exc)), highlight=False, soft_wrap=True)
+        err_console.print(Text.assemble(("error: ", "bold red"), _printable(str(exc))), highlight=False,
+                          soft_wrap=True)
         return int(exc.exit_code)
     except OSError as exc:  # a file that cannot be written or read: missing folder, permissions, full disk
-        where = f" ({exc.filename})" if exc.filename else ""
+        where = f" ({_printable(str(exc.filename))})" if exc.filename else ""
         err_console.print(Text.assemble(("error: ", "bold red"), f"{exc.strerror or exc}{where}. Check that the "
                                         "path's folder exists and is writable, and that the disk has space."),
                           highlight=False, soft_wrap=True)  # fmt: skip
