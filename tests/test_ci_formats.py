@@ -139,6 +139,20 @@ def test_card_and_junit_after_exit_2_say_the_audit_could_not_run(mlp_case, tmp_p
     assert not (tmp_path / "r.json").exists()  # no metrics, no report
 
 
+def test_a_check_after_the_path_check_still_leaves_the_could_not_run_section(mlp_case, tmp_path):
+    """Outputs.check_paths hands on SafeOutputs; a failure of SafeOutputs.check_before_run (here --model-index
+    without --dataset-id) writes the section, a failure before the paths are checked (a settings file that does
+    not parse) writes none."""
+    md = tmp_path / "card.md"
+    result = run(*base(mlp_case), "--markdown", md, "--model-index", tmp_path / "mi.yaml")
+    assert result.exit_code == 2 and "--model-index needs --dataset-id" in md.read_text()
+    md.unlink()
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[tool.nrc-audit\n")
+    assert run(*base(mlp_case), "--markdown", md, "--config", bad).exit_code == 2
+    assert not md.exists()
+
+
 # ---------------------------------------------------------------- GitHub workflow commands and JUnit XML
 
 def test_format_github_prints_one_error_per_failing_gate_layer(mlp_case):

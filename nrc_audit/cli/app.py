@@ -52,15 +52,17 @@ def audit(
         from nrc_audit.outputs.emit import emit, failure_reports
 
         out = report.outputs(model)
-        with failure_reports(out):
+        with failure_reports(out):  # until the paths are checked, a failure writes no file: one may be an input
             s = settings(run_opts, data_args, model_args, pass_args, analysis, report)
             out = out.with_tolerance(float(s["baseline_tolerance"]))
             store = None if no_features else (features or default_store_path(model))
             if store is None:  # what a killed run left at the store this run would have written goes all the same
                 clean_stale(features or default_store_path(model))
-            out.check_before_run(
+            safe = out.check_paths(
                 {"the checkpoint": model, "the data file": data, "the settings file": settings_source(run_opts.config),
                  "the --model-def file": model_def_file(model_args.model_def)}, {"--features": store})  # fmt: skip
+        with failure_reports(safe):  # from here on a failure leaves the could-not-run markdown and JUnit files
+            safe.check_before_run()
             cfg = audit_config(model, data, s, data_args, model_args, store, features_compression)
             require_inputs(("checkpoint", model), ("data file", data))
             # torch loads only now, once the options and paths are known to be good (tests/test_streams.py)

@@ -41,12 +41,14 @@ def reanalyze(
         from nrc_audit.outputs.emit import emit, failure_reports
 
         out = report.outputs()
-        with failure_reports(out):
+        with failure_reports(out):  # until the paths are checked, a failure writes no file: one may be an input
             s = settings(run_opts, analysis, report)
             if int(s["batch_size"]) < 1:
                 raise OptionsError(f"--batch-size {s['batch_size']} must be ≥ 1.")
             out = out.with_tolerance(float(s["baseline_tolerance"]))
-            out.check_before_run({"the feature store": store, "the settings file": settings_source(run_opts.config)})
+            safe = out.check_paths({"the feature store": store, "the settings file": settings_source(run_opts.config)})
+        with failure_reports(safe):  # from here on a failure leaves the could-not-run markdown and JUnit files
+            safe.check_before_run()
             options = analysis_options(s)
             require_inputs(("feature store", store))
             from nrc_audit.engine.run import reanalyze as run_reanalysis  # torch: only after the checks
@@ -91,9 +93,9 @@ def trend(
         if run is not None and history_file is None:
             raise OptionsError(f"--run {run} chooses a run of a history file; pass the HISTORY.jsonl file too.")
         inputs = {f"the checkpoint {c}": c for c in paths} | {"--data": data, "--history": history_file}
-        Outputs(plot_path=plot).check_before_run(inputs | {"the settings file": settings_source(run_opts.config),
-                                                           "the --model-def file": model_def_file(model_args.model_def)},
-                                                 {"--json": json_path, "--junit-xml": junit_xml})  # fmt: skip
+        Outputs(plot_path=plot).check_paths(inputs | {"the settings file": settings_source(run_opts.config),
+                                                      "the --model-def file": model_def_file(model_args.model_def)},
+                                            {"--json": json_path, "--junit-xml": junit_xml}).check_before_run()  # fmt: skip
         s = settings(run_opts, data_args, model_args, pass_args, analysis)
         if history_file is not None:
             if paths:

@@ -38,9 +38,6 @@ class Outputs:
     junit_path: Path | None = None
     model_card_path: Path | None = None
     card: HubCard = field(default_factory=HubCard)
-    # Set once check_before_run has found every output path safe (shared by with_tolerance's copies): only
-    # then may an audit that could not run write its could-not-run files, which must never land on an input.
-    _paths_safe: list[bool] = field(default_factory=list, compare=False, repr=False)
 
     def with_tolerance(self, tolerance: float) -> "Outputs":
         return replace(self, baseline_tolerance=tolerance)
@@ -51,36 +48,52 @@ class Outputs:
                 "--plot": self.plot_path, "--junit-xml": self.junit_path,
                 "--model-card": self.model_card_path}  # fmt: skip
 
-    def check_before_run(self, inputs: Mapping[str, Path | None] | None = None,
-                         more_outputs: Mapping[str, Path | None] | None = None) -> None:  # fmt: skip
-        """Fail before the (long) pass on what can be known now: missing folders, matplotlib, the baseline,
-        a model-index without a dataset id, an existing card that cannot be merged into, and an output that is
-        an input or another output (``inputs``: label → path; ``more_outputs``: option → path, e.g. the
-        feature store). The baseline is always an input; a --model-card is read and rewritten, so it is an
-        output only."""
+    def check_paths(self, inputs: Mapping[str, Path | None] | None = None,
+                    more_outputs: Mapping[str, Path | None] | None = None) -> "SafeOutputs":  # fmt: skip
+        """Refuse an output that is an input or another output (``inputs``: label → path; ``more_outputs``:
+        option → path, e.g. the feature store), and return these outputs as :class:`SafeOutputs`: only those
+        may receive the could-not-run files (:func:`emit_failure`). The baseline is always an input; a
+        --model-card is read and rewritten, so it is an output only."""
         outputs = {**self.paths(), **(more_outputs or {})}
         check_output_paths(outputs, {"the baseline": self.baseline_path, **(inputs or {})})
-        self._paths_safe.append(True)
-        for option, path in outputs.items():
+        return SafeOutputs(self, outputs)
+
+
+@dataclass(frozen=True)
+class SafeOutputs:
+    """Outputs whose paths :meth:`Outputs.check_paths` found to be no input and no other output.
+
+    ``paths``: every output file of the run (option → path), the ``more_outputs`` such as the store included.
+    """
+
+    outputs: Outputs
+    paths: Mapping[str, Path | None]
+
+    def check_before_run(self) -> None:
+        """Fail before the (long) pass on what else can be known now: missing or unwritable folders,
+        matplotlib, the baseline, a model-index without a dataset id, an existing card that cannot be merged
+        into. A failure here still leaves the could-not-run files: the paths are known to be safe."""
+        out = self.outputs
+        for option, path in self.paths.items():
             if path is not None and not path.resolve().parent.is_dir():
                 raise OptionsError(
                     f"{option} {path}: the folder {path.resolve().parent} does not exist; create it or choose another path."
                 )
             if path is not None:
                 check_writable_folder(option, path)
-        if self.plot_path is not None:
+        if out.plot_path is not None:
             from nrc_audit.outputs.plot import _pyplot
 
             _pyplot()
-        if self.baseline_path is not None:
-            load_baseline(self.baseline_path)
-        if self.model_index_path is not None and not self.card.dataset_id:
+        if out.baseline_path is not None:
+            load_baseline(out.baseline_path)
+        if out.model_index_path is not None and not out.card.dataset_id:
             raise OptionsError("--model-index needs --dataset-id: the Hub requires a dataset id on every result "
                                "(e.g. --dataset-id user/my-data); the local HDF5 file is no Hub dataset.")  # fmt: skip
-        if self.model_card_path is not None:
+        if out.model_card_path is not None:
             from nrc_audit.outputs.model_card import check_card
 
-            check_card(self.model_card_path, self.card.dataset_id)
+            check_card(out.model_card_path, out.card.dataset_id)
 
 
 def _write_plot(report: Report, path: Path) -> None:
@@ -191,19 +204,23 @@ def _write_card(path: Path, report: Report, out: Outputs) -> None:
     write_atomic(path, merge_model_card(existing, report, out.card, where=path))
 
 
-def emit_failure(out: Outputs, message: str) -> None:
+def emit_failure(target: Outputs | SafeOutputs, message: str) -> None:
     """An audit that could not run (exit 2) still leaves what CI reads next: the markdown section says so
     (replacing an earlier one: a stale verdict in a job summary would mislead), the JUnit file holds one
     testcase in error, ``--format github`` prints an ``::error``. No JSON report, figure or model-index is
-    written, and a ``--model-card`` is left as it was: a published card keeps its last real audit."""
+    written, and a ``--model-card`` is left as it was: a published card keeps its last real audit.
+
+    Files are written only for :class:`SafeOutputs`: before :meth:`Outputs.check_paths` has passed, the
+    failure may be that an output path is an input, so plain :class:`Outputs` get the ``::error`` line only."""
     from nrc_audit.outputs.ci import github_failure, junit_failure
     from nrc_audit.outputs.markdown import failure_markdown
 
+    out = target.outputs if isinstance(target, SafeOutputs) else target
     if not out.is_main:
         return
     if out.fmt == "github":
         sys.stdout.write(github_failure(message) + "\n")
-    if not out._paths_safe:  # the failure may be that an output path is an input: write no file at all
+    if not isinstance(target, SafeOutputs):
         return
     section = failure_markdown(message)
     writers = [(out.markdown_path, lambda p: write_atomic(p, section, now=True)),
@@ -219,14 +236,15 @@ def emit_failure(out: Outputs, message: str) -> None:
 
 
 @contextmanager
-def failure_reports(out: Outputs) -> Iterator[None]:
-    """Run the audit; on a package error (exit 2) write the could-not-run outputs, then re-raise."""
+def failure_reports(target: Outputs | SafeOutputs) -> Iterator[None]:
+    """Run the audit; on a package error (exit 2) write the could-not-run outputs (:func:`emit_failure`:
+    files only for ``SafeOutputs``), then re-raise."""
     try:
         yield
     except NrcAuditError as exc:
         if exc.exit_code == ExitCode.USAGE:
-            emit_failure(out, str(exc))
+            emit_failure(target, str(exc))
         raise
     except OSError as exc:  # unreadable input or unwritable output: exit 2 as well (cli.common.guarded)
-        emit_failure(out, f"{exc.strerror or exc} ({exc.filename})" if exc.filename else str(exc))
+        emit_failure(target, f"{exc.strerror or exc} ({exc.filename})" if exc.filename else str(exc))
         raise
