@@ -183,3 +183,29 @@ def test_report_records_and_the_json_schema_name_the_same_fields():
     assert set(top) == set(schema) - {"baseline"}, "a top-level report field differs from the schema"
     passed = schema["layers"]["items"]["properties"]["passed"]
     assert set(passed.get("properties", passed.get("required", []))) == {c.name for c in TABLE}
+
+
+ODD = ["--nrc1-max", "0.31", "--nrc2-min", "0.52", "--nrc3-min", "0.63", "--nrc4-ratio-max", "7.5",
+       "--noise-alignment-max", "0.44"]  # fmt: skip
+STATED = ["NRC1 noise ≤ 0.31", "NRC2 CKA ≥ 0.52", "NRC3 alignment ≥ 0.63", "NRC4 probe MSE / model MSE ≤ 7.5",
+          "noise alignment ≤ 0.44"]  # fmt: skip
+
+
+def test_table_caption_and_card_state_every_condition_with_the_runs_thresholds(mlp_case, tmp_path):
+    """Both read the one table of conditions: the five rules, each with this run's threshold, none left out."""
+    md = tmp_path / "card.md"
+    result = run(*base(mlp_case), *ODD, "--markdown", md, "--require-collapsed", "0")
+    assert result.exit_code == 0, result.stderr
+    caption = " ".join(result.stdout.split())
+    thresholds = next(line for line in md.read_text().splitlines() if line.startswith("Thresholds:"))
+    for rule in STATED:
+        assert rule in caption and rule in thresholds, rule
+
+
+def test_trend_shows_one_table_per_condition_including_the_noise_condition(tmp_path):
+    ckpts = sorted((SAMPLES / "trend").glob("*.safetensors"))
+    result = runner.invoke(trend_app, [*map(str, ckpts), "--data", str(SAMPLES / "data.h5"), "--no-progress"])
+    assert result.exit_code == 0, result.stderr
+    titles = [line.strip() for line in result.stdout.splitlines()]
+    for title in ("NRC1 noise", "NRC2 CKA", "NRC3 alignment", "NRC4 probe MSE / model MSE", "noise alignment"):
+        assert title in titles, (title, titles)

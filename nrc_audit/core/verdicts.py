@@ -34,8 +34,12 @@ class Condition:
     label: str  # the metric's name in messages and cards
     column: str  # the metric's short name in table headers
     help: str  # the option's help
-    relative: bool = False  # --baseline-tolerance is relative for this metric (a ratio), else absolute
+    relative: bool = False  # a ratio, not bounded by 1: --baseline-tolerance and the near margin are relative
     baseline: bool = True  # --baseline compares this metric (and the delta table shows it)
+    paper: bool = True  # one of the paper's NRC1–NRC4 (SPEC §4): a panel of the 2×2 figures
+    meaning: str = ""  # what the metric measures, in a figure panel's title
+    axis: str = ""  # the figure panel's y label
+    scale: str = ""  # the metric is a multiple of this ("model MSE"): figures draw it on a log axis, 1× marked
 
     @property
     def default(self) -> float:
@@ -45,6 +49,10 @@ class Condition:
     def larger_is_worse(self) -> bool:
         return self.op == "≤"
 
+    def rule(self, threshold: float) -> str:
+        """The condition as captions state it, e.g. 'NRC1 noise ≤ 0.25'."""
+        return f"{self.label} {self.op} {threshold}"
+
     def holds(self, value: float | None, thresholds: Thresholds) -> bool:
         """A null (undefined) metric fails its condition."""
         compare = operator.le if self.op == "≤" else operator.ge
@@ -53,15 +61,20 @@ class Condition:
 
 # The conditions (SPEC §4 and the noise condition). Another is one more row here, a Thresholds field and its metric.
 TABLE: tuple[Condition, ...] = (
-    Condition("nrc1", "nrc1", "≤", "nrc1_max", "--nrc1-max", "NRC1 noise", "NRC1", "NRC1 passes when noise ≤ this."),
-    Condition("nrc2", "nrc2", "≥", "nrc2_min", "--nrc2-min", "NRC2 CKA", "NRC2", "NRC2 passes when CKA(H, Y) ≥ this."),
+    Condition("nrc1", "nrc1", "≤", "nrc1_max", "--nrc1-max", "NRC1 noise", "NRC1", "NRC1 passes when noise ≤ this.",
+              meaning="noise outside the top-k", axis="noise fraction"),
+    Condition("nrc2", "nrc2", "≥", "nrc2_min", "--nrc2-min", "NRC2 CKA", "NRC2", "NRC2 passes when CKA(H, Y) ≥ this.",
+              meaning="feature–target CKA", axis="CKA(H, Y)"),
     Condition("nrc3", "nrc3", "≥", "nrc3_min", "--nrc3-min", "NRC3 alignment", "NRC3",
-              "NRC3 passes when the mean principal cosine ≥ this."),
+              "NRC3 passes when the mean principal cosine ≥ this.", meaning="feature–weight alignment",
+              axis="mean principal cosine"),
     Condition("nrc4", "nrc4_ratio", "≤", "nrc4_ratio_max", "--nrc4-ratio-max", "NRC4 probe MSE / model MSE", "NRC4 ratio",
-              "NRC4 passes when probe MSE / model MSE ≤ this.", relative=True),
+              "NRC4 passes when probe MSE / model MSE ≤ this.", relative=True, meaning="best linear probe",
+              axis="probe MSE / model MSE", scale="model MSE"),
     Condition("noise_alignment", "noise_alignment", "≤", "noise_alignment_max", "--noise-alignment-max",
               "noise alignment", "noise align.", "The noise condition passes when the mean singular value of U_⊥ᵀV_k "
-              "(W reading the feature noise subspace) ≤ this; 1 disables it.", baseline=False),
+              "(W reading the feature noise subspace) ≤ this; 1 disables it.", baseline=False, paper=False,
+              meaning="W reading the feature noise", axis="mean singular value of U_⊥ᵀV_k"),
 )  # fmt: skip
 CONDITIONS = tuple(c.name for c in TABLE)
 BY_NAME = {c.name: c for c in TABLE}
@@ -124,7 +137,7 @@ def near_threshold(values: Mapping[str, float | None], th: Thresholds, margin: f
         v, bound = values.get(field), getattr(th, limit)
         if v is None or (failing and failing != [key]):
             continue
-        if abs(v - bound) <= (margin * bound if key == "nrc4" else margin):
+        if abs(v - bound) <= (margin * bound if BY_NAME[key].relative else margin):
             out.append(key)
     return out
 

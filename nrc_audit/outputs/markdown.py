@@ -10,7 +10,7 @@ from pathlib import Path
 from nrc_audit.core.verdicts import TABLE
 from nrc_audit.config import NEAR_MARGIN
 from nrc_audit.outputs.records import LayerReport, ReportData as Report, md_code, shown
-from nrc_audit.outputs.render import near_conditions
+from nrc_audit.outputs.render import near_conditions, rules
 
 HOW_TO_READ = (
     "How to read this: each row is a Linear/Conv2d layer and its *input* features H on the audited data. "
@@ -94,11 +94,9 @@ def to_markdown(report: Report) -> str:
         "|---:|---|---|---:|---:|---:|---:|---:|---:|---|:---:|",
         *(_row(layer, th) for layer in report.layers),
         "",
-        f"Thresholds: NRC1 ≤ {th['nrc1_max']}, NRC2 ≥ {th['nrc2_min']}, NRC3 ≥ {th['nrc3_min']}, "
-        f"NRC4 ≤ {th['nrc4_ratio_max']}× model MSE"
-        + (f", noise alignment ≤ {th['noise_alignment_max']}" if "noise_alignment_max" in th else "")
-        + f"; failing values in **bold**; ≈: within {NEAR_MARGIN:g} of the threshold (NRC4: within "
-        f"{NEAR_MARGIN:.0%}), a verdict that could flip.",
+        f"Thresholds: {', '.join(rules(th))}; failing values in **bold**; ≈: within {NEAR_MARGIN:g} of the "
+        f"threshold ({', '.join(f'{c.column}: within {NEAR_MARGIN:.0%}' for c in TABLE if c.relative)}), a verdict "
+        "that could flip.",
     ]
     notes = list(m.get("assumptions", [])) + [f"layer {layer.index} ({md_code(layer.name)}): {w}"
                                               for layer in report.layers for w in layer.warnings]  # fmt: skip
@@ -119,7 +117,8 @@ def headline_metrics(report: Report) -> list[dict]:
         # the count travels in the card's metadata; the warnings themselves are in the body (to_markdown)
         {"type": "nrc_report_warnings", "name": "nrc-audit report-level warnings", "value": len(report.warnings)},
     ]  # fmt: skip
-    for c in TABLE[:4]:  # the four Deep NRC conditions are the card's headline; the noise condition is in the table
+    # the paper's four conditions are the card's headline metrics; the noise condition is in the card's table
+    for c in (c for c in TABLE if c.paper):
         metrics.append({"type": f"{c.field}_last_layer", "name": f"{c.label} (last layer)", "value": getattr(last, c.field)})
     return metrics
 

@@ -11,15 +11,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Sequence
 
+from nrc_audit.core.verdicts import TABLE, Condition
 from nrc_audit.errors import OptionsError
 from nrc_audit.outputs.records import ReportData as Report
 
-PANELS = (  # (value field, passed key, title, y label, threshold key, comparison that passes)
-    ("nrc1", "nrc1", "NRC1: noise outside the top-k", "noise fraction", "nrc1_max", "≤"),
-    ("nrc2", "nrc2", "NRC2: feature–target CKA", "CKA(H, Y)", "nrc2_min", "≥"),
-    ("nrc3", "nrc3", "NRC3: feature–weight alignment", "mean principal cosine", "nrc3_min", "≥"),
-    ("nrc4_ratio", "nrc4", "NRC4: best linear probe", "probe MSE / model MSE", "nrc4_ratio_max", "≤"),
-)
+PANELS = tuple(c for c in TABLE if c.paper)  # the paper's four conditions, one panel each (2×2)
 PASS_COLOR, FAIL_COLOR, LINE_COLOR, ONSET_COLOR = "#2b8a3e", "#c92a2a", "#1c7ed6", "#5f3dc4"
 WIDTH_IN, HEIGHT_IN, DPI = 8.0, 6.4, 100  # 800 × 640 px: legible at model-card width without scaling
 
@@ -41,11 +37,11 @@ def _values(report: Report, key: str) -> list[float]:
     return [float("nan") if getattr(layer, key) is None else float(getattr(layer, key)) for layer in report.layers]
 
 
-def _style_axis(ax: Any, key: str, ylabel: str, ys: Sequence[float]) -> None:
-    ax.set_ylabel(ylabel, fontsize=9)
+def _style_axis(ax: Any, c: Condition, ys: Sequence[float]) -> None:
+    ax.set_ylabel(c.axis, fontsize=9)
     ax.grid(alpha=0.3)
     ax.tick_params(labelsize=8)
-    if key == "nrc4_ratio":
+    if c.scale:
         from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
         ax.set_yscale("log")
@@ -59,12 +55,13 @@ def _style_axis(ax: Any, key: str, ylabel: str, ys: Sequence[float]) -> None:
         ax.set_ylim(-0.03, 1.03)  # fixed [0, 1]: a fraction or a cosine; no zoom that exaggerates spread
 
 
-def _threshold(ax: Any, value: float, op: str, key: str, title: str) -> None:
+def _threshold(ax: Any, c: Condition, thresholds: dict[str, float]) -> None:
     """The threshold as a dashed line, its value in the title (a label on the line would cover points)."""
+    value = thresholds[c.threshold]
     ax.axhline(value, color="gray", linestyle="--", linewidth=1.2, label="threshold")
-    ax.set_title(f"{title} · pass {op} {value:g}{'×' if key == 'nrc4_ratio' else ''}", fontsize=10)
-    if key == "nrc4_ratio":
-        ax.axhline(1.0, color="gray", linestyle=":", linewidth=1, label="1× model MSE")
+    ax.set_title(f"{c.name.upper()}: {c.meaning} · pass {c.op} {value:g}{'×' if c.scale else ''}", fontsize=10)
+    if c.scale:
+        ax.axhline(1.0, color="gray", linestyle=":", linewidth=1, label=f"1× {c.scale}")
 
 
 def _marks(ax: Any, xs: Sequence[float], ys: Sequence[float], ok: Sequence[bool], size: float = 36) -> None:
@@ -83,16 +80,16 @@ def plot_report(report: Report, path: Path) -> Path:
     xs = [layer.index for layer in report.layers]
     onset = report.summary.collapse_onset
     fig, axes = plt.subplots(2, 2, figsize=(WIDTH_IN, HEIGHT_IN), sharex=True, constrained_layout=True)
-    for ax, (key, passed, title, ylabel, th_key, op) in zip(axes.flat, PANELS):
-        ys = _values(report, key)
+    for ax, c in zip(axes.flat, PANELS):
+        ys = _values(report, c.field)
         ax.plot(xs, ys, color=LINE_COLOR, linewidth=1.2, zorder=2)
-        _marks(ax, xs, ys, [layer.passed.get(passed, False) for layer in report.layers])
-        _threshold(ax, th[th_key], op, key, title)
+        _marks(ax, xs, ys, [layer.passed.get(c.name, False) for layer in report.layers])
+        _threshold(ax, c, th)
         if onset is not None:  # the collapsed run, from the onset to the output, shaded
             ax.axvspan(onset - 0.5, xs[-1] + 0.5, color=ONSET_COLOR, alpha=0.08, linewidth=0,
                        label=f"collapsed from the onset (layer {onset})")  # fmt: skip
             ax.axvline(onset - 0.5, color=ONSET_COLOR, linewidth=1, alpha=0.6)
-        _style_axis(ax, key, ylabel, ys)
+        _style_axis(ax, c, ys)
         ax.set_xticks(xs[:: 1 + len(xs) // 13])  # at most ~13 labels fit a 400 px panel
         ax.set_xlim(xs[0] - 0.5, xs[-1] + 0.5)
     for ax in axes[1]:
@@ -123,18 +120,18 @@ def plot_trend(labels: Sequence[str], reports: Sequence[Report], path: Path) -> 
     names = [layer.name for layer in reports[-1].layers]
     colors = plt.cm.viridis([i / max(1, len(names) - 1) * 0.9 for i in range(len(names))])
     fig, axes = plt.subplots(2, 2, figsize=(WIDTH_IN, HEIGHT_IN + 0.8), sharex=True, constrained_layout=True)
-    for ax, (key, passed, title, ylabel, th_key, op) in zip(axes.flat, PANELS):
+    for ax, c in zip(axes.flat, PANELS):
         every: list[float] = []
         for i, name in enumerate(names):
-            ys = [_values(r, key)[i] if i < len(r.layers) else float("nan") for r in reports]
-            ok = [i < len(r.layers) and r.layers[i].passed.get(passed, False) for r in reports]
+            ys = [_values(r, c.field)[i] if i < len(r.layers) else float("nan") for r in reports]
+            ok = [i < len(r.layers) and r.layers[i].passed.get(c.name, False) for r in reports]
             every += ys
             ax.plot(xs, ys, color=colors[i], linewidth=1.3, label=f"layer {i}: {name}")
             bad = [(x, y) for x, y, o in zip(xs, ys, ok) if not o and y == y]
             if bad:
                 ax.scatter(*zip(*bad), s=22, color=colors[i], marker="x", zorder=3)
-        _threshold(ax, th[th_key], op, key, title)
-        _style_axis(ax, key, ylabel, every)
+        _threshold(ax, c, th)
+        _style_axis(ax, c, every)
     crowded = sum(len(label) for label in labels) > 36  # more text than a panel's width holds flat
     for ax in axes[1]:
         ax.set_xticks(xs)

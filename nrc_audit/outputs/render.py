@@ -9,7 +9,7 @@ from rich.table import Table
 from rich.text import Text
 
 from nrc_audit.config import NEAR_MARGIN, Thresholds
-from nrc_audit.core.verdicts import RULES, near_threshold
+from nrc_audit.core.verdicts import RULES, TABLE, near_threshold
 from nrc_audit.outputs.records import LayerReport, ReportData as Report, shown
 
 FAIL, PASS, WARN = "bold red", "green", "yellow"
@@ -56,15 +56,19 @@ def summary_line(report: Report) -> str:
     return f"k = {st['rank']} ({st['rank_source']}) · collapse onset: {onset} · gate: {gate}"
 
 
+def rules(thresholds: dict[str, float]) -> list[str]:
+    """Every condition of the report as captions state it ('NRC1 noise ≤ 0.25'); a report of an earlier
+    version, without the fifth threshold, states four."""
+    return [c.rule(thresholds[c.threshold]) for c in TABLE if c.threshold in thresholds]
+
+
 def layer_table(report: Report, summary: bool = False) -> Table:
     """One row per layer: the four conditions (failing values in red), the bound and the verdict.
     ``summary``: the caption starts with k, the onset and the gate (for a table shown on its own)."""
     th = report.settings["thresholds"]
     table = Table(
         title=f"Deep NRC audit · {shown(report.model['architecture'])}",
-        caption=(summary_line(report) + "\n" if summary else "") + f"collapsed when NRC1 noise ≤ {th['nrc1_max']} · NRC2 CKA ≥ {th['nrc2_min']} · NRC3 alignment ≥ "
-        f"{th['nrc3_min']} · NRC4 probe MSE ≤ {th['nrc4_ratio_max']}× model MSE"
-        + (f" · noise alignment ≤ {th['noise_alignment_max']}" if "noise_alignment_max" in th else "")
+        caption=(summary_line(report) + "\n" if summary else "") + "collapsed when " + " · ".join(rules(th))
         + f" · ≈: within {NEAR_MARGIN:g} of the threshold · bound: lhs ≤ √NRC1+√(1−NRC2)"
         + (" · h*: input averaged over spatial/extra dims" if any(layer.pooled for layer in report.layers) else ""),
         box=box.MINIMAL,

@@ -14,7 +14,7 @@ from typing import Sequence, TypeVar
 from rich.table import Table
 from rich.text import Text
 
-from nrc_audit.core.verdicts import gate
+from nrc_audit.core.verdicts import TABLE, gate
 from nrc_audit.io.files import write_atomic
 from nrc_audit.io.training_position import TrainingPosition, training_position
 from nrc_audit.outputs.history import load_run
@@ -36,10 +36,6 @@ def natural_order(paths: Sequence[_P]) -> list[_P]:
 def gate_of(report: Report, require_collapsed: int) -> bool:
     """Whether ``report``'s last ``require_collapsed`` layers are all collapsed (the audit's gate, recomputed)."""
     return gate([layer.collapsed for layer in report.layers], require_collapsed)[0]
-
-
-TREND_METRICS = (("nrc1", "NRC1 noise"), ("nrc2", "NRC2 CKA"), ("nrc3", "NRC3 alignment"),
-                 ("nrc4_ratio", "NRC4 MSE / model MSE"))  # fmt: skip
 
 
 def load_history(path: Path, run_id: str | None = None) -> tuple[list[str], list[Report], str]:
@@ -64,7 +60,7 @@ def training_order(paths: Sequence[_P]) -> tuple[list[_P], str, list[TrainingPos
 
 
 def trend_tables(labels: Sequence[str], reports: Sequence[Report], require_collapsed: int | None = None) -> list[Table]:
-    """A summary table (one row per checkpoint) and one table per condition (layers × checkpoints).
+    """A summary table (one row per checkpoint) and one table per condition of :data:`TABLE` (layers × checkpoints).
 
     The gate column applies ``--require-collapsed N`` to each checkpoint on its own (None: each report's own gate).
     """
@@ -80,8 +76,8 @@ def trend_tables(labels: Sequence[str], reports: Sequence[Report], require_colla
                         verdict)  # fmt: skip
     tables = [summary]
     names = [layer.name for layer in reports[-1].layers]
-    for key, title in TREND_METRICS:
-        table = Table(title=title)
+    for c in TABLE:
+        table = Table(title=c.label)
         table.add_column("#", justify="right")
         table.add_column("layer")
         for label in labels:
@@ -90,8 +86,8 @@ def trend_tables(labels: Sequence[str], reports: Sequence[Report], require_colla
             cells = []
             for r in reports:
                 layer = r.layers[i] if i < len(r.layers) else None
-                value = None if layer is None else getattr(layer, key)
-                ok = layer is not None and layer.passed.get(key.split("_")[0], False)
+                value = None if layer is None else getattr(layer, c.field)
+                ok = layer is not None and layer.passed.get(c.name, False)
                 cells.append(Text("—" if value is None else f"{value:.3f}", style="green" if ok else "red"))
             table.add_row(str(i), name, *cells)
         tables.append(table)
