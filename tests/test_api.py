@@ -91,7 +91,7 @@ def test_monitor_records_each_monitored_epoch_and_restores_the_model(tmp_path):
     assert [r["label"] for r in records] == ["epoch 0", "epoch 2", "epoch 4"]
     labels, reports = monitor.history()
     assert len(reports) == 3 and reports[0].model_mse > reports[-1].model_mse  # training made progress
-    assert len(monitor.tables()) == 5  # summary + one table per condition
+    assert len(monitor.tables()) == 6  # summary + one table per condition (NRC1–NRC4 and the noise condition)
 
 
 def test_monitor_rejects_one_shot_iterators(tmp_path):

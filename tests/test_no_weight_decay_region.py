@@ -109,3 +109,35 @@ def test_in_the_study_no_well_decayed_network_is_warned():
     warned = [(r["arch"], r["target"], r["wd"], r["seed"]) for r, layer in decayed
               if any(w.startswith(WARNING) for w in verdict_warnings(layer, Thresholds()))]  # fmt: skip
     assert warned == []
+
+
+NOISE_ONLY = "not collapsed by the noise condition alone"
+
+
+@pytest.mark.parametrize("noise_var, tilt, warned", [
+    (1 / 99, 1 / math.sqrt(3), True),  # NRC1 0.01, NRC3 0.866, noise alignment 0.5: fails the noise condition only
+    (1 / 99, 0.855, False),  # noise alignment 0.65: above the band the decayed rank-1 MLPs ended in
+    (0.5, 1 / math.sqrt(3), False),  # NRC1 0.33 fails too: not the noise condition alone
+    (1 / 99, 0.374, False),  # noise alignment 0.35: collapsed, nothing to warn
+])  # fmt: skip
+def test_a_head_failing_only_the_noise_condition_is_warned(noise_var, tilt, warned):
+    layer = head_of(noise_var, tilt)
+    assert layer.noise_alignment == pytest.approx(tilt / math.sqrt(1 + tilt**2), abs=1e-9)  # the closed form
+    assert layer.nrc1 == pytest.approx(noise_var / (1 + noise_var), abs=1e-9)
+    messages = [w for w in layer.warnings if w.startswith(NOISE_ONLY)]
+    assert bool(messages) is warned, layer.warnings
+    if warned:
+        assert not layer.collapsed and "noise alignment 0.5 > 0.45" in messages[0] and "--noise-alignment-max 1" in messages[0]
+
+
+def test_in_the_study_the_decayed_rank_1_mlps_that_fail_are_warned_and_no_undecayed_mlp_is():
+    """The misses of docs/validation.md: every λ ≥ 1e-2 MLP whose last layer is not collapsed fails only the noise
+    condition and is warned; no λ = 0 MLP gets this warning (they fail NRC3 as well)."""
+    def warned(layer: dict) -> bool:
+        return any(w.startswith(NOISE_ONLY) for w in verdict_warnings(layer, Thresholds()))
+
+    last = [(r, layer) for r, layer in _study_last_layers() if r["arch"].startswith("mlp")]
+    missed = [(r, layer) for r, layer in last
+              if r["wd"] >= 1e-2 and not is_collapsed(condition_passed(layer, Thresholds()))]  # fmt: skip
+    assert len(missed) >= 6 and all(warned(layer) for _, layer in missed), [layer for _, layer in missed]
+    assert not any(warned(layer) for r, layer in last if r["wd"] == 0)

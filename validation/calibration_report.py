@@ -15,7 +15,8 @@ from typing import Any, Callable, Iterable
 
 from nrc_audit.config import Thresholds
 from nrc_audit.config import NO_WEIGHT_DECAY_REGION
-from nrc_audit.core.verdicts import condition_passed, in_no_weight_decay_region, is_collapsed
+from nrc_audit.core.verdicts import (condition_passed, fails_only_the_noise_condition, in_no_weight_decay_region,
+                                     is_collapsed)
 
 REPO = Path(__file__).resolve().parents[1]
 DOC, IMG = REPO / "docs" / "validation.md", REPO / "docs" / "img" / "calibration.png"
@@ -92,7 +93,10 @@ def misclassified(runs: list[dict], th: Thresholds) -> list[str]:
         fails = sorted({c for l in ls for c, ok in condition_passed(l, th).items() if not ok})
         flagged = sum(warned(l, th) for l in ls)
         note = f" ({flagged} with the no-weight-decay warning)" if flagged else ""
-        out.append(f"{arch} {target} λ={wd:g}: {len(wrong)} seed(s) {'collapsed' + note if wd == 0 else 'not collapsed'}"
+        noise_only = sum(fails_only_the_noise_condition(l, condition_passed(l, th)) for l in ls)
+        if noise_only:
+            note = f" ({noise_only} with the noise-condition-alone warning)"
+        out.append(f"{arch} {target} λ={wd:g}: {len(wrong)} seed(s) {'collapsed' if wd == 0 else 'not collapsed'}{note}"
                    f"{'' if wd == 0 else ' (fail ' + ', '.join(fails) + ')'}; NRC3 {span(l['nrc3'] for l in ls)}, "
                    f"noise alignment {span(l['noise_alignment'] for l in ls)}")  # fmt: skip
     return out

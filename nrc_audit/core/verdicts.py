@@ -15,7 +15,7 @@ import operator
 from dataclasses import dataclass
 from typing import Mapping
 
-from nrc_audit.config import NEAR_MARGIN, NO_WEIGHT_DECAY_REGION, Thresholds
+from nrc_audit.config import NEAR_MARGIN, NO_WEIGHT_DECAY_REGION, NOISE_ONLY_FAILURE_MAX, Thresholds
 from nrc_audit.errors import ExitCode
 
 RANK_T = "t"  # --rank t: the paper's k = t view
@@ -149,9 +149,19 @@ def in_no_weight_decay_region(values: Mapping[str, float | None], collapsed: boo
                              for field, bound in NO_WEIGHT_DECAY_REGION.items())  # fmt: skip
 
 
+def fails_only_the_noise_condition(values: Mapping[str, float | None], passed: Mapping[str, bool]) -> bool:
+    """NRC1–NRC4 pass and the noise condition fails with a noise alignment ≤ :data:`NOISE_ONLY_FAILURE_MAX`: where
+    the calibration study's weight-decay MLPs on rank-1 targets ended (no network without weight decay did)."""
+    value = values.get("noise_alignment")
+    paper = [c.name for c in TABLE if c.paper]
+    return (value is not None and passed.get("noise_alignment") is False and value <= NOISE_ONLY_FAILURE_MAX
+            and all(passed.get(name, False) for name in paper))  # fmt: skip
+
+
 def verdict_warnings(values: Mapping[str, float | None], th: Thresholds) -> list[str]:
-    """The layer warnings that qualify its verdict: values near their thresholds (:func:`near_threshold`) and a
-    collapse inside the no-weight-decay region (:func:`in_no_weight_decay_region`)."""
+    """The layer warnings that qualify its verdict: values near their thresholds (:func:`near_threshold`), a
+    collapse inside the no-weight-decay region (:func:`in_no_weight_decay_region`) and a failure of the noise
+    condition alone (:func:`fails_only_the_noise_condition`)."""
     passed = condition_passed(values, th)
     out = []
     for key in near_threshold(values, th):
@@ -163,6 +173,11 @@ def verdict_warnings(values: Mapping[str, float | None], th: Thresholds) -> list
         out.append(f"collapsed, but {found}: networks trained without weight decay reached this region and were "
                    "called collapsed too in the calibration study (docs/validation.md, \"Calibration\"); this verdict "
                    "alone does not show that weight decay collapsed this layer")  # fmt: skip
+    if fails_only_the_noise_condition(values, passed):
+        out.append(f"not collapsed by the noise condition alone: NRC1–NRC4 pass, noise alignment "
+                   f"{values['noise_alignment']:.3g} > {th.noise_alignment_max:g}; networks trained with weight decay "
+                   "on rank-1 targets ended here in the calibration study (docs/validation.md, \"Calibration\"), so "
+                   "the paper's four conditions call this layer collapsed (--noise-alignment-max 1 judges by them)")  # fmt: skip
     return out
 
 
