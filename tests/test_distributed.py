@@ -190,7 +190,9 @@ from torch import nn
 
 class Slow(nn.Sequential):
     def forward(self, x):
-        Path(os.environ["PID_DIR"], os.environ["RANK"]).write_text(str(os.getpid()))
+        pid = Path(os.environ["PID_DIR"], os.environ["RANK"])  # written whole (a reader never sees it empty)
+        Path(f"{pid}.tmp").write_text(str(os.getpid()))
+        os.replace(f"{pid}.tmp", pid)
         time.sleep(0.2)
         return super().forward(x)
 
@@ -199,9 +201,9 @@ def build():
 """
 
 
-@pytest.mark.torchrun
-def test_rank_killed_mid_pass_ends_the_run_within_10_s(tmp_path):
-    """torchrun notices a SIGKILLed worker and sends SIGTERM to the others, which must obey at once."""
+def start_slow_run(tmp_path: Path, launcher: list[str]) -> tuple[subprocess.Popen, Path]:
+    """Two ranks of a slow sharded audit with a feature store, started by ``launcher`` in a new session, returned once
+    both ranks are inside their forward pass; and the folder where each rank wrote its pid."""
     import torch
 
     import nrc_audit
@@ -216,58 +218,49 @@ def test_rank_killed_mid_pass_ends_the_run_within_10_s(tmp_path):
     data = write_h5(tmp_path / "d.h5", **dict(zip("XY", make_xy(2000, 12, 3))))
     pids = tmp_path / "pids"
     pids.mkdir()
-    run = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-                            "-m", "nrc_audit", str(ckpt), str(data), "--model-def", f"{src}:build", "--features",
-                            str(tmp_path / "f.h5"), "--no-progress", "--batch-size", "10", "--require-collapsed", "0"],
-                           env={**ENV, "PID_DIR": str(pids)}, cwd=tmp_path, stdout=subprocess.PIPE,
-                           stderr=subprocess.PIPE, text=True)  # fmt: skip
+    run = subprocess.Popen([*launcher, "-m", "nrc_audit", str(ckpt), str(data), "--model-def", f"{src}:build",
+                            "--features", str(tmp_path / "f.h5"), "--no-progress", "--batch-size", "10",
+                            "--require-collapsed", "0"], env={**ENV, "PID_DIR": str(pids)}, cwd=tmp_path,
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)  # fmt: skip
+    deadline = time.monotonic() + 120
+    while not ((pids / "0").exists() and (pids / "1").exists()):
+        if run.poll() is not None or time.monotonic() > deadline:
+            os.killpg(run.pid, signal.SIGKILL) if run.poll() is None else None
+            pytest.fail(f"the ranks did not start: {run.communicate()}")
+        time.sleep(0.05)
+    time.sleep(0.5)
+    return run, pids
+
+
+def no_store_left(tmp_path: Path) -> bool:
+    return not (tmp_path / "f.h5").exists() and not any(
+        p.name.endswith(".h5") and "rank" in p.name and not p.name.startswith(".") for p in tmp_path.iterdir())
+
+
+@pytest.mark.torchrun
+def test_rank_killed_mid_pass_ends_the_run_within_10_s(tmp_path):
+    """torchrun notices a SIGKILLed worker and sends SIGTERM to the others, which must obey at once."""
+    run, pids = start_slow_run(tmp_path, [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                                          "--nproc-per-node", "2"])  # fmt: skip
     try:
-        deadline = time.monotonic() + 120
-        while not ((pids / "0").exists() and (pids / "1").exists()):
-            assert run.poll() is None and time.monotonic() < deadline, run.communicate()
-            time.sleep(0.05)
-        time.sleep(0.5)
         os.kill(int((pids / "1").read_text()), signal.SIGKILL)
         killed = time.monotonic()
         run.communicate(timeout=60)
         took = time.monotonic() - killed
     finally:
         if run.poll() is None:
-            run.kill()
+            os.killpg(run.pid, signal.SIGKILL)
             run.wait()
     assert run.returncode != 0 and took < 45, took  # liveness: a hang runs into the 60 s timeout
-    assert not (tmp_path / "f.h5").exists()
-    assert not any(p.name.endswith(".h5") and "rank" in p.name and not p.name.startswith(".") for p in tmp_path.iterdir())
+    assert no_store_left(tmp_path)
 
 
 @pytest.mark.torchrun
 def test_ctrl_c_under_the_launcher_exits_130_and_leaves_no_store(tmp_path):
     """Ctrl-C reaches the whole foreground process group: the workers stop (130) and so does the launcher, with
     130 — torchrun itself ends with 1 and a SignalException traceback."""
-    import torch
-
-    import nrc_audit
-    from conftest import make_xy, write_h5
-
-    src = tmp_path / "slow.py"
-    src.write_text(SLOW_DEF)
-    ns: dict = {}
-    exec(compile(SLOW_DEF, str(src), "exec"), ns)
-    torch.manual_seed(0)
-    ckpt = nrc_audit.save_checkpoint(ns["build"](), tmp_path / "slow.safetensors")
-    data = write_h5(tmp_path / "d.h5", **dict(zip("XY", make_xy(2000, 12, 3))))
-    pids = tmp_path / "pids"
-    pids.mkdir()
-    run = subprocess.Popen([*LAUNCHER, "-m", "nrc_audit", str(ckpt), str(data), "--model-def", f"{src}:build",
-                            "--features", str(tmp_path / "f.h5"), "--no-progress", "--batch-size", "10",
-                            "--require-collapsed", "0"], env={**ENV, "PID_DIR": str(pids)}, cwd=tmp_path,
-                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)  # fmt: skip
+    run, _ = start_slow_run(tmp_path, LAUNCHER)
     try:
-        deadline = time.monotonic() + 120
-        while not ((pids / "0").exists() and (pids / "1").exists()):
-            assert run.poll() is None and time.monotonic() < deadline, run.communicate()
-            time.sleep(0.05)
-        time.sleep(0.5)
         os.killpg(run.pid, signal.SIGINT)  # what the terminal does on Ctrl-C
         _, err = run.communicate(timeout=60)
     finally:
@@ -276,4 +269,4 @@ def test_ctrl_c_under_the_launcher_exits_130_and_leaves_no_store(tmp_path):
             run.wait()
     assert run.returncode == 130, err
     assert "Traceback" not in err and "interrupted (SIGINT)" in err
-    assert not (tmp_path / "f.h5").exists() and not list(tmp_path.glob("*rank*"))
+    assert no_store_left(tmp_path)
