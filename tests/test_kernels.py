@@ -255,10 +255,15 @@ def test_a_forward_that_cannot_be_counted_keeps_the_plan(mlp_case, monkeypatch):
     assert seen == [None]
 
 
-def test_quiet_idle_threads_keeps_the_users_settings():
+def test_quiet_idle_threads_keeps_the_users_settings(monkeypatch):
+    late = {"OMP_WAIT_POLICY": "ACTIVE"}
+    assert threads.quiet_idle_threads(late) is False  # numpy and torch are loaded in this process: too late
+    assert late == {"OMP_WAIT_POLICY": "ACTIVE"}
+    for name in ("numpy", "torch"):  # as before the CLI imports them: the settings are written
+        monkeypatch.delitem(sys.modules, name)
     env = {"OMP_WAIT_POLICY": "ACTIVE"}
-    assert threads.quiet_idle_threads(env) is False  # numpy and torch are loaded in this process: too late
-    assert env == {"OMP_WAIT_POLICY": "ACTIVE"}
+    assert threads.quiet_idle_threads(env) is True
+    assert env == {"OMP_WAIT_POLICY": "ACTIVE", "OPENBLAS_THREAD_TIMEOUT": "4"}  # the user's policy wins
 
 
 @pytest.mark.parametrize("given_policy, want", [(None, "PASSIVE 4"), ("ACTIVE", "ACTIVE 4")])
