@@ -77,6 +77,7 @@ TABLE: tuple[Condition, ...] = (
               meaning="W reading the feature noise", axis="mean singular value of U_⊥ᵀV_k"),
 )  # fmt: skip
 CONDITIONS = tuple(c.name for c in TABLE)
+PAPER = tuple(c for c in TABLE if c.paper)  # the paper's NRC1–NRC4, without the noise condition
 BY_NAME = {c.name: c for c in TABLE}
 # passed key → (value field, threshold field, "max" | "min"): how each condition compares its value
 RULES = {c.name: (c.field, c.threshold, "max" if c.op == "≤" else "min") for c in TABLE}
@@ -153,9 +154,8 @@ def fails_only_the_noise_condition(values: Mapping[str, float | None], passed: M
     """NRC1–NRC4 pass and the noise condition fails with a noise alignment ≤ :data:`NOISE_ONLY_FAILURE_MAX`: where
     the calibration study's weight-decay MLPs on rank-1 targets ended (no network without weight decay did)."""
     value = values.get("noise_alignment")
-    paper = [c.name for c in TABLE if c.paper]
     return (value is not None and passed.get("noise_alignment") is False and value <= NOISE_ONLY_FAILURE_MAX
-            and all(passed.get(name, False) for name in paper))  # fmt: skip
+            and all(passed.get(c.name, False) for c in PAPER))  # fmt: skip
 
 
 def verdict_warnings(values: Mapping[str, float | None], th: Thresholds) -> list[str]:

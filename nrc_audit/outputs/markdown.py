@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from nrc_audit.core.verdicts import TABLE
+from nrc_audit.core.verdicts import PAPER, TABLE
 from nrc_audit.config import NEAR_MARGIN
 from nrc_audit.outputs.records import LayerReport, ReportData as Report, md_code, shown
 from nrc_audit.outputs.render import near_conditions, rules
@@ -118,7 +118,7 @@ def headline_metrics(report: Report) -> list[dict]:
         {"type": "nrc_report_warnings", "name": "nrc-audit report-level warnings", "value": len(report.warnings)},
     ]  # fmt: skip
     # the paper's four conditions are the card's headline metrics; the noise condition is in the card's table
-    for c in (c for c in TABLE if c.paper):
+    for c in PAPER:
         metrics.append({"type": f"{c.field}_last_layer", "name": f"{c.label} (last layer)", "value": getattr(last, c.field)})
     return metrics
 

@@ -11,11 +11,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Sequence
 
-from nrc_audit.core.verdicts import TABLE, Condition
+from nrc_audit.core.verdicts import PAPER, Condition
 from nrc_audit.errors import OptionsError
 from nrc_audit.outputs.records import ReportData as Report
 
-PANELS = tuple(c for c in TABLE if c.paper)  # the paper's four conditions, one panel each (2×2)
 PASS_COLOR, FAIL_COLOR, LINE_COLOR, ONSET_COLOR = "#2b8a3e", "#c92a2a", "#1c7ed6", "#5f3dc4"
 WIDTH_IN, HEIGHT_IN, DPI = 8.0, 6.4, 100  # 800 × 640 px: legible at model-card width without scaling
 
@@ -80,7 +79,7 @@ def plot_report(report: Report, path: Path) -> Path:
     xs = [layer.index for layer in report.layers]
     onset = report.summary.collapse_onset
     fig, axes = plt.subplots(2, 2, figsize=(WIDTH_IN, HEIGHT_IN), sharex=True, constrained_layout=True)
-    for ax, c in zip(axes.flat, PANELS):
+    for ax, c in zip(axes.flat, PAPER):  # the paper's four conditions, one panel each (2×2)
         ys = _values(report, c.field)
         ax.plot(xs, ys, color=LINE_COLOR, linewidth=1.2, zorder=2)
         _marks(ax, xs, ys, [layer.passed.get(c.name, False) for layer in report.layers])
@@ -120,7 +119,7 @@ def plot_trend(labels: Sequence[str], reports: Sequence[Report], path: Path) -> 
     names = [layer.name for layer in reports[-1].layers]
     colors = plt.cm.viridis([i / max(1, len(names) - 1) * 0.9 for i in range(len(names))])
     fig, axes = plt.subplots(2, 2, figsize=(WIDTH_IN, HEIGHT_IN + 0.8), sharex=True, constrained_layout=True)
-    for ax, c in zip(axes.flat, PANELS):
+    for ax, c in zip(axes.flat, PAPER):  # the paper's four conditions, one panel each (2×2)
         every: list[float] = []
         for i, name in enumerate(names):
             ys = [_values(r, c.field)[i] if i < len(r.layers) else float("nan") for r in reports]
