@@ -240,7 +240,7 @@ def test_the_pass_counts_the_forward_and_rebalances(mlp_case, monkeypatch):
 
 
 def test_a_forward_that_cannot_be_counted_keeps_the_plan(mlp_case, monkeypatch):
-    import torch.utils.flop_counter as flop_counter
+    from nrc_audit.engine import extract
 
     class Refuses:
         def __init__(self, *a, **kw):
@@ -248,7 +248,7 @@ def test_a_forward_that_cannot_be_counted_keeps_the_plan(mlp_case, monkeypatch):
 
     seen = []
     decide = threads.for_fold_cost
-    monkeypatch.setattr(flop_counter, "FlopCounterMode", Refuses)
+    monkeypatch.setattr(extract, "ForwardFlops", Refuses)
     monkeypatch.setattr(threads, "for_fold_cost", lambda p, share, cores=None: seen.append(share) or decide(p, share, cores))
     monkeypatch.setenv(threads.ENV, "auto")
     assert audit_json(mlp_case)["layers"]  # the audit itself is untouched

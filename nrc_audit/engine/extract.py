@@ -28,6 +28,7 @@ from torch import nn
 from torch.nn.utils.rnn import PackedSequence, pad_packed_sequence
 
 from nrc_audit.core.layer import LayerInfo, RowLayout, find_rows, flattened_order, row_signature, rows_first
+from nrc_audit.engine.flops import ForwardFlops
 from nrc_audit.engine.layer_kinds import dense_weight, kind_of, row_hint
 from nrc_audit.engine.model_io import select_output
 from nrc_audit.errors import ModelDataMismatchError, OptionsError
@@ -295,16 +296,14 @@ class FeatureExtractor:
         return out, [c[2] for c in calls]
 
     def flops_per_row(self, x: torch.Tensor, extra: dict[str, torch.Tensor] | None = None) -> float | None:
-        """The forward's flops per row, counted by torch's FlopCounterMode on the first 8 rows of a batch
+        """The forward's flops per row, counted (:mod:`nrc_audit.engine.flops`) on the first 8 rows of a batch
         that has just run; None when they cannot be counted (a model that cannot run 8 rows, or a counter
         error). The features of this extra forward are discarded."""
         rows = min(8, len(x))
         try:
-            from torch.utils.flop_counter import FlopCounterMode
-
-            with FlopCounterMode(display=False) as counter:
+            with ForwardFlops() as counter:
                 self.run(x[:rows], {k: v[:rows] for k, v in (extra or {}).items()})
-            return counter.get_total_flops() / rows
+            return counter.total / rows
         except (Exception, SystemExit):  # only a thread plan depends on it: keep the default
             return None
 
