@@ -49,8 +49,10 @@ def launch(world: int, args_for_rank, tmp_path: Path) -> list[subprocess.Complet
     return results
 
 
-def single(tmp_path: Path) -> dict:
-    out = tmp_path / "single.json"
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """The single-process audit both sharded runs are held to (one subprocess for the module)."""
+    out = tmp_path_factory.mktemp("single") / "single.json"
     done = subprocess.run([sys.executable, "-m", "nrc_audit", str(MODEL), str(DATA), "--no-features", "--json", str(out),
                            *COMMON], env=ENV, capture_output=True, text=True, timeout=300)  # fmt: skip
     assert done.returncode == 0, done.stderr
@@ -95,8 +97,7 @@ def test_shards_merged_in_process_equal_the_single_pass(mlp_case):
 
 
 @pytest.mark.torchrun
-def test_sharded_audit_equals_single_process(tmp_path, world=2):
-    reference = single(tmp_path)
+def test_sharded_audit_equals_single_process(tmp_path, reference, world=2):
     report, store = tmp_path / "dist.json", tmp_path / "features.h5"
     results = launch(world, lambda r: [MODEL, DATA, "--json", report, "--features", store, *COMMON], tmp_path)
     for r in results:
@@ -132,9 +133,8 @@ LAUNCHER = [sys.executable, "-m", "nrc_audit.cli.torchrun", "--standalone", "--n
 
 
 @pytest.mark.torchrun
-def test_torchrun_launcher(tmp_path):
+def test_torchrun_launcher(tmp_path, reference):
     """Through the launcher (torchrun's own main inside): the sharded report equals the single-process one."""
-    reference = single(tmp_path)
     report = tmp_path / "torchrun.json"
     done = subprocess.run([*LAUNCHER, "-m", "nrc_audit", str(MODEL), str(DATA), "--no-features", "--json", str(report),
                            *COMMON], env=ENV, capture_output=True, text=True, timeout=300, cwd=tmp_path)  # fmt: skip
